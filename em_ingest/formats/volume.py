@@ -1,0 +1,71 @@
+"""The lazy volume every reader returns: shape and dtype up front, voxels read by region."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+Region = tuple[slice, slice, slice]
+VOXEL_SIZE_ORIGINS = ("source-metadata", "override", "documented-default")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where voxels sit in space, axis order (z, y, x), lengths in nanometres."""
+
+    voxel_size_nm: tuple[float, float, float]
+    voxel_size_origin: str
+    translation_nm: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.voxel_size_origin not in VOXEL_SIZE_ORIGINS:
+            raise ValueError(f"voxel_size_origin must be one of {VOXEL_SIZE_ORIGINS}")
+        if len(self.voxel_size_nm) != 3 or any(not v > 0 for v in self.voxel_size_nm):
+            raise ValueError(f"voxel size must be three positive lengths, got {self.voxel_size_nm}")
+
+
+class Volume(ABC):
+    """A 3-D array (z, y, x) whose voxels are read only when asked, region by region.
+
+    `geometry` may be None when the data itself does not say where voxels sit; the pipeline then
+    uses the curator override or fails asking for one.
+    """
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    geometry: Geometry | None
+    # Reading this many z-planes at a time is cheap for the format (e.g. 1 for a stack of files).
+    preferred_z_block: int = 1
+    # Human-readable name of what is read, used in error messages.
+    name: str = "volume"
+
+    @abstractmethod
+    def read(self, region: Region) -> np.ndarray:
+        """Voxels of `region` (three slices with step 1, within bounds) as a C-ordered array."""
+
+    def close(self) -> None:  # noqa: B027 - optional for readers without open handles
+        """Release open files or connections."""
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ArrayVolume(Volume):
+    """A volume over anything numpy-sliceable (an in-memory array, a zarr array, a memmap)."""
+
+    def __init__(self, array, geometry: Geometry | None = None, *, name: str = "array"):
+        if len(array.shape) != 3:
+            raise ValueError(f"{name}: expected a 3-D array, got shape {array.shape}")
+        self._array = array
+        self.shape = tuple(int(n) for n in array.shape)  # type: ignore[assignment]
+        self.dtype = np.dtype(array.dtype)
+        self.geometry = geometry
+        self.name = name
+
+    def read(self, region: Region) -> np.ndarray:
+        return np.ascontiguousarray(self._array[region])

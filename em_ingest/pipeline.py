@@ -1,0 +1,171 @@
+"""The ingest steps as plain functions over Settings: fetch raw, convert to OME-Zarr, build the catalog.
+
+The Dagster assets, the CLI and the benchmarks all call these; nothing here imports Dagster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from em_ingest import catalog, storage
+from em_ingest.errors import EmIngestError, SelectionError
+from em_ingest.formats.volume import Geometry, Volume
+from em_ingest.omezarr.writer import WriteResult, ZarrLayout, write_ome_zarr
+from em_ingest.raw import Manifest, RawStore
+from em_ingest.selection import DatasetRequest, Selection, load_selection
+from em_ingest.settings import Settings
+from em_ingest.sources import Description, Source, option_models, source_classes
+
+# Bump when the conversion's output for the same input changes, so existing Zarrs are rewritten.
+CONVERTER_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What `convert` produced (or found already up to date)."""
+
+    row: dict[str, Any]
+    levels: list[dict[str, Any]]
+    zarr_path: Path
+    thumbnail_path: Path | None
+    skipped: bool
+    inputs_digest: str
+
+
+def resolve_geometry(volume: Volume, request: DatasetRequest) -> Geometry:
+    """The volume's geometry with the curator override applied; fails if neither says the voxel size."""
+    override = request.options.voxel_size_nm
+    translation = volume.geometry.translation_nm if volume.geometry else None
+    if override is not None:
+        return Geometry(tuple(float(v) for v in override), "override", translation)  # type: ignore[arg-type]
+    if volume.geometry is None:
+        raise SelectionError(
+            f"{request.source}.{request.key}: the source does not state the voxel size; "
+            "set voxel_size_nm: [z, y, x] (nanometres) for this dataset in the selection file"
+        )
+    return volume.geometry
+
+
+class Pipeline:
+    """One configured em-ingest: settings, the selection file and the data root."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.root = storage.local_root(settings.data_root)
+        self.layout = ZarrLayout(ngff_version=settings.ngff_version)
+
+    # ---- configuration ----------------------------------------------------------------------
+    def selection(self) -> Selection:
+        return load_selection(self.settings.datasets_file, option_models())
+
+    def source(self, name: str) -> Source:
+        try:
+            return source_classes()[name](self.settings)
+        except KeyError:
+            raise SelectionError(f"unknown source {name!r}") from None
+
+    def request(self, source: str, key: str) -> DatasetRequest:
+        datasets = self.selection().get(source, {})
+        if key not in datasets:
+            raise SelectionError(f"{self.settings.datasets_file}: no dataset {key!r} under {source!r}")
+        return datasets[key]
+
+    def raw_store(self, request: DatasetRequest, source: Source) -> RawStore:
+        return RawStore(self.root, request.source, request.key, source.http)
+
+    # ---- steps ------------------------------------------------------------------------------
+    def fetch_raw(self, request: DatasetRequest) -> Manifest:
+        """Bring raw/<source>/<key> up to date; returns the new manifest (with transfer stats)."""
+        source = self.source(request.source)
+        return source.fetch_raw(request, self.raw_store(request, source))
+
+    def inputs_digest(self, request: DatasetRequest, manifest: Manifest) -> str:
+        body = {"manifest": manifest.digest, "options": request.options_dict(), "layout": asdict(self.layout),
+                "converter": CONVERTER_VERSION}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def convert(self, request: DatasetRequest, *, force: bool = False) -> Conversion:
+        """Write zarr/<source>/<key>.ome.zarr from the raw store, unless it already matches its inputs."""
+        source = self.source(request.source)
+        raw = self.raw_store(request, source)
+        manifest = raw.previous
+        if manifest is None:
+            raise EmIngestError(f"{request.source}/{request.key}: no raw download yet; materialize "
+                                f"{request.source}/raw for this partition first")
+        digest = self.inputs_digest(request, manifest)
+        final = storage.zarr_path(self.root, request.source, request.key)
+        if not force and final.exists():
+            try:
+                sidecar = catalog.read_sidecar(final)
+            except (OSError, ValueError):
+                sidecar = {}
+            if sidecar.get("inputs_digest") == digest:
+                return Conversion(sidecar["catalog_row"], sidecar["levels"], final,
+                                  final / "thumbnail.png", True, digest)
+        description = source.describe(request, raw)
+        with source.open_volume(request, raw) as volume:
+            geometry = resolve_geometry(volume, request)
+            with storage.staged_directory(final) as staging:
+                result = write_ome_zarr(volume, geometry, staging, name=f"{request.source}/{request.key}",
+                                        layout=self.layout)
+                row = self._row(request, description, geometry, manifest, result, final)
+                levels = [{"path": lv.path, "shape": list(lv.shape), "scale_nm": list(lv.scale_nm),
+                           "translation_nm": list(lv.translation_nm)} for lv in result.levels]
+                sidecar = {"inputs_digest": digest, "catalog_row": row, "levels": levels,
+                           "request": request.options_dict(), "raw_manifest_sha256": manifest.digest}
+                (staging / catalog.SIDECAR_NAME).write_text(json.dumps(sidecar, indent=1, default=str))
+        return Conversion(row, levels, final, final / "thumbnail.png", False, digest)
+
+    def _row(self, request: DatasetRequest, d: Description, geometry: Geometry, manifest: Manifest,
+             result: WriteResult, final: Path) -> dict[str, Any]:
+        shape = result.levels[0].shape
+        translation = geometry.translation_nm or (None, None, None)
+        return {
+            "source": request.source, "dataset_key": request.key,
+            "title": d.title, "description": d.description, "organism": d.organism, "sample": d.sample,
+            "imaging_method": d.imaging_method,
+            "shape_z": shape[0], "shape_y": shape[1], "shape_x": shape[2], "dtype": result.dtype,
+            "voxel_size_z_nm": geometry.voxel_size_nm[0], "voxel_size_y_nm": geometry.voxel_size_nm[1],
+            "voxel_size_x_nm": geometry.voxel_size_nm[2], "voxel_size_origin": geometry.voxel_size_origin,
+            "translation_z_nm": translation[0], "translation_y_nm": translation[1],
+            "translation_x_nm": translation[2],
+            "n_scales": len(result.levels), "chunk_shape": list(result.chunks), "compression": result.compression,
+            "raw_bytes": manifest.total_bytes, "stored_bytes": result.stored_bytes,
+            "source_url": d.source_url or (manifest.entries[0].url if manifest.entries else None),
+            "doi": d.doi, "license": d.license, "authors": "; ".join(d.authors) or None,
+            "source_version": d.source_version or manifest.source_version,
+            "raw_manifest_sha256": manifest.digest,
+            "zarr_path": str(final), "thumbnail_path": str(final / "thumbnail.png") if result.thumbnail else None,
+            "intensity_min": result.intensity_min, "intensity_max": result.intensity_max,
+            "intensity_mean": result.intensity_mean,
+            "ingested_at": datetime.now(timezone.utc).isoformat(),
+            "extra_json": json.dumps({"ngff_version": result.ngff_version, "shards": result.shards,
+                                      **d.extra}, sort_keys=True, default=str),
+        }
+
+    def build_catalog(self) -> tuple[pa.Table, Path]:
+        """One row per published OME-Zarr under the data root, written to catalog/metadata_catalog.parquet."""
+        selection = self.selection()
+        rows = []
+        for zarr_dir in sorted((self.root / "zarr").glob("*/*.ome.zarr")):
+            if not zarr_dir.exists():
+                continue
+            try:
+                row = dict(catalog.read_sidecar(zarr_dir)["catalog_row"])
+            except (OSError, ValueError, KeyError):
+                continue  # not ours (no sidecar): the catalog lists what em-ingest ingested
+            row["ingested_at"] = datetime.fromisoformat(row["ingested_at"])
+            selected = row["dataset_key"] in selection.get(row["source"], {})
+            row["status"] = "ok" if selected else "unselected"
+            rows.append(row)
+        table = catalog.rows_to_table(rows)
+        path = storage.catalog_path(self.root)
+        catalog.write_catalog(table, path)
+        return table, path

@@ -1,0 +1,233 @@
+"""The raw store: a dataset's bytes as the source serves them, plus a manifest of every object."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from em_ingest.errors import SourceResponseError, UnsafePathError
+from em_ingest.transfer.http import HttpClient, RemoteObject
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+_SAFE_PART = re.compile(r"^[A-Za-z0-9._ ()+,=@~-]+$")
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One object of a raw download. `path` is relative to the dataset's raw folder."""
+
+    path: str
+    url: str
+    size: int
+    sha256: str
+    etag: str | None = None
+    last_modified: str | None = None
+    version: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    fetched_objects: int = 0
+    fetched_bytes: int = 0
+    skipped_objects: int = 0
+    skipped_bytes: int = 0
+
+    def __add__(self, other: TransferStats) -> TransferStats:
+        return TransferStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+def astuple(stats: TransferStats) -> tuple[int, int, int, int]:
+    return (stats.fetched_objects, stats.fetched_bytes, stats.skipped_objects, stats.skipped_bytes)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Every object of one dataset's raw download, with what identifies its version."""
+
+    source: str
+    dataset_key: str
+    request: dict[str, Any]
+    entries: tuple[ManifestEntry, ...]
+    source_version: str | None = None
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    stats: TransferStats = field(default_factory=TransferStats)
+
+    @property
+    def digest(self) -> str:
+        """Content identity of the download: changes exactly when some object's bytes change."""
+        body = {
+            "source": self.source,
+            "dataset_key": self.dataset_key,
+            "request": self.request,
+            "objects": sorted((e.path, e.url, e.size, e.sha256) for e in self.entries),
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.entries)
+
+    def entry(self, path: str) -> ManifestEntry:
+        for e in self.entries:
+            if e.path == path:
+                return e
+        raise KeyError(path)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "manifest_version": MANIFEST_VERSION,
+                "source": self.source,
+                "dataset_key": self.dataset_key,
+                "request": self.request,
+                "source_version": self.source_version,
+                "created_at": self.created_at,
+                "digest": self.digest,
+                "stats": asdict(self.stats),
+                "objects": [e.as_dict() for e in self.entries],
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, *, origin: str) -> Manifest:
+        try:
+            doc = json.loads(text)
+            return cls(
+                source=doc["source"],
+                dataset_key=doc["dataset_key"],
+                request=doc["request"],
+                entries=tuple(ManifestEntry(**obj) for obj in doc["objects"]),
+                source_version=doc.get("source_version"),
+                created_at=doc["created_at"],
+                stats=TransferStats(**doc.get("stats", {})),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SourceResponseError(f"{origin}: not a valid raw manifest ({exc})") from None
+
+
+def safe_relative_path(name: str) -> str:
+    """`name` as a relative POSIX path that cannot leave its folder; refuses anything doubtful."""
+    if not name or "\\" in name or name.startswith("/") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise UnsafePathError(f"refusing unsafe remote name {name!r}")
+    parts = PurePosixPath(name).parts
+    for part in parts:
+        if part in ("..", ".") or not _SAFE_PART.match(part) or part.startswith("."):
+            raise UnsafePathError(f"refusing unsafe remote name {name!r} (component {part!r})")
+    return "/".join(parts)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a reader sees the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; published files are meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RawStore:
+    """raw/<source>/<dataset_key>/: downloads with skip-if-unchanged against the last manifest."""
+
+    def __init__(self, root: Path, source: str, dataset_key: str, http: HttpClient | None = None):
+        self.dir = Path(root) / "raw" / source / dataset_key
+        self.source = source
+        self.dataset_key = dataset_key
+        self.http = http or HttpClient()
+        self.previous = self.load_manifest()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / MANIFEST_NAME
+
+    def load_manifest(self) -> Manifest | None:
+        if not self.manifest_path.exists():
+            return None
+        return Manifest.from_json(self.manifest_path.read_text(), origin=str(self.manifest_path))
+
+    def path(self, relpath: str) -> Path:
+        """Local path of an object; `relpath` is checked so it stays inside this folder."""
+        return self.dir / safe_relative_path(relpath)
+
+    def previous_entry(self, relpath: str) -> ManifestEntry | None:
+        if self.previous is None:
+            return None
+        try:
+            return self.previous.entry(relpath)
+        except KeyError:
+            return None
+
+    def is_current(self, relpath: str, remote: RemoteObject) -> ManifestEntry | None:
+        """The previous entry if the local copy is still the remote's version, else None."""
+        entry = self.previous_entry(relpath)
+        local = self.path(relpath)
+        if entry is None or entry.url != remote.url or not local.exists() or local.stat().st_size != entry.size:
+            return None
+        return entry if remote.same_version_as(entry.as_dict()) else None
+
+    def fetch_http(self, url: str, relpath: str) -> tuple[ManifestEntry, TransferStats]:
+        """Bring one HTTP object up to date: HEAD, compare with the manifest, download if changed."""
+        remote = self.http.head(url)
+        current = self.is_current(relpath, remote)
+        if current is not None:
+            return current, TransferStats(skipped_objects=1, skipped_bytes=current.size)
+        download = self.http.download(url, self.path(relpath), expected=remote)
+        entry = ManifestEntry(
+            path=safe_relative_path(relpath), url=url, size=download.size, sha256=download.sha256,
+            etag=download.etag, last_modified=download.last_modified,
+        )
+        return entry, TransferStats(fetched_objects=1, fetched_bytes=download.size)
+
+    def fetch_http_many(self, items: Iterable[tuple[str, str]], max_in_flight: int) -> tuple[list[ManifestEntry], TransferStats]:
+        """fetch_http for many (url, relpath) pairs with bounded concurrency."""
+        items = list(items)
+        with ThreadPoolExecutor(max_workers=max(1, min(max_in_flight, len(items) or 1))) as pool:
+            results = list(pool.map(lambda item: self.fetch_http(*item), items))
+        stats = TransferStats()
+        for _, s in results:
+            stats = stats + s
+        return [entry for entry, _ in results], stats
+
+    def store_document(self, relpath: str, url: str, document: Any) -> ManifestEntry:
+        """Keep a metadata response (JSON) untouched for provenance, as part of the raw download."""
+        data = json.dumps(document, indent=1, sort_keys=True).encode()
+        write_atomic(self.path(relpath), data)
+        return ManifestEntry(path=safe_relative_path(relpath), url=url, size=len(data),
+                             sha256=hashlib.sha256(data).hexdigest())
+
+    def read_document(self, relpath: str) -> Any:
+        return json.loads(self.path(relpath).read_text())
+
+    def commit(self, entries: Iterable[ManifestEntry], request: Mapping[str, Any], stats: TransferStats,
+               source_version: str | None = None) -> Manifest:
+        """Write the manifest (atomically) and drop files no entry refers to any more."""
+        entries = tuple(sorted(entries, key=lambda e: e.path))
+        manifest = Manifest(self.source, self.dataset_key, dict(request), entries, source_version, stats=stats)
+        write_atomic(self.manifest_path, manifest.to_json().encode())
+        keep = {e.path for e in entries} | {MANIFEST_NAME}
+        for path in self.dir.rglob("*"):
+            rel = path.relative_to(self.dir).as_posix()
+            if path.is_file() and rel not in keep and not path.name.endswith(".part"):
+                path.unlink()
+        self.previous = manifest
+        return manifest

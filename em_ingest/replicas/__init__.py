@@ -1,0 +1,81 @@
+"""Local stand-ins for the public archives; each module here defines `REPLICA`, a Replica subclass.
+
+They answer the real services' request forms and response shapes (see SOURCES.md) and serve small
+generated volumes whose truth the tests know. Product code never knows it talks to a replica.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from em_ingest.replicas.base import Expected, Replica
+
+__all__ = ["Expected", "Replica", "ReplicaSet", "replica_classes"]
+
+_NOT_REPLICAS = {"base", "http", "volumes"}
+
+
+@cache
+def replica_classes() -> dict[str, type[Replica]]:
+    """Every replica in this package, by the source it stands in for."""
+    found: dict[str, type[Replica]] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in _NOT_REPLICAS or info.name.startswith("_"):
+            continue
+        cls = getattr(importlib.import_module(f"{__name__}.{info.name}"), "REPLICA", None)
+        if cls is not None:
+            found[cls.source] = cls
+    return found
+
+
+class ReplicaSet:
+    """Start several replicas together; merge their environments and demo selections."""
+
+    def __init__(self, sources: list[str] | None = None):
+        classes = replica_classes()
+        unknown = set(sources or []) - set(classes)
+        if unknown:
+            raise ValueError(f"no replica for {sorted(unknown)}; have {sorted(classes)}")
+        self.replicas: dict[str, Replica] = {name: classes[name]() for name in (sources or classes)}
+
+    def __getitem__(self, source: str) -> Replica:
+        return self.replicas[source]
+
+    def start(self) -> ReplicaSet:
+        try:
+            for replica in self.replicas.values():
+                replica.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for replica in self.replicas.values():
+            replica.stop()
+
+    def __enter__(self) -> ReplicaSet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def env(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for replica in self.replicas.values():
+            merged.update(replica.env)
+        return merged
+
+    @property
+    def selection(self) -> dict[str, dict]:
+        return {name: dict(r.selection) for name, r in self.replicas.items() if r.selection}
+
+    def write_selection(self, path: Path) -> Path:
+        path.write_text(yaml.safe_dump(self.selection, sort_keys=False))
+        return path

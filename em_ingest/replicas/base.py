@@ -1,0 +1,53 @@
+"""What every replica provides: its servers, the environment pointing at it, and ground truth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from em_ingest.replicas.http import ReplicaHTTPServer
+
+
+@dataclass
+class Expected:
+    """Ground truth for one dataset a replica serves, for tests and the demo's self-check."""
+
+    volume: np.ndarray  # (z, y, x), exactly what the OME-Zarr s0 must hold
+    voxel_size_nm: tuple[float, float, float]
+    voxel_size_origin: str
+    translation_nm: tuple[float, float, float] | None = None
+    catalog: dict[str, Any] = field(default_factory=dict)  # catalog columns the row must have
+    tolerance: float = 0.0  # max abs voxel difference allowed (lossy encodings such as JPEG)
+
+
+class Replica:
+    """A running stand-in for one archive. Subclasses fill `servers`, `env`, `selection`, `expected`."""
+
+    source: str = ""
+
+    def __init__(self) -> None:
+        self.servers: list[Any] = []
+        self.env: dict[str, str] = {}
+        self.selection: dict[str, dict[str, Any]] = {}  # dataset key -> options, for demo and tests
+        self.expected: dict[str, Expected] = {}
+
+    def start(self) -> Replica:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+        self.servers.clear()
+
+    @property
+    def http(self) -> ReplicaHTTPServer:
+        """The replica's (first) HTTP server, for fault injection and traffic counts."""
+        return next(s for s in self.servers if isinstance(s, ReplicaHTTPServer))
+
+    def __enter__(self) -> Replica:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,79 @@
+"""The Source interface: what every archive plugin implements, and the records it returns."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from em_ingest.formats.volume import Volume
+from em_ingest.raw import Manifest, RawStore
+from em_ingest.selection import DatasetOptions, DatasetRequest
+from em_ingest.settings import Settings
+from em_ingest.transfer.http import HttpClient
+
+
+@dataclass(frozen=True)
+class InventoryItem:
+    """One dataset an archive offers (discovery)."""
+
+    source: str
+    dataset_key: str
+    title: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Description:
+    """A dataset's descriptive metadata mapped onto catalog fields (unknown = None, never invented)."""
+
+    title: str | None = None
+    description: str | None = None
+    organism: str | None = None
+    sample: str | None = None
+    imaging_method: str | None = None
+    source_url: str | None = None
+    doi: str | None = None
+    license: str | None = None
+    authors: tuple[str, ...] = ()
+    source_version: str | None = None
+    # Anything else worth keeping that has no column (goes to the catalog's extra_json).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Source(ABC):
+    """One public archive. Plain Python: no Dagster here.
+
+    Lifecycle of one dataset (a partition): `fetch_raw` mirrors what the dataset needs into the
+    raw store and returns its manifest; `describe` and `open_volume` then work offline from the
+    raw store alone, so a raw download is the complete, reproducible input of the conversion.
+    """
+
+    name: ClassVar[str]
+    #: Pydantic model of this source's per-dataset options in the selection file.
+    Options: ClassVar[type[DatasetOptions]] = DatasetOptions
+    #: One line for the UI.
+    title: ClassVar[str] = ""
+    #: How many runs may talk to this archive at once (a Dagster pool limit).
+    max_concurrent_runs: ClassVar[int] = 2
+
+    def __init__(self, settings: Settings, http: HttpClient | None = None):
+        self.settings = settings
+        self.http = http or HttpClient(settings.transfer)
+
+    @abstractmethod
+    def discover(self) -> Iterable[InventoryItem]:
+        """What the archive offers, so a user can pick what to add to the selection file."""
+
+    @abstractmethod
+    def fetch_raw(self, request: DatasetRequest, raw: RawStore) -> Manifest:
+        """Download what `request` needs into `raw`, skipping objects the last manifest shows unchanged."""
+
+    @abstractmethod
+    def describe(self, request: DatasetRequest, raw: RawStore) -> Description:
+        """Catalog fields for the dataset, from the metadata documents kept in `raw`."""
+
+    @abstractmethod
+    def open_volume(self, request: DatasetRequest, raw: RawStore) -> Volume:
+        """The raw bytes as a lazy (z, y, x) volume, with geometry where the data gives it."""

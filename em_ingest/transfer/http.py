@@ -1,0 +1,219 @@
+"""HTTP(S) transport: timeouts, retries with backoff, ranged resume, atomic downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from em_ingest.errors import IntegrityError, SourceResponseError, TransferError
+from em_ingest.settings import TransferSettings
+from em_ingest.transfer.retry import RetryableError, call_with_retries, parse_retry_after
+
+_RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """What a server says about an object before we fetch it."""
+
+    url: str
+    size: int | None
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def same_version_as(self, other: Mapping[str, Any]) -> bool:
+        """True when a manifest entry describes this very object version."""
+        if self.size is not None and other.get("size") != self.size:
+            return False
+        if self.etag and other.get("etag"):
+            return self.etag == other["etag"]
+        if self.last_modified and other.get("last_modified"):
+            return self.last_modified == other["last_modified"]
+        return False  # nothing to compare: fetch again rather than trust a guess
+
+
+@dataclass(frozen=True)
+class Download:
+    """A finished download: where it is and what it was."""
+
+    path: Path
+    url: str
+    size: int
+    sha256: str
+    etag: str | None
+    last_modified: str | None
+    resumed_from: int
+
+
+def temp_path_for(dest: Path) -> Path:
+    """The hidden name a download is written under until it is complete."""
+    return dest.with_name(f".{dest.name}.part")
+
+
+class HttpClient:
+    """A requests session with the project's retry policy; thread-safe for concurrent downloads."""
+
+    def __init__(self, settings: TransferSettings | None = None, *, headers: Mapping[str, str] | None = None):
+        self.settings = settings or TransferSettings()
+        self._headers = {"User-Agent": self.settings.user_agent, **(headers or {})}
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.bytes_received = 0  # data bytes of GET bodies, for "nothing changed" accounting
+
+    # One session per thread: requests.Session is not documented as thread-safe.
+    @property
+    def session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers.update(self._headers)
+            self._local.session = session
+        return session
+
+    @property
+    def _timeout(self) -> tuple[float, float]:
+        return (self.settings.connect_timeout_s, self.settings.read_timeout_s)
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.bytes_received += n
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """One attempt: raise RetryableError for what deserves a retry, TransferError for the rest."""
+        try:
+            response = self.session.request(method, url, timeout=self._timeout, **kwargs)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise RetryableError(f"{method} {url}: {type(exc).__name__}: {exc}", url=url) from None
+        if response.status_code in _RETRY_STATUSES:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            response.close()
+            raise RetryableError(
+                f"{method} {url}: HTTP {response.status_code}", url=url, status=response.status_code,
+                retry_after_s=retry_after,
+            )
+        if response.status_code >= 400:
+            response.close()
+            raise TransferError(f"{method} {url}: HTTP {response.status_code}", url=url, status=response.status_code)
+        return response
+
+    def _retrying(self, fn, describe: str, url: str):
+        def give_up(exc: RetryableError) -> Exception:
+            status = f" (last status: HTTP {exc.status})" if exc.status else ""
+            return TransferError(f"giving up on {url} after retries{status}: {exc}", url=url, status=exc.status)
+
+        return call_with_retries(fn, self.settings, describe=describe, on_give_up=give_up)
+
+    def head(self, url: str) -> RemoteObject:
+        """Size, ETag and Last-Modified of `url` without fetching its body."""
+
+        def attempt() -> RemoteObject:
+            response = self._request("HEAD", url, allow_redirects=True)
+            length = response.headers.get("Content-Length")
+            return RemoteObject(
+                url=url,
+                size=int(length) if length is not None else None,
+                etag=response.headers.get("ETag"),
+                last_modified=response.headers.get("Last-Modified"),
+            )
+
+        return self._retrying(attempt, f"HEAD {url}", url)
+
+    def get_bytes(self, url: str, *, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> bytes:
+        """The whole body of a small response (a JSON document, a chunk, a listing)."""
+
+        def attempt() -> bytes:
+            response = self._request("GET", url, params=params, headers=headers)
+            try:
+                body = response.content
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                raise RetryableError(f"GET {url}: body cut short: {exc}", url=url) from None
+            self._count(len(body))
+            return body
+
+        return self._retrying(attempt, f"GET {url}", url)
+
+    def get_json(self, url: str, *, params: Mapping[str, Any] | None = None) -> Any:
+        body = self.get_bytes(url, params=params, headers={"Accept": "application/json"})
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise SourceResponseError(f"{url}: expected JSON, got {body[:80]!r}… ({exc})") from None
+
+    def download(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
+        """Fetch `url` to `dest` atomically, resuming a partial copy left by an earlier attempt.
+
+        The body goes to a hidden `.part` file; an interrupted transfer continues with a Range
+        request guarded by If-Range (so a changed object restarts from zero), and only a complete,
+        size-checked file is renamed to `dest`.
+        """
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = temp_path_for(dest)
+        validator = (expected.etag or expected.last_modified) if expected else None
+        first_offset = part.stat().st_size if part.exists() else 0
+
+        def attempt() -> Download:
+            offset = part.stat().st_size if part.exists() else 0
+            headers: dict[str, str] = {}
+            if offset and validator:
+                headers = {"Range": f"bytes={offset}-", "If-Range": validator}
+            elif offset:
+                offset = 0  # cannot prove the object is unchanged: start over
+            response = self._request("GET", url, headers=headers, stream=True)
+            with response:
+                if response.status_code == 206:
+                    total = _total_from_content_range(response.headers.get("Content-Range"), url)
+                    mode = "ab"
+                else:  # 200: the server ignored the range or the object changed
+                    offset, mode = 0, "wb"
+                    length = response.headers.get("Content-Length")
+                    total = int(length) if length is not None else None
+                etag = response.headers.get("ETag") or (expected.etag if expected else None)
+                last_modified = response.headers.get("Last-Modified") or (expected.last_modified if expected else None)
+                received = offset
+                try:
+                    with open(part, mode) as fh:
+                        for block in response.iter_content(_BLOCK):
+                            fh.write(block)
+                            received += len(block)
+                            self._count(len(block))
+                except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                        requests.Timeout) as exc:
+                    raise RetryableError(f"GET {url}: connection lost at byte {received}: {exc}", url=url) from None
+            if total is not None and received != total:
+                raise RetryableError(f"GET {url}: got {received} of {total} bytes", url=url)
+            return Download(part, url, received, "", etag, last_modified, offset)
+
+        result = self._retrying(attempt, f"GET {url}", url)
+        if expected is not None and expected.size is not None and result.size != expected.size:
+            part.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"{url}: downloaded {result.size} bytes but the server announced {expected.size}", url=url
+            )
+        digest = sha256_file(part)
+        os.replace(part, dest)
+        return Download(dest, url, result.size, digest, result.etag, result.last_modified, first_offset)
+
+
+def _total_from_content_range(value: str | None, url: str) -> int | None:
+    # "bytes 100-199/2000" -> 2000 ("*" when unknown)
+    if not value or "/" not in value:
+        raise RetryableError(f"GET {url}: 206 without a usable Content-Range ({value!r})", url=url)
+    total = value.rsplit("/", 1)[1]
+    return None if total == "*" else int(total)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()

@@ -33,6 +33,13 @@ class Replica:
         self.selection: dict[str, dict[str, Any]] = {}  # dataset key -> options, for demo and tests
         self.expected: dict[str, Expected] = {}
 
+    #: Dataset keys the replica serves for the demo and the contract tests (known before start).
+    DEMO_KEYS: tuple[str, ...] = ()
+
+    @classmethod
+    def demo_keys(cls) -> tuple[str, ...]:
+        return cls.DEMO_KEYS
+
     def start(self) -> Replica:
         raise NotImplementedError
 

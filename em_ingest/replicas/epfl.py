@@ -30,6 +30,7 @@ def itk_tiff(volume: np.ndarray) -> bytes:
 
 class EpflReplica(Replica):
     source = "epfl"
+    DEMO_KEYS = ("hippocampus-training", "hippocampus-volumedata")
 
     def start(self) -> EpflReplica:
         server = ReplicaHTTPServer("epfl").start()

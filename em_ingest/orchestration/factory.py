@@ -1,0 +1,199 @@
+"""One factory turns a Source into its Dagster objects: raw + ome_zarr assets, partitions, checks, pool."""
+
+
+import base64
+from pathlib import Path
+
+import dagster as dg
+
+from em_ingest.errors import ValidationError
+from em_ingest.omezarr.validate import validate_ome_zarr
+from em_ingest.pipeline import CONVERTER_VERSION, resolve_geometry
+from em_ingest.sources import Source
+from em_ingest.orchestration.resources import EmIngestResource
+
+RAW_CODE_VERSION = "1"
+
+
+def raw_key(source: str) -> dg.AssetKey:
+    return dg.AssetKey([source, "raw"])
+
+
+def ome_zarr_key(source: str) -> dg.AssetKey:
+    return dg.AssetKey([source, "ome_zarr"])
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _thumbnail_markdown(path: Path | None) -> dg.MetadataValue:
+    if path is None or not path.exists():
+        return dg.MetadataValue.md("(no thumbnail)")
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return dg.MetadataValue.md(f"![thumbnail](data:image/png;base64,{encoded})")
+
+
+def build_source_assets(source_cls: type[Source], partition_keys: list[str]) -> list:
+    """`<name>/raw` and `<name>/ome_zarr` sharing one partitions definition, plus their checks."""
+    name = source_cls.name
+    partitions = dg.StaticPartitionsDefinition(sorted(partition_keys))
+    tags = {"em_ingest/source": name}
+
+    @dg.asset(
+        key=raw_key(name),
+        partitions_def=partitions,
+        group_name=name,
+        pool=name,
+        code_version=RAW_CODE_VERSION,
+        kinds={"python", "file"},
+        tags=tags,
+        automation_condition=dg.AutomationCondition.on_cron("0 2 * * *"),
+        description=(
+            f"Raw download from {source_cls.title or name}: the bytes exactly as the archive serves them, "
+            f"under raw/{name}/<dataset>/, with manifest.json listing every object's URL, size, sha256 and "
+            "ETag / Last-Modified. Re-runs fetch only objects whose version changed. The data version is "
+            "the manifest digest, so a changed download marks the OME-Zarr stale. Refreshed nightly at 02:00 UTC."
+        ),
+    )
+    def raw(context: dg.AssetExecutionContext, em_ingest: EmIngestResource) -> dg.MaterializeResult:
+        pipeline = em_ingest.pipeline()
+        request = pipeline.request(name, context.partition_key)
+        manifest = pipeline.fetch_raw(request)
+        stats = manifest.stats
+        context.log.info(
+            f"{name}/{request.key}: fetched {stats.fetched_objects} objects ({stats.fetched_bytes} bytes), "
+            f"skipped {stats.skipped_objects} unchanged ({stats.skipped_bytes} bytes)"
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "path": dg.MetadataValue.path(str(pipeline.raw_store(request, pipeline.source(name)).dir)),
+                "objects": len(manifest.entries),
+                "raw_bytes": manifest.total_bytes,
+                "raw_size": _human_bytes(manifest.total_bytes),
+                "fetched_objects": stats.fetched_objects,
+                "fetched_bytes": stats.fetched_bytes,
+                "skipped_objects": stats.skipped_objects,
+                "skipped_bytes": stats.skipped_bytes,
+                "manifest_sha256": manifest.digest,
+                "source_version": manifest.source_version or "",
+                "source_urls": dg.MetadataValue.json(sorted({e.url for e in manifest.entries})[:50]),
+                "options": dg.MetadataValue.json(request.options_dict()),
+            },
+            data_version=dg.DataVersion(manifest.digest),
+        )
+
+    zarr_key = ome_zarr_key(name)
+    checks = [
+        dg.AssetCheckSpec("ome_ngff_valid", asset=zarr_key, blocking=True,
+                          description="The image parses with the OME-NGFF spec models (ome-zarr-models) "
+                                      "and has axes z, y, x in nanometres."),
+        dg.AssetCheckSpec("matches_source", asset=zarr_key, blocking=True,
+                          description="s0 has the source volume's shape and dtype, and the voxel size the "
+                                      "source (or the curator override) states."),
+    ]
+
+    @dg.asset(
+        key=zarr_key,
+        partitions_def=partitions,
+        group_name=name,
+        deps=[raw_key(name)],
+        code_version=CONVERTER_VERSION,
+        kinds={"python", "zarr"},
+        tags=tags,
+        check_specs=checks,
+        automation_condition=dg.AutomationCondition.eager(),
+        description=(
+            f"Normalized multiscale OME-Zarr of each {name} dataset at zarr/{name}/<dataset>.ome.zarr: axes "
+            "z, y, x in nanometres, levels s0..sN downsampled 2x per axis, zstd, chunks of 64 voxels a side, "
+            "in the source's dtype. Published atomically; rewritten only when the raw download, the options "
+            "or the converter change. A metadata sidecar (em_ingest.json) feeds the catalog."
+        ),
+    )
+    def ome_zarr(context: dg.AssetExecutionContext, em_ingest: EmIngestResource):
+        pipeline = em_ingest.pipeline()
+        request = pipeline.request(name, context.partition_key)
+        conversion = pipeline.convert(request)
+        row = conversion.row
+        if conversion.skipped:
+            context.log.info(f"{name}/{request.key}: OME-Zarr already matches its inputs; nothing rewritten")
+        raw_bytes = row["raw_bytes"] or 0
+        stored = row["stored_bytes"] or 0
+        uncompressed = row["shape_z"] * row["shape_y"] * row["shape_x"] * _itemsize(row["dtype"])
+        yield dg.MaterializeResult(
+            metadata={
+                "path": dg.MetadataValue.path(str(conversion.zarr_path)),
+                "shape_zyx": dg.MetadataValue.json([row["shape_z"], row["shape_y"], row["shape_x"]]),
+                "dtype": row["dtype"],
+                "voxel_size_nm_zyx": dg.MetadataValue.json(
+                    [row["voxel_size_z_nm"], row["voxel_size_y_nm"], row["voxel_size_x_nm"]]),
+                "voxel_size_origin": row["voxel_size_origin"],
+                "translation_nm_zyx": dg.MetadataValue.json(
+                    [row["translation_z_nm"], row["translation_y_nm"], row["translation_x_nm"]]),
+                "scales": dg.MetadataValue.md(_levels_table(conversion.levels)),
+                "n_scales": len(conversion.levels),
+                "chunk_shape": dg.MetadataValue.json(row["chunk_shape"]),
+                "compression": row["compression"],
+                "raw_bytes": raw_bytes,
+                "stored_bytes": stored,
+                "stored_size": _human_bytes(stored),
+                "compression_ratio": round(uncompressed / stored, 3) if stored else 0.0,
+                "raw_manifest_sha256": row["raw_manifest_sha256"],
+                "skipped_unchanged": conversion.skipped,
+                "thumbnail": _thumbnail_markdown(conversion.thumbnail_path),
+            },
+            data_version=dg.DataVersion(conversion.inputs_digest),
+        )
+        yield from _check_results(pipeline, request, conversion, zarr_key)
+
+    return [raw, ome_zarr]
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
+def _levels_table(levels: list[dict]) -> str:
+    lines = ["| level | shape (z, y, x) | scale nm | translation nm |", "|---|---|---|---|"]
+    for lv in levels:
+        fmt = lambda v: ", ".join(f"{x:g}" for x in v)  # noqa: E731
+        lines.append(f"| {lv['path']} | {', '.join(map(str, lv['shape']))} | {fmt(lv['scale_nm'])} | "
+                     f"{fmt(lv['translation_nm'])} |")
+    return "\n".join(lines)
+
+
+def _check_results(pipeline, request, conversion, zarr_key):
+    """Re-read what was published, independently of the writer, and compare with the source."""
+    try:
+        summary = validate_ome_zarr(conversion.zarr_path)
+        yield dg.AssetCheckResult(check_name="ome_ngff_valid", asset_key=zarr_key, passed=True,
+                                  metadata={"ngff_version": summary.ngff_version, "levels": len(summary.paths)})
+    except ValidationError as exc:
+        yield dg.AssetCheckResult(check_name="ome_ngff_valid", asset_key=zarr_key, passed=False,
+                                  severity=dg.AssetCheckSeverity.ERROR, metadata={"error": str(exc)})
+        yield dg.AssetCheckResult(check_name="matches_source", asset_key=zarr_key, passed=False,
+                                  severity=dg.AssetCheckSeverity.ERROR,
+                                  metadata={"error": "image is not valid OME-NGFF"})
+        return
+    source = pipeline.source(request.source)
+    raw = pipeline.raw_store(request, source)
+    with source.open_volume(request, raw) as volume:
+        geometry = resolve_geometry(volume, request)
+        expected = {"shape": list(volume.shape), "dtype": str(volume.dtype.newbyteorder("=")),
+                    "voxel_size_nm": [float(v) for v in geometry.voxel_size_nm]}
+    found = {"shape": list(summary.shapes[0]), "dtype": summary.dtype,
+             "voxel_size_nm": [float(v) for v in summary.scales_nm[0]]}
+    mismatches = [k for k in expected if expected[k] != found[k]]
+    yield dg.AssetCheckResult(
+        check_name="matches_source", asset_key=zarr_key, passed=not mismatches,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"expected": dg.MetadataValue.json(expected), "found": dg.MetadataValue.json(found),
+                  "mismatched": ", ".join(mismatches) or "none"},
+    )
+

@@ -43,7 +43,9 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def _wait(settings: TransferSettings) -> Callable[[tenacity.RetryCallState], float]:
-    backoff = tenacity.wait_exponential_jitter(multiplier=settings.backoff_initial_s, max=settings.backoff_max_s)
+    backoff = tenacity.wait_exponential_jitter(
+        multiplier=settings.backoff_initial_s, max=settings.backoff_max_s, jitter=settings.backoff_initial_s
+    )
 
     def wait(state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None

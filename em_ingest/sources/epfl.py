@@ -22,9 +22,9 @@ PAGE_TEXT = (
 )
 FILES = {
     "volumedata.tif": "Full CA1 hippocampus volume",
-    "training.tif": "Training sub-volume (165 slices)",
+    "training.tif": "Training sub-volume",
     "training_groundtruth.tif": "Training sub-volume, mitochondria ground truth (0 / 255)",
-    "testing.tif": "Testing sub-volume (165 slices)",
+    "testing.tif": "Testing sub-volume",
     "testing_groundtruth.tif": "Testing sub-volume, mitochondria ground truth (0 / 255)",
 }
 CITATIONS = [

@@ -227,7 +227,8 @@ class RawStore:
         keep = {e.path for e in entries} | {MANIFEST_NAME}
         for path in self.dir.rglob("*"):
             rel = path.relative_to(self.dir).as_posix()
-            if path.is_file() and rel not in keep and not path.name.endswith(".part"):
+            in_progress = path.name.endswith((".part", ".part.validator"))  # resumable partial downloads
+            if path.is_file() and rel not in keep and not in_progress:
                 path.unlink()
         self.previous = manifest
         return manifest

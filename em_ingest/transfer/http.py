@@ -19,6 +19,8 @@ from em_ingest.transfer.retry import RetryableError, call_with_retries, parse_re
 
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _BLOCK = 1 << 20
+# Small reads: when a connection drops, only the block being read is lost, the rest resumes.
+_STREAM_BLOCK = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ class Download:
 def temp_path_for(dest: Path) -> Path:
     """The hidden name a download is written under until it is complete."""
     return dest.with_name(f".{dest.name}.part")
+
+
+def _validator_path(part: Path) -> Path:
+    # The ETag / Last-Modified of the version a partial file holds: a resume must ask for that one.
+    return part.with_name(part.name + ".validator")
 
 
 class HttpClient:
@@ -157,31 +164,34 @@ class HttpClient:
         """
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = temp_path_for(dest)
-        validator = (expected.etag or expected.last_modified) if expected else None
+        validator_file = _validator_path(part)
         first_offset = part.stat().st_size if part.exists() else 0
 
         def attempt() -> Download:
             offset = part.stat().st_size if part.exists() else 0
-            headers: dict[str, str] = {}
-            if offset and validator:
-                headers = {"Range": f"bytes={offset}-", "If-Range": validator}
-            elif offset:
-                offset = 0  # cannot prove the object is unchanged: start over
+            validator = validator_file.read_text() if offset and validator_file.exists() else None
+            # If-Range makes the server send the rest only if the object is still the version we hold.
+            headers = {"Range": f"bytes={offset}-", "If-Range": validator} if validator else {}
             response = self._request("GET", url, headers=headers, stream=True)
             with response:
-                if response.status_code == 206:
+                etag = response.headers.get("ETag") or (expected.etag if expected else None)
+                last_modified = response.headers.get("Last-Modified") or (expected.last_modified if expected else None)
+                if response.status_code == 206 and validator:
                     total = _total_from_content_range(response.headers.get("Content-Range"), url)
                     mode = "ab"
-                else:  # 200: the server ignored the range or the object changed
+                else:  # 200: a fresh start (no usable partial, or the object changed)
                     offset, mode = 0, "wb"
                     length = response.headers.get("Content-Length")
                     total = int(length) if length is not None else None
-                etag = response.headers.get("ETag") or (expected.etag if expected else None)
-                last_modified = response.headers.get("Last-Modified") or (expected.last_modified if expected else None)
+                    new_validator = etag or last_modified
+                    if new_validator:
+                        validator_file.write_text(new_validator)
+                    else:
+                        validator_file.unlink(missing_ok=True)
                 received = offset
                 try:
                     with open(part, mode) as fh:
-                        for block in response.iter_content(_BLOCK):
+                        for block in response.iter_content(_STREAM_BLOCK):
                             fh.write(block)
                             received += len(block)
                             self._count(len(block))
@@ -195,11 +205,13 @@ class HttpClient:
         result = self._retrying(attempt, f"GET {url}", url)
         if expected is not None and expected.size is not None and result.size != expected.size:
             part.unlink(missing_ok=True)
+            validator_file.unlink(missing_ok=True)
             raise IntegrityError(
                 f"{url}: downloaded {result.size} bytes but the server announced {expected.size}", url=url
             )
         digest = sha256_file(part)
         os.replace(part, dest)
+        validator_file.unlink(missing_ok=True)
         return Download(dest, url, result.size, digest, result.etag, result.last_modified, first_offset)
 
 

@@ -1,0 +1,154 @@
+"""ImageJ TIFF calibration: voxel size in nanometres from the ImageJ description and X/YResolution tags."""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import tifffile
+
+from em_ingest.errors import FormatError, UnsupportedDataError
+
+_TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
+
+# Length units as ImageJ spells them (its `unit=` line, free text typed by users) and as OME-NGFF
+# (UDUNITS names) and OMERO spell them, in nanometres per unit.
+_NM_PER_UNIT = {
+    "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0, "nanometers": 1.0, "nanometres": 1.0,
+    "um": 1e3, "µm": 1e3, "μm": 1e3, "micron": 1e3, "microns": 1e3, "micrometer": 1e3, "micrometre": 1e3,
+    "micrometers": 1e3, "micrometres": 1e3,
+    "mm": 1e6, "millimeter": 1e6, "millimetre": 1e6,
+    "cm": 1e7, "centimeter": 1e7, "centimetre": 1e7,
+    "m": 1e9, "meter": 1e9, "metre": 1e9,
+    "a": 0.1, "å": 0.1, "angstrom": 0.1, "ångström": 0.1,
+    "pm": 1e-3, "picometer": 1e-3,
+    "inch": 2.54e7, "in": 2.54e7,
+}
+# ImageJ's way of saying "not calibrated".
+_UNCALIBRATED = {"", "pixel", "pixels", "px"}
+# TIFF ResolutionUnit: 1 none (ImageJ's own unit applies), 2 inch, 3 centimetre.
+_RESOLUTION_UNIT_NAMES = {2: "inch", 3: "cm"}
+_ESCAPE = re.compile(r"\\u([0-9A-Fa-f]{4})")
+
+
+def nm_per_unit(unit: str, *, where: str) -> float:
+    """Nanometres in one `unit` (ImageJ, OME-NGFF or OMERO spelling); refuses units that are not lengths."""
+    key = unescape(unit).strip().lower()
+    if key in _NM_PER_UNIT:
+        return _NM_PER_UNIT[key]
+    raise UnsupportedDataError(f"{where}: unknown length unit {unit!r}; expected one of nm, µm, mm, ...")
+
+
+def unescape(text: str) -> str:
+    """Undo ImageJ's ASCII escaping of its description (it writes µ as the six characters \\u00B5)."""
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+def parse_description(text: str) -> dict[str, str]:
+    """The key=value lines of an ImageJ description, values as written (unescaped)."""
+    entries: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            entries[key.strip()] = unescape(value.strip())
+    return entries
+
+
+@dataclass(frozen=True)
+class ImageJCalibration:
+    """What an ImageJ TIFF says about its pixels; lengths in nanometres, None where the file is silent.
+
+    Axis order is stated explicitly: `voxel_size_nm` is (z, y, x).
+    """
+
+    unit: str | None
+    pixel_width_nm: float | None  # x
+    pixel_height_nm: float | None  # y
+    spacing_nm: float | None  # z, the distance between slices
+    byteorder: str  # ">" big-endian (what ImageJ writes) or "<"
+    description: dict[str, str]
+
+    @property
+    def voxel_size_nm(self) -> tuple[float, float, float] | None:
+        """(z, y, x) when all three are known. A single image counts as one slice of its pixel width."""
+        z = self.spacing_nm
+        if z is None and self.description.get("slices", self.description.get("images", "1")) == "1":
+            z = self.pixel_width_nm
+        sizes = (z, self.pixel_height_nm, self.pixel_width_nm)
+        return None if any(s is None for s in sizes) else sizes  # type: ignore[return-value]
+
+
+def read_calibration(path: Path) -> ImageJCalibration | None:
+    """The calibration of the ImageJ TIFF at `path`, or None if it is not an ImageJ TIFF."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.is_imagej:
+                return None
+            page = tif.pages.first
+            description = page.tags.get("ImageDescription")
+            text = description.value if description is not None else ""
+            if isinstance(text, bytes):
+                text = text.decode("latin-1")
+            x_resolution = _rational(page.tags.get("XResolution"))
+            y_resolution = _rational(page.tags.get("YResolution"))
+            unit_tag = page.tags.get("ResolutionUnit")
+            resolution_unit = int(unit_tag.value) if unit_tag is not None else 2  # TIFF default: inch
+            byteorder = tif.byteorder
+    except _TIFF_ERRORS as exc:
+        raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    return calibration_from_tags(parse_description(text), x_resolution, y_resolution, resolution_unit,
+                                 byteorder, where=str(path))
+
+
+def calibration_from_tags(description: dict[str, str], x_resolution: float | None, y_resolution: float | None,
+                          resolution_unit: int, byteorder: str, *, where: str) -> ImageJCalibration:
+    """ImageJ's reading of the tags: X/YResolution are pixels per unit, so a pixel is 1/resolution units.
+
+    The unit is the description's `unit=` when present (ImageJ then writes ResolutionUnit 1, none);
+    otherwise TIFF's inch or centimetre. Per-axis `xunit`/`yunit`/`zunit` lines win where given.
+    """
+    unit = description.get("unit")
+    if unit is None:
+        unit = _RESOLUTION_UNIT_NAMES.get(resolution_unit)
+    if unit is None or unit.strip().lower() in _UNCALIBRATED:
+        return ImageJCalibration(unit, None, None, None, byteorder, description)
+
+    def length_nm(value_in_unit: float | None, axis_unit_key: str) -> float | None:
+        if value_in_unit is None or not math.isfinite(value_in_unit) or value_in_unit <= 0:
+            return None
+        axis_unit = description.get(axis_unit_key, unit)
+        if axis_unit.strip().lower() in _UNCALIBRATED:
+            return None
+        return value_in_unit * nm_per_unit(axis_unit, where=where)
+
+    spacing = _float(description.get("spacing"), "spacing", where)
+    return ImageJCalibration(
+        unit=unit,
+        pixel_width_nm=length_nm(1.0 / x_resolution if x_resolution else None, "xunit"),
+        pixel_height_nm=length_nm(1.0 / y_resolution if y_resolution else None, "yunit"),
+        spacing_nm=length_nm(abs(spacing) if spacing is not None else None, "zunit"),
+        byteorder=byteorder,
+        description=description,
+    )
+
+
+def _rational(tag) -> float | None:
+    if tag is None:
+        return None
+    value = tag.value
+    if isinstance(value, tuple) and len(value) == 2:
+        numerator, denominator = value
+        return numerator / denominator if denominator else None
+    return float(value)
+
+
+def _float(text: str | None, key: str, where: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise FormatError(f"{where}: ImageJ description has {key}={text!r}, expected a number") from None

@@ -1,0 +1,740 @@
+"""Image Data Resource: OMERO.web metadata, voxels from IDR's OME-Zarr copy or the original file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import numcodecs
+import numpy as np
+from numcodecs.compat import ensure_bytes
+
+from em_ingest.errors import (
+    FormatError, SelectionError, SourceResponseError, TransferError, UnsupportedDataError,
+)
+from em_ingest.formats import imagej
+from em_ingest.formats.tiff import TiffStack
+from em_ingest.formats.volume import Geometry, Region, Volume
+from em_ingest.raw import Manifest, ManifestEntry, RawStore, TransferStats, safe_relative_path
+from em_ingest.selection import DatasetOptions, DatasetRequest, load_selection
+from em_ingest.sources.base import Description, InventoryItem, Source
+
+# Raw layout: the OMERO answers as served, then either the Zarr copy's objects or the original file.
+IMG_DATA = "omero/imgData.json"
+IMAGE = "omero/image.json"
+IMAGE_ANNOTATIONS = "omero/image_map_annotations.json"
+PATHS_TO_OBJECT = "omero/paths_to_object.json"
+CONTAINER = "omero/container.json"
+CONTAINER_ANNOTATIONS = "omero/container_map_annotations.json"
+ZARR_PROBE = "zarr_probe.json"
+ZARR_ATTRS = "zarr/zattrs.json"
+ORIGINAL_FILE_PATHS = "omero/original_file_paths.json"
+
+VOXELS_ZARR = "ome-zarr"
+VOXELS_ORIGINAL = "original-file"
+# IDR is a shared public service: a few requests at a time (SOURCES.md 3.7).
+MAX_IN_FLIGHT = 4
+PAGE_LIMIT = 200
+# U2OS_chromatin (idr0086 experimentD): what discovery lists when the selection names no IDR image.
+DEFAULT_DISCOVERY_DATASET = 10740
+# "idr0086-miron-micrographs/experimentD" -> ("idr0086", "D"); screens end in "/screenA".
+_CONTAINER_NAME = re.compile(r"^(idr\d{4})-[^/]*/(?:experiment|screen)([A-Za-z0-9]+)$")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+# How far the file's own calibration may differ from OMERO's before it is worth a note.
+_VOXEL_SIZE_RELATIVE_TOLERANCE = 1e-3
+
+
+class IdrOptions(DatasetOptions):
+    """The dataset key is the IDR image id; nothing else to choose."""
+
+
+def study_of(container_name: str | None) -> str | None:
+    """The OME-Zarr study folder of an OMERO project or screen name: `idrNNNN-…/experimentX` -> `idrNNNNX`."""
+    if not container_name:
+        return None
+    match = _CONTAINER_NAME.match(container_name.strip())
+    return f"{match.group(1)}{match.group(2)}" if match else None
+
+
+def map_values(document: Any, *, where: str) -> dict[str, list[str]]:
+    """Key -> values of every map annotation in a `/webclient/api/annotations/` answer (keys may repeat)."""
+    if not isinstance(document, dict) or not isinstance(document.get("annotations"), list):
+        raise SourceResponseError(f"{where}: expected {{'annotations': [...]}} from OMERO.web")
+    values: dict[str, list[str]] = {}
+    for annotation in document["annotations"]:
+        for pair in annotation.get("values") or []:
+            if isinstance(pair, (list, tuple)) and len(pair) == 2 and pair[1] not in (None, ""):
+                values.setdefault(str(pair[0]).strip(), []).append(str(pair[1]).strip())
+    return values
+
+
+def bare_doi(value: str | None) -> str | None:
+    """`https://doi.org/10.x/y` -> `10.x/y`; the catalog keeps DOIs without a resolver."""
+    if not value:
+        return None
+    match = re.search(r"10\.\d{4,9}/\S+", value)
+    return match.group(0).rstrip(".") if match else None
+
+
+@dataclass(frozen=True)
+class Container:
+    """The project or screen an image belongs to."""
+
+    kind: str  # "project" or "screen"
+    id: int
+    name: str | None
+
+
+class IdrSource(Source):
+    name = "idr"
+    title = "Image Data Resource (OMERO.web, IDR file mirror and OME-Zarr copies)"
+    Options = IdrOptions
+    max_concurrent_runs = 2
+
+    def __init__(self, settings, http=None):
+        super().__init__(settings, http)
+        self._json_cache: dict[str, Any] = {}  # one run never asks OMERO.web the same question twice
+
+    # ---- URLs -------------------------------------------------------------------------------
+    def omero_url(self, path: str, params: dict[str, Any] | None = None) -> str:
+        url = f"{self.settings.idr_url.rstrip('/')}/{path.lstrip('/')}"
+        return f"{url}?{urlencode(params)}" if params else url
+
+    def zarr_url(self, study: str, image_id: int) -> str:
+        return f"{self.settings.idr_zarr_url.rstrip('/')}/{study}/{image_id}.zarr"
+
+    def file_url(self, client_path: str) -> str | None:
+        """The IDR file-mirror URL of an OMERO client path, if it lies under `filesets/`."""
+        marker = "filesets/"
+        index = client_path.find(marker)
+        if index < 0 or (index > 0 and client_path[index - 1] != "/"):
+            return None
+        relative = client_path[index + len(marker):].strip("/")
+        return f"{self.settings.idr_files_url.rstrip('/')}/{quote(relative)}"
+
+    def viewer_url(self, image_id: int) -> str:
+        return self.omero_url(f"/webclient/img_detail/{image_id}/")
+
+    # ---- JSON with a per-run cache ------------------------------------------------------------
+    def get_json(self, url: str) -> Any:
+        if url not in self._json_cache:
+            self._json_cache[url] = self.http.get_json(url)
+        return self._json_cache[url]
+
+    # ---- discovery --------------------------------------------------------------------------
+    def discover(self) -> Iterable[InventoryItem]:
+        """Images of the projects (or datasets) that hold the selected images; U2OS_chromatin by default."""
+        seen: set[int] = set()
+        for kind, container_id in self._discovery_seeds():
+            images = (self.images_of_project(container_id) if kind == "project"
+                      else self.images_of_dataset(container_id))
+            for item in images:
+                image_id = item.detail["image_id"]
+                if image_id not in seen:
+                    seen.add(image_id)
+                    yield item
+
+    def _discovery_seeds(self) -> list[tuple[str, int]]:
+        try:
+            selected = load_selection(self.settings.datasets_file, {self.name: self.Options}
+                                      ).get(self.name, {}) if Path(self.settings.datasets_file).exists() else {}
+        except SelectionError:
+            selected = {}  # other sources' entries make this narrow parse fail: fall back to the default
+        seeds: list[tuple[str, int]] = []
+        for key in selected:
+            if not key.isdigit():
+                continue
+            meta = self.get_json(self.omero_url(f"/webgateway/imgData/{int(key)}/")).get("meta", {})
+            if isinstance(meta.get("projectId"), int):
+                seeds.append(("project", meta["projectId"]))
+            elif isinstance(meta.get("datasetId"), int):
+                seeds.append(("dataset", meta["datasetId"]))
+        return list(dict.fromkeys(seeds)) or [("dataset", DEFAULT_DISCOVERY_DATASET)]
+
+    def paged(self, path: str, limit: int = PAGE_LIMIT) -> Iterator[dict[str, Any]]:
+        """Every object of a JSON-API list, page by page with `offset`/`limit` until `meta.totalCount`."""
+        offset = 0
+        while True:
+            url = self.omero_url(path, {"offset": offset, "limit": limit})
+            page = self.get_json(url)
+            data, meta = page.get("data"), page.get("meta") or {}
+            if not isinstance(data, list):
+                raise SourceResponseError(f"{url}: expected {{'data': [...], 'meta': {{...}}}}")
+            yield from data
+            offset += len(data)
+            total = meta.get("totalCount")
+            if not data or (isinstance(total, int) and offset >= total) or (total is None and len(data) < limit):
+                return
+
+    def images_of_dataset(self, dataset_id: int, dataset_name: str | None = None,
+                          limit: int = PAGE_LIMIT) -> Iterator[InventoryItem]:
+        for image in self.paged(f"/api/v0/m/datasets/{dataset_id}/images/", limit):
+            pixels = image.get("Pixels") or {}
+            image_id = image.get("@id")
+            if not isinstance(image_id, int):
+                raise SourceResponseError(f"IDR dataset {dataset_id}: image without an integer '@id': {image}")
+            shape = {axis: pixels.get(f"Size{axis}") for axis in "TCZYX"}
+            yield InventoryItem(self.name, str(image_id), image.get("Name"),
+                                {"image_id": image_id, "dataset_id": dataset_id, "dataset": dataset_name,
+                                 "size_tczyx": [shape[a] for a in "TCZYX"],
+                                 "pixels_type": (pixels.get("Type") or {}).get("value"),
+                                 "url": self.viewer_url(image_id)})
+
+    def images_of_project(self, project_id: int, limit: int = PAGE_LIMIT) -> Iterator[InventoryItem]:
+        for dataset in self.paged(f"/api/v0/m/projects/{project_id}/datasets/", limit):
+            yield from self.images_of_dataset(dataset["@id"], dataset.get("Name"), limit)
+
+    # ---- fetch ------------------------------------------------------------------------------
+    def fetch_raw(self, request: DatasetRequest, raw: RawStore) -> Manifest:
+        image_id = image_id_of(request)
+        docs = _Documents(raw)
+        img_data = self._img_data(image_id)
+        docs.add(IMG_DATA, self.omero_url(f"/webgateway/imgData/{image_id}/"), img_data)
+        check_single_channel(img_data, image_id)
+        docs.add(IMAGE, self.omero_url(f"/api/v0/m/images/{image_id}/"),
+                 self.get_json(self.omero_url(f"/api/v0/m/images/{image_id}/")))
+        url = self.omero_url("/webclient/api/annotations/", {"type": "map", "image": image_id})
+        docs.add(IMAGE_ANNOTATIONS, url, self.get_json(url))
+        container = self._container(image_id, img_data, docs)
+        if container is not None:
+            url = self.omero_url("/webclient/api/annotations/", {"type": "map", container.kind: container.id})
+            docs.add(CONTAINER_ANNOTATIONS, url, self.get_json(url))
+
+        study = study_of(container.name if container else None)
+        zattrs = self._probe_zarr(study, image_id, docs)
+        if zattrs is not None:
+            entries, stats, version = self._mirror_zarr(raw, self.zarr_url(study, image_id), zattrs, docs)  # type: ignore[arg-type]
+        else:
+            entries, stats, version = self._fetch_original(raw, image_id, docs)
+        return raw.commit(docs.entries + entries, request.options_dict(), docs.stats + stats, source_version=version)
+
+    def _img_data(self, image_id: int) -> dict[str, Any]:
+        url = self.omero_url(f"/webgateway/imgData/{image_id}/")
+        try:
+            document = self.get_json(url)
+        except TransferError as exc:
+            if exc.status == 404:
+                raise SelectionError(f"idr.{image_id}: IDR has no image {image_id} ({url} answered 404)") from None
+            raise
+        if not isinstance(document, dict) or not isinstance(document.get("size"), dict):
+            raise SourceResponseError(f"{url}: expected imgData JSON with 'size' and 'meta'")
+        return document
+
+    def _container(self, image_id: int, img_data: dict[str, Any], docs: _Documents) -> Container | None:
+        """The image's project (named in imgData) or, for plate images, its screen (via paths_to_object)."""
+        meta = img_data.get("meta") or {}
+        if isinstance(meta.get("projectId"), int):
+            return Container("project", meta["projectId"], meta.get("projectName"))
+        url = self.omero_url("/webclient/api/paths_to_object/", {"image": image_id})
+        paths = self.get_json(url)
+        docs.add(PATHS_TO_OBJECT, url, paths)
+        for path in paths.get("paths") or []:
+            for node in path:
+                if node.get("type") in ("screen", "project") and isinstance(node.get("id"), int):
+                    kind, container_id = node["type"], node["id"]
+                    detail_url = self.omero_url(f"/api/v0/m/{kind}s/{container_id}/")
+                    detail = self.get_json(detail_url)
+                    docs.add(CONTAINER, detail_url, detail)
+                    return Container(kind, container_id, (detail.get("data") or {}).get("Name"))
+        return None
+
+    def _probe_zarr(self, study: str | None, image_id: int, docs: _Documents) -> dict[str, Any] | None:
+        """IDR's OME-Zarr copy's `.zattrs` if it has one; the probe's outcome is kept for provenance."""
+        if study is None:
+            docs.add(ZARR_PROBE, self.settings.idr_zarr_url, {"found": False, "reason": "no idrNNNN study name"})
+            return None
+        url = f"{self.zarr_url(study, image_id)}/.zattrs"
+        try:
+            zattrs = json.loads(self.http.get_bytes(url))
+        except TransferError as exc:
+            # S3 answers 403 for a missing key when listing is not public, 404 otherwise.
+            if exc.status in (403, 404):
+                docs.add(ZARR_PROBE, url, {"found": False, "status": exc.status})
+                return None
+            raise
+        except ValueError as exc:
+            raise SourceResponseError(f"{url}: expected OME-Zarr attributes JSON ({exc})") from None
+        docs.add(ZARR_PROBE, url, {"found": True})
+        docs.add(ZARR_ATTRS, url, zattrs)
+        return zattrs
+
+    def _mirror_zarr(self, raw: RawStore, zarr_url: str, zattrs: Any,
+                     docs: _Documents) -> tuple[list[ManifestEntry], TransferStats, str]:
+        """Copy the full-resolution level's `.zarray` and chunks into raw/; a 404 chunk is recorded as absent."""
+        multiscale = multiscale_of(zattrs, where=f"{zarr_url}/.zattrs")
+        level = multiscale.level_path
+        zarray_url = f"{zarr_url}/{level}/.zarray"
+        zarray = ZarrayInfo.parse(self.get_json(zarray_url), where=zarray_url)
+        docs.add(f"zarr/{level}/zarray.json", zarray_url, zarray.document)
+        multiscale = multiscale.for_rank(len(zarray.shape), where=zarr_url)
+        multiscale.check_axes(zarray.shape, where=zarr_url)
+        keys = list(zarray.chunk_keys())
+        items = [(f"{zarr_url}/{level}/{key}", f"zarr/{level}/chunks/{key}") for key in keys]
+        with ThreadPoolExecutor(max_workers=max(1, min(MAX_IN_FLIGHT, self.settings.transfer.max_in_flight))) as pool:
+            results = list(pool.map(lambda item: _fetch_chunk(raw, *item), items))
+        entries = [entry for entry, _ in results if entry is not None]
+        stats = TransferStats()
+        for _, s in results:
+            stats = stats + s
+        absent = sorted(key for key, (entry, _) in zip(keys, results) if entry is None)
+        docs.add(f"zarr/{level}/absent_chunks.json", f"{zarr_url}/{level}/",
+                 {"absent": absent, "meaning": "HTTP 404: never written, read as fill_value"})
+        version = hashlib.sha256(json.dumps([zattrs, zarray.document], sort_keys=True).encode()).hexdigest()[:16]
+        return entries, stats, f"ome-zarr:{version}"
+
+    def _fetch_original(self, raw: RawStore, image_id: int,
+                        docs: _Documents) -> tuple[list[ManifestEntry], TransferStats, str | None]:
+        url = self.omero_url(f"/webgateway/original_file_paths/{image_id}/")
+        paths = self.get_json(url)
+        docs.add(ORIGINAL_FILE_PATHS, url, paths)
+        client = paths.get("client") if isinstance(paths, dict) else None
+        if not isinstance(client, list) or not client:
+            raise SourceResponseError(f"{url}: expected {{'client': [paths...]}} naming the original file(s)")
+        urls = [self.file_url(p) for p in client]
+        if any(u is None for u in urls):
+            raise UnsupportedDataError(f"IDR image {image_id}: original file paths {client} are not under "
+                                       "'filesets/', so they are not on the IDR file mirror")
+        if len(urls) != 1:
+            raise UnsupportedDataError(f"IDR image {image_id}: its fileset has {len(urls)} files ({client}); only "
+                                       "single-file originals are ingested (and no OME-Zarr copy was found)")
+        file_url = urls[0]
+        name = client[0].rstrip("/").rsplit("/", 1)[-1]
+        if not name.lower().endswith(_TIFF_SUFFIXES):
+            raise UnsupportedDataError(f"IDR image {image_id}: original file {name!r} is not a TIFF; only TIFF "
+                                       "originals are read (and no OME-Zarr copy was found)")
+        entry, stats = raw.fetch_http(file_url, f"original/{safe_relative_path(name)}")  # type: ignore[arg-type]
+        return [entry], stats, entry.etag or entry.last_modified
+
+    # ---- describe ---------------------------------------------------------------------------
+    def describe(self, request: DatasetRequest, raw: RawStore) -> Description:
+        image_id = image_id_of(request)
+        img_data = raw.read_document(IMG_DATA)
+        meta = img_data.get("meta") or {}
+        image_values = map_values(raw.read_document(IMAGE_ANNOTATIONS), where=str(raw.path(IMAGE_ANNOTATIONS)))
+        study_values: dict[str, list[str]] = {}
+        if raw.path(CONTAINER_ANNOTATIONS).exists():
+            study_values = map_values(raw.read_document(CONTAINER_ANNOTATIONS),
+                                      where=str(raw.path(CONTAINER_ANNOTATIONS)))
+
+        def first(*keys: str, sources=(image_values, study_values)) -> str | None:
+            for values in sources:
+                for key in keys:
+                    if values.get(key):
+                        return values[key][0]
+            return None
+
+        image_name = meta.get("imageName") or None
+        study_title = first("Study Title", "Publication Title", sources=(study_values,))
+        title = f"{image_name} — {study_title}" if image_name and study_title else (image_name or study_title)
+        authors = first("Publication Authors", sources=(study_values,))
+        voxels, voxel_url = self._voxel_origin(raw)
+        omero_nm = omero_voxel_size_nm(img_data)
+        file_nm = self._file_voxel_size_nm(raw, voxels)
+        extra: dict[str, Any] = {
+            "image_id": image_id, "image_name": image_name, "voxels_from": voxels, "voxels_url": voxel_url,
+            "project_or_screen": meta.get("projectName") if isinstance(meta.get("projectId"), int) else
+            self._container_name(raw),
+            "dataset": meta.get("datasetName"), "dataset_id": meta.get("datasetId"),
+            "study": study_of(meta.get("projectName")) or study_of(self._container_name(raw)),
+            "publication_doi": bare_doi(first("Publication DOI", sources=(study_values,))),
+            "publication_title": first("Publication Title", sources=(study_values,)),
+            "copyright": first("Copyright", sources=(study_values,)),
+            "cell_line": first("Cell Line", sources=(image_values,)),
+            "voxel_size_nm_omero": list(omero_nm) if omero_nm else None,
+            "voxel_size_nm_file": list(file_nm) if file_nm else None,
+        }
+        if omero_nm and file_nm and not _close(omero_nm, file_nm):
+            extra["voxel_size_note"] = "the file's calibration and OMERO's physical sizes differ; the file's is used"
+        return Description(
+            title=title,
+            description=first("Image Description", "Assay Description", sources=(image_values,))
+            or meta.get("imageDescription") or meta.get("projectDescription") or None,
+            organism=first("Organism"),
+            sample=first("Cell Line", sources=(image_values,)) or meta.get("datasetName") or None,
+            imaging_method=first("Imaging Method", "Study Type", sources=(study_values, image_values)),
+            source_url=self.viewer_url(image_id),
+            doi=bare_doi(first("Data DOI", sources=(study_values,))),
+            license=first("License", sources=(study_values, image_values)),
+            authors=tuple(a.strip() for a in re.split(r",\s*", authors) if a.strip()) if authors else (),
+            source_version=raw.previous.source_version if raw.previous else None,
+            extra={k: v for k, v in extra.items() if v is not None},
+        )
+
+    def _container_name(self, raw: RawStore) -> str | None:
+        if raw.path(CONTAINER).exists():
+            return (raw.read_document(CONTAINER).get("data") or {}).get("Name")
+        return None
+
+    def _voxel_origin(self, raw: RawStore) -> tuple[str, str | None]:
+        manifest = raw.previous
+        if manifest is None:
+            raise FormatError(f"{raw.dir}: no raw manifest; fetch the raw download first")
+        for entry in manifest.entries:
+            if entry.path == ZARR_ATTRS:
+                return VOXELS_ZARR, entry.url.removesuffix("/.zattrs")
+        for entry in manifest.entries:
+            if entry.path.startswith("original/"):
+                return VOXELS_ORIGINAL, entry.url
+        raise FormatError(f"{raw.manifest_path}: neither an OME-Zarr copy nor an original file was fetched")
+
+    def _file_voxel_size_nm(self, raw: RawStore, voxels: str) -> tuple[float, float, float] | None:
+        if voxels == VOXELS_ZARR:
+            multiscale = multiscale_of(raw.read_document(ZARR_ATTRS), where=str(raw.path(ZARR_ATTRS)))
+            return multiscale.voxel_size_nm(where=str(raw.path(ZARR_ATTRS)))
+        calibration = imagej.read_calibration(self._original_path(raw))
+        return calibration.voxel_size_nm if calibration else None
+
+    def _original_path(self, raw: RawStore) -> Path:
+        manifest = raw.previous
+        entries = [e for e in (manifest.entries if manifest else ()) if e.path.startswith("original/")]
+        if len(entries) != 1:
+            raise FormatError(f"{raw.dir}: expected one original file in the raw manifest, found {len(entries)}")
+        return raw.path(entries[0].path)
+
+    # ---- open -------------------------------------------------------------------------------
+    def open_volume(self, request: DatasetRequest, raw: RawStore) -> Volume:
+        image_id = image_id_of(request)
+        img_data = raw.read_document(IMG_DATA)
+        check_single_channel(img_data, image_id)
+        omero_nm = omero_voxel_size_nm(img_data)
+        voxels, _ = self._voxel_origin(raw)
+        if voxels == VOXELS_ZARR:
+            return self._open_zarr(raw, omero_nm)
+        path = self._original_path(raw)
+        calibration = imagej.read_calibration(path)
+        file_nm = calibration.voxel_size_nm if calibration else None
+        voxel_size_nm = file_nm or omero_nm
+        geometry = Geometry(voxel_size_nm, "source-metadata") if voxel_size_nm else None
+        return TiffStack(path, geometry)
+
+    def _open_zarr(self, raw: RawStore, omero_nm: tuple[float, float, float] | None) -> Volume:
+        where = str(raw.path(ZARR_ATTRS))
+        multiscale = multiscale_of(raw.read_document(ZARR_ATTRS), where=where)
+        level = multiscale.level_path
+        zarray = ZarrayInfo.parse(raw.read_document(f"zarr/{level}/zarray.json"),
+                                  where=str(raw.path(f"zarr/{level}/zarray.json")))
+        multiscale = multiscale.for_rank(len(zarray.shape), where=where)
+        multiscale.check_axes(zarray.shape, where=where)
+        absent = set(raw.read_document(f"zarr/{level}/absent_chunks.json")["absent"])
+        voxel_size_nm = multiscale.voxel_size_nm(where=where) or omero_nm
+        geometry = None
+        if voxel_size_nm:
+            geometry = Geometry(voxel_size_nm, "source-metadata", multiscale.translation_nm(where=where))
+        return ChunkedZarrVolume(zarray, raw.path(f"zarr/{level}/chunks"), absent, multiscale.axes, geometry,
+                                 name=f"{raw.dir}/zarr/{level}")
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def image_id_of(request: DatasetRequest) -> int:
+    if not request.key.isdigit():
+        raise SelectionError(f"idr.{request.key}: the dataset key must be an IDR image id (digits only)")
+    return int(request.key)
+
+
+def check_single_channel(img_data: dict[str, Any], image_id: int) -> None:
+    """Refuse multi-channel images and time series up front, before any voxel is downloaded."""
+    size = img_data.get("size") or {}
+    channels, timepoints = size.get("c", 1), size.get("t", 1)
+    if channels != 1 or timepoints != 1:
+        raise UnsupportedDataError(
+            f"IDR image {image_id} has {channels} channels and {timepoints} timepoints "
+            f"(size {size}); only single-channel, single-timepoint volumes are ingested for now")
+
+
+def omero_voxel_size_nm(img_data: dict[str, Any]) -> tuple[float, float, float] | None:
+    """imgData's `pixel_size` (micrometres, null when unknown) as (z, y, x) nanometres."""
+    pixel_size = img_data.get("pixel_size") or {}
+    x, y, z = (pixel_size.get(axis) for axis in "xyz")
+    if z is None and (img_data.get("size") or {}).get("z") == 1:
+        z = x  # a single plane has no z spacing; give it the pixel width
+    sizes = (z, y, x)
+    if any(not isinstance(v, (int, float)) or v <= 0 for v in sizes):
+        return None
+    return tuple(float(v) * 1000.0 for v in sizes)  # type: ignore[return-value]
+
+
+def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return all(math.isclose(x, y, rel_tol=_VOXEL_SIZE_RELATIVE_TOLERANCE) for x, y in zip(a, b))
+
+
+class _Documents:
+    """OMERO.web answers kept in raw/ for provenance; unchanged ones count as skipped, not fetched."""
+
+    def __init__(self, raw: RawStore):
+        self.raw = raw
+        self.entries: list[ManifestEntry] = []
+        self.stats = TransferStats()
+
+    def add(self, relpath: str, url: str, document: Any) -> None:
+        previous = self.raw.previous_entry(relpath)
+        entry = self.raw.store_document(relpath, url, document)
+        self.entries.append(entry)
+        if previous is not None and previous.sha256 == entry.sha256:
+            self.stats = self.stats + TransferStats(skipped_objects=1, skipped_bytes=entry.size)
+        else:
+            self.stats = self.stats + TransferStats(fetched_objects=1, fetched_bytes=entry.size)
+
+
+def _fetch_chunk(raw: RawStore, url: str, relpath: str) -> tuple[ManifestEntry | None, TransferStats]:
+    try:
+        return raw.fetch_http(url, relpath)
+    except TransferError as exc:
+        if exc.status == 404:  # Zarr: a chunk never written reads as the fill value
+            return None, TransferStats()
+        raise
+
+
+# ---- OME-Zarr (NGFF 0.1-0.4, Zarr v2) ------------------------------------------------------------
+
+_DEFAULT_AXES = {5: ["t", "c", "z", "y", "x"], 4: ["c", "z", "y", "x"], 3: ["z", "y", "x"], 2: ["y", "x"]}
+
+
+@dataclass(frozen=True)
+class Multiscale:
+    """The first `multiscales` entry of an OME-Zarr image group, reduced to its full-resolution level."""
+
+    document: dict[str, Any]
+    axes: list[str]  # names in array order, e.g. t, c, z, y, x
+    units: dict[str, str | None]
+    level_path: str
+
+    def for_rank(self, rank: int, *, where: str) -> Multiscale:
+        """Itself, with the axes NGFF 0.1-0.3 left implicit (t, c, z, y, x by rank) filled in."""
+        if self.axes:
+            return self
+        if rank not in _DEFAULT_AXES:
+            raise FormatError(f"{where}: no axes given and rank {rank} has no default axis order")
+        return Multiscale(self.document, _DEFAULT_AXES[rank], {}, self.level_path)
+
+    def check_axes(self, shape: tuple[int, ...], *, where: str) -> None:
+        if len(shape) != len(self.axes):
+            raise FormatError(f"{where}: multiscales names axes {self.axes} but the array has shape {shape}")
+        extra = {a: n for a, n in zip(self.axes, shape) if a not in ("z", "y", "x") and n != 1}
+        if extra:
+            raise UnsupportedDataError(f"{where}: axes {dict(zip(self.axes, shape))} have {extra} beyond one; "
+                                       "only single-channel, single-timepoint volumes are ingested for now")
+        if "y" not in self.axes or "x" not in self.axes:
+            raise UnsupportedDataError(f"{where}: expected spatial axes y and x, got {self.axes}")
+
+    def _transform(self, kind: str, *, where: str) -> list[float] | None:
+        """The level's `kind` transform composed with the multiscale-wide one (both optional)."""
+        dataset = self.document["datasets"][0]
+        combined: list[float] | None = None
+        for transforms in (dataset.get("coordinateTransformations"), self.document.get("coordinateTransformations")):
+            for transform in transforms or []:
+                if transform.get("type") == kind and kind in transform:
+                    values = [float(v) for v in transform[kind]]
+                    if len(values) != len(self.axes):
+                        raise FormatError(f"{where}: {kind} {values} does not match axes {self.axes}")
+                    if combined is None:
+                        combined = values
+                    elif kind == "scale":
+                        combined = [a * b for a, b in zip(combined, values)]
+                    else:
+                        combined = [a + b for a, b in zip(combined, values)]
+        return combined
+
+    def _spatial_nm(self, values: list[float], *, where: str) -> tuple[float, float, float]:
+        out = []
+        for axis in ("z", "y", "x"):
+            if axis not in self.axes:
+                out.append(None)
+                continue
+            unit = self.units.get(axis)
+            if unit is None:
+                raise FormatError(f"{where}: axis {axis} has no unit, so its scale cannot be read as a length")
+            out.append(values[self.axes.index(axis)] * imagej.nm_per_unit(unit, where=where))
+        if out[0] is None:
+            out[0] = out[2]  # a single plane: give z the pixel width
+        return tuple(out)  # type: ignore[return-value]
+
+    def voxel_size_nm(self, *, where: str) -> tuple[float, float, float] | None:
+        scale = self._transform("scale", where=where)
+        return self._spatial_nm(scale, where=where) if scale else None
+
+    def translation_nm(self, *, where: str) -> tuple[float, float, float] | None:
+        translation = self._transform("translation", where=where)
+        if not translation:
+            return None
+        nm = self._spatial_nm(translation, where=where)
+        return (0.0 if "z" not in self.axes else nm[0], nm[1], nm[2])
+
+
+def multiscale_of(zattrs: Any, *, where: str) -> Multiscale:
+    try:
+        document = zattrs["multiscales"][0]
+        datasets = document["datasets"]
+        level_path = safe_relative_path(str(datasets[0]["path"]))
+    except (KeyError, IndexError, TypeError) as exc:
+        raise FormatError(f"{where}: not an OME-Zarr image group (no multiscales[0].datasets[0].path: {exc})") from None
+    raw_axes = document.get("axes")
+    if raw_axes is None:
+        return Multiscale(document, [], {}, level_path)  # filled in from the array's rank below
+    names, units = [], {}
+    for axis in raw_axes:
+        name = axis.get("name") if isinstance(axis, dict) else str(axis)
+        names.append(str(name).lower())
+        units[str(name).lower()] = axis.get("unit") if isinstance(axis, dict) else None
+    return Multiscale(document, names, units, level_path)
+
+
+@dataclass(frozen=True)
+class ZarrayInfo:
+    """A Zarr v2 array's metadata, checked for what the chunk reader supports."""
+
+    document: dict[str, Any]
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+    order: str
+    fill_value: Any
+    separator: str
+
+    @classmethod
+    def parse(cls, document: Any, *, where: str) -> ZarrayInfo:
+        try:
+            if document.get("zarr_format") != 2:
+                raise UnsupportedDataError(f"{where}: zarr_format {document.get('zarr_format')!r}; expected 2")
+            shape = tuple(int(n) for n in document["shape"])
+            chunks = tuple(int(n) for n in document["chunks"])
+            dtype = np.dtype(document["dtype"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FormatError(f"{where}: not a Zarr v2 array description ({exc})") from None
+        if len(shape) != len(chunks) or any(c <= 0 for c in chunks):
+            raise FormatError(f"{where}: shape {shape} and chunks {chunks} do not match")
+        if dtype.kind not in "biuf":
+            raise UnsupportedDataError(f"{where}: dtype {dtype} is not a numeric voxel type")
+        order = document.get("order", "C")
+        if order not in ("C", "F"):
+            raise FormatError(f"{where}: order {order!r}; expected 'C' or 'F'")
+        return cls(document, shape, chunks, dtype, order, document.get("fill_value"),
+                   document.get("dimension_separator") or ".")
+
+    def chunk_key(self, index: tuple[int, ...]) -> str:
+        return self.separator.join(str(i) for i in index)
+
+    def chunk_keys(self) -> Iterator[str]:
+        grid = [range(math.ceil(n / c)) for n, c in zip(self.shape, self.chunks)]
+        for index in product(*grid):
+            yield self.chunk_key(index)
+
+    @property
+    def fill(self) -> Any:
+        """The fill value as a number of the array's dtype (Zarr v2: null means 0 for reading)."""
+        value = self.fill_value
+        if value is None:
+            return 0
+        if isinstance(value, str):  # "NaN", "Infinity", "-Infinity"
+            return float({"Infinity": "inf", "-Infinity": "-inf"}.get(value, value))
+        return value
+
+
+class ChunkedZarrVolume(Volume):
+    """A mirrored Zarr v2 array read chunk by chunk; non-spatial axes (t, c) must have length 1.
+
+    Chunks listed as absent (404 at the source) read as the fill value; a chunk neither present nor
+    listed as absent means the raw download is incomplete, which is an error.
+    """
+
+    def __init__(self, info: ZarrayInfo, chunk_dir: Path, absent: set[str], axes: list[str],
+                 geometry: Geometry | None, *, name: str):
+        self.info = info
+        self.chunk_dir = chunk_dir
+        self.absent = absent
+        self.axes = axes or _DEFAULT_AXES.get(len(info.shape), [])
+        if len(self.axes) != len(info.shape):
+            raise FormatError(f"{name}: cannot tell the axes of an array of shape {info.shape}")
+        self.geometry = geometry
+        self.name = name
+        self.dtype = info.dtype.newbyteorder("=")
+        self._spatial = [self.axes.index(a) if a in self.axes else None for a in ("z", "y", "x")]
+        self.shape = tuple(info.shape[i] if i is not None else 1 for i in self._spatial)  # type: ignore[assignment]
+        z_axis = self._spatial[0]
+        self.preferred_z_block = info.chunks[z_axis] if z_axis is not None else 1
+        self._compressor = _codec(info.document.get("compressor"), name)
+        self._filters = [_codec(f, name) for f in info.document.get("filters") or []]
+
+    def read(self, region: Region) -> np.ndarray:
+        out = np.full([s.stop - s.start for s in region], self.info.fill, dtype=self.dtype)
+        ranges = []
+        for axis_slice, array_axis in zip(region, self._spatial):
+            if array_axis is None:
+                ranges.append([None])
+                continue
+            size = self.info.chunks[array_axis]
+            ranges.append(list(range(axis_slice.start // size, (axis_slice.stop - 1) // size + 1)))
+        for chunk_zyx in product(*ranges):
+            self._copy_chunk(chunk_zyx, region, out)
+        return out
+
+    def _copy_chunk(self, chunk_zyx: tuple, region: Region, out: np.ndarray) -> None:
+        index = [0] * len(self.info.shape)
+        for array_axis, chunk_index in zip(self._spatial, chunk_zyx):
+            if array_axis is not None:
+                index[array_axis] = chunk_index
+        data = self._chunk(tuple(index))
+        if data is None:
+            return  # absent: `out` already holds the fill value
+        source, target = [], []
+        for axis_slice, array_axis in zip(region, self._spatial):
+            if array_axis is None:
+                source.append(None)
+                target.append(slice(0, 1))
+                continue
+            size = self.info.chunks[array_axis]
+            origin = index[array_axis] * size
+            start, stop = max(axis_slice.start, origin), min(axis_slice.stop, origin + size)
+            source.append(slice(start - origin, stop - origin))
+            target.append(slice(start - axis_slice.start, stop - axis_slice.start))
+        selector: list[Any] = [0] * len(self.info.shape)
+        for array_axis, s in zip(self._spatial, source):
+            if array_axis is not None:
+                selector[array_axis] = s
+        # NGFF orders spatial axes z, y, x after t and c, so the selected block is already (z, y, x).
+        block = data[tuple(selector)]
+        out[tuple(target)] = block.reshape([t.stop - t.start for t in target])
+
+    def _chunk(self, index: tuple[int, ...]) -> np.ndarray | None:
+        key = self.info.chunk_key(index)
+        path = self.chunk_dir / key
+        if not path.exists():
+            if key in self.absent:
+                return None
+            raise FormatError(f"{path}: chunk {key} is missing from the raw download (and was not absent at the "
+                              "source); re-run the raw download")
+        data: Any = path.read_bytes()
+        try:
+            if self._compressor is not None:
+                data = self._compressor.decode(data)
+            for codec in reversed(self._filters):
+                data = codec.decode(data)
+            array = np.frombuffer(ensure_bytes(data), dtype=self.info.dtype)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise FormatError(f"{path}: chunk {key} does not decode ({type(exc).__name__}: {exc})") from None
+        expected = math.prod(self.info.chunks)
+        if array.size != expected:
+            raise FormatError(f"{path}: chunk {key} holds {array.size} values, expected {expected} "
+                              f"(chunks {self.info.chunks})")
+        return array.reshape(self.info.chunks, order=self.info.order).astype(self.dtype, copy=False)
+
+
+def _codec(config: Any, where: str):
+    if config is None:
+        return None
+    try:
+        return numcodecs.get_codec(dict(config))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UnsupportedDataError(f"{where}: unsupported Zarr codec {config!r} ({exc})") from None
+
+
+SOURCE = IdrSource

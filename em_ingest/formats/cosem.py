@@ -1,0 +1,273 @@
+"""CellMap/COSEM multiscale metadata: OME-NGFF 0.4 on Zarr v2 and COSEM attributes on N5, as levels and chunk grids.
+
+Pure parsing of the attribute documents (no I/O), so the same code plans which chunk objects to
+fetch and later opens the mirrored copy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+import numpy as np
+
+from em_ingest.errors import SourceResponseError, UnsupportedDataError
+from em_ingest.formats.n5 import N5_DTYPES
+
+Vec3 = tuple[float, float, float]
+Index3 = tuple[int, int, int]
+LAYOUTS = ("zarr", "n5")
+# The metadata objects of each layout; everything else below an array is a chunk.
+METADATA_NAMES = {"zarr": (".zgroup", ".zattrs", ".zarray"), "n5": ("attributes.json",)}
+_NM_PER_UNIT = {
+    "nm": 1.0, "nanometer": 1.0, "nanometers": 1.0, "nanometre": 1.0,
+    "um": 1e3, "µm": 1e3, "micrometer": 1e3, "micrometers": 1e3, "micron": 1e3, "micrometre": 1e3,
+    "angstrom": 0.1, "å": 0.1, "pm": 1e-3, "picometer": 1e-3, "mm": 1e6, "millimeter": 1e6,
+}
+ZYX = ("z", "y", "x")
+
+
+def nm_per_unit(unit: Any, where: str) -> float:
+    if unit is None:
+        return 1.0  # COSEM and OME-NGFF files from CellMap always say nm; absent means the default
+    factor = _NM_PER_UNIT.get(str(unit).strip().lower())
+    if factor is None:
+        raise SourceResponseError(f"{where}: unknown length unit {unit!r}")
+    return factor
+
+
+@dataclass(frozen=True)
+class LevelGeometry:
+    """Where one level's voxels sit: index × scale + translation, (z, y, x) in nanometres."""
+
+    scale_nm: Vec3
+    translation_nm: Vec3 | None
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """How one array is cut into chunk objects, and the object names (relative to the array)."""
+
+    layout: str
+    shape: Index3  # (z, y, x)
+    chunks: Index3  # (z, y, x)
+    dtype: np.dtype
+    separator: str = "."  # Zarr v2 dimension_separator; N5 always uses "/"
+
+    def key(self, index: Index3) -> str:
+        """The object name of the chunk at `index` (z, y, x)."""
+        if self.layout == "n5":
+            return "/".join(str(i) for i in index[::-1])  # N5 names blocks x/y/z
+        return self.separator.join(str(i) for i in index)
+
+    def parse_key(self, name: str) -> Index3 | None:
+        """The (z, y, x) index of a chunk object name, or None if `name` is not a chunk of this grid."""
+        parts = name.split("/" if self.layout == "n5" else self.separator)
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            return None
+        index = tuple(int(p) for p in parts)
+        return index[::-1] if self.layout == "n5" else index  # type: ignore[return-value]
+
+    def index_ranges(self, region: tuple[tuple[int, int], ...]) -> list[range]:
+        """Chunk index ranges per axis that a (start, stop) voxel region touches."""
+        return [range(a // c, (b - 1) // c + 1) if b > a else range(0) for (a, b), c in zip(region, self.chunks)]
+
+    def chunk_indices(self, region: tuple[tuple[int, int], ...]) -> list[Index3]:
+        return list(product(*self.index_ranges(region)))  # type: ignore[arg-type]
+
+    def prefix_for_first_index(self, index_zyx_first: int) -> str:
+        """Listing prefix that holds every chunk sharing the first stored component of the name.
+
+        Zarr names start with z (`3.` or `3/`); N5 names start with x (`3/`)."""
+        return f"{index_zyx_first}{'/' if self.layout == 'n5' else self.separator}"
+
+    @property
+    def first_axis(self) -> int:
+        """The (z, y, x) axis whose index comes first in chunk names."""
+        return 2 if self.layout == "n5" else 0
+
+
+def zarr_grid(zarray: dict[str, Any], where: str) -> ChunkGrid:
+    """The chunk grid of a Zarr v2 array from its `.zarray`."""
+    try:
+        if zarray.get("zarr_format") != 2:
+            raise UnsupportedDataError(f"{where}: expected zarr_format 2, got {zarray.get('zarr_format')!r}")
+        shape = tuple(int(n) for n in zarray["shape"])
+        chunks = tuple(int(n) for n in zarray["chunks"])
+        dtype = np.dtype(zarray["dtype"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceResponseError(f"{where}: not a valid Zarr v2 .zarray ({exc!r})") from None
+    if len(shape) != 3 or len(chunks) != 3:
+        raise UnsupportedDataError(f"{where}: expected a 3-D (z, y, x) array, got shape {list(shape)}")
+    separator = zarray.get("dimension_separator") or "."
+    if separator not in (".", "/"):
+        raise SourceResponseError(f"{where}: dimension_separator {separator!r} is neither '.' nor '/'")
+    return ChunkGrid("zarr", shape, chunks, dtype, separator)  # type: ignore[arg-type]
+
+
+def n5_grid(attributes: dict[str, Any], where: str) -> ChunkGrid:
+    """The chunk grid of an N5 dataset from its `attributes.json` (stored x, y, z)."""
+    try:
+        shape = tuple(int(n) for n in attributes["dimensions"])[::-1]
+        chunks = tuple(int(n) for n in attributes["blockSize"])[::-1]
+        data_type = attributes["dataType"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceResponseError(f"{where}: not valid N5 dataset attributes ({exc!r})") from None
+    if len(shape) != 3:
+        raise UnsupportedDataError(f"{where}: expected a 3-D dataset, got dimensions {list(shape[::-1])}")
+    if data_type not in N5_DTYPES:
+        raise UnsupportedDataError(f"{where}: N5 dataType {data_type!r} is not supported")
+    return ChunkGrid("n5", shape, chunks, np.dtype(data_type), "/")  # type: ignore[arg-type]
+
+
+def grid(layout: str, array_metadata: dict[str, Any], where: str) -> ChunkGrid:
+    return zarr_grid(array_metadata, where) if layout == "zarr" else n5_grid(array_metadata, where)
+
+
+def _vec3(values: Any, where: str, what: str) -> list[float]:
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise SourceResponseError(f"{where}: {what} must be a list of numbers, got {values!r}") from None
+    if len(out) != 3 or not all(math.isfinite(v) for v in out):
+        raise SourceResponseError(f"{where}: {what} must hold three finite numbers, got {values!r}")
+    return out
+
+
+def _to_zyx(names: list[str], values: list[float], where: str) -> Vec3:
+    """Reorder per-axis values given in the order of `names` into (z, y, x)."""
+    lowered = [str(n).lower() for n in names]
+    if sorted(lowered) != sorted(ZYX):
+        raise UnsupportedDataError(f"{where}: expected the spatial axes z, y, x, got {names}")
+    return tuple(values[lowered.index(a)] for a in ZYX)  # type: ignore[return-value]
+
+
+def cosem_transform(transform: dict[str, Any], where: str) -> LevelGeometry:
+    """A COSEM `transform` (STTransform): axes/scale/translate/units in `order` C (z, y, x) or F (x, y, z)."""
+    try:
+        axes = list(transform.get("axes") or ZYX)
+        scale = _vec3(transform["scale"], where, "transform.scale")
+        translate = _vec3(transform.get("translate", [0.0, 0.0, 0.0]), where, "transform.translate")
+        units = list(transform.get("units") or ["nm"] * 3)
+    except (AttributeError, KeyError) as exc:
+        raise SourceResponseError(f"{where}: transform lacks {exc}") from None
+    if str(transform.get("order", "C")).upper() == "F":
+        axes, scale, translate, units = axes[::-1], scale[::-1], translate[::-1], units[::-1]
+    factors = [nm_per_unit(u, where) for u in units]
+    scale_nm = _to_zyx(axes, [s * f for s, f in zip(scale, factors)], where)
+    translation_nm = _to_zyx(axes, [t * f for t, f in zip(translate, factors)], where)
+    return LevelGeometry(scale_nm, translation_nm)
+
+
+def _ngff_transforms(transforms: Any, where: str) -> tuple[list[float], list[float]]:
+    scale, translation = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
+    for t in transforms or []:
+        kind = t.get("type") if isinstance(t, dict) else None
+        if kind == "scale":
+            scale = _vec3(t.get("scale"), where, "scale")
+        elif kind == "translation":
+            translation = _vec3(t.get("translation"), where, "translation")
+        elif kind == "identity":
+            continue
+        else:
+            raise UnsupportedDataError(f"{where}: coordinate transformation {t!r} is not supported")
+    return scale, translation
+
+
+def ngff_multiscale(attrs: dict[str, Any], where: str) -> dict[str, Any] | None:
+    multiscales = attrs.get("multiscales")
+    if not multiscales:
+        return None
+    if not isinstance(multiscales, list) or not isinstance(multiscales[0], dict):
+        raise SourceResponseError(f"{where}: 'multiscales' must be a list of objects")
+    return multiscales[0]
+
+
+def level_paths(layout: str, group_attrs: dict[str, Any], where: str) -> list[str]:
+    """The array paths of a multiscale image, finest first."""
+    multiscale = ngff_multiscale(group_attrs, where)
+    if multiscale is not None:
+        try:
+            return [str(d["path"]) for d in multiscale["datasets"]]
+        except (KeyError, TypeError):
+            raise SourceResponseError(f"{where}: multiscales[0].datasets must list objects with a 'path'") from None
+    if layout == "n5" and isinstance(group_attrs.get("scales"), list):
+        return [f"s{i}" for i in range(len(group_attrs["scales"]))]
+    return []
+
+
+def _ngff_level(multiscale: dict[str, Any], level: str, where: str) -> LevelGeometry | None:
+    datasets = [d for d in multiscale.get("datasets") or [] if isinstance(d, dict) and d.get("path") == level]
+    if not datasets:
+        return None
+    dataset = datasets[0]
+    if "coordinateTransformations" not in dataset:
+        # The COSEM flavour of multiscales puts a `transform` on each dataset instead.
+        return cosem_transform(dataset["transform"], where) if "transform" in dataset else None
+    axes = multiscale.get("axes") or [{"name": a, "type": "space", "unit": "nanometer"} for a in ZYX]
+    names = [a.get("name") if isinstance(a, dict) else str(a) for a in axes]
+    units = [a.get("unit") if isinstance(a, dict) else None for a in axes]
+    types = [a.get("type") if isinstance(a, dict) else "space" for a in axes]
+    if len(axes) != 3 or any(t not in (None, "space") for t in types):
+        raise UnsupportedDataError(f"{where}: expected three spatial axes, got {names} of types {types}")
+    if [str(n).lower() for n in names] != list(ZYX):
+        raise UnsupportedDataError(f"{where}: axes must be stored in (z, y, x) order, got {names}")
+    scale, translation = _ngff_transforms(dataset["coordinateTransformations"], where)
+    # Transformations on the multiscale apply after the per-dataset ones.
+    g_scale, g_translation = _ngff_transforms(multiscale.get("coordinateTransformations"), where)
+    factors = [nm_per_unit(u, where) for u in units]
+    scale_nm = tuple(s * gs * f for s, gs, f in zip(scale, g_scale, factors))
+    translation_nm = tuple((t * gs + gt) * f for t, gs, gt, f in zip(translation, g_scale, g_translation, factors))
+    return LevelGeometry(scale_nm, translation_nm)  # type: ignore[arg-type]
+
+
+def _pixel_resolution(attrs: dict[str, Any], where: str) -> Vec3 | None:
+    resolution = attrs.get("pixelResolution")
+    if resolution is None:
+        return None
+    if isinstance(resolution, dict):
+        values, unit = resolution.get("dimensions"), resolution.get("unit")
+    else:  # some writers store the bare list
+        values, unit = resolution, "nm"
+    xyz = _vec3(values, where, "pixelResolution.dimensions")
+    factor = nm_per_unit(unit, where)
+    return tuple(v * factor for v in xyz[::-1])  # type: ignore[return-value]
+
+
+def level_geometry(layout: str, group_attrs: dict[str, Any], level: str, array_attrs: dict[str, Any],
+                   where: str) -> LevelGeometry | None:
+    """The geometry of array `level` from the data's own attributes, or None if they do not state it.
+
+    Zarr: OME-NGFF `multiscales` on the image group, else a COSEM `transform` on the array.
+    N5: the array's `transform`, else the group's `multiscales[].datasets[].transform`, else
+    `pixelResolution` scaled by the level's factors (`downsamplingFactors` or the group's `scales`).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
+    multiscale = ngff_multiscale(group_attrs, where)
+    if layout == "zarr":
+        found = _ngff_level(multiscale, level, where) if multiscale else None
+        if found is None and isinstance(array_attrs.get("transform"), dict):
+            found = cosem_transform(array_attrs["transform"], where)
+        return found
+    if isinstance(array_attrs.get("transform"), dict):
+        return cosem_transform(array_attrs["transform"], where)
+    if multiscale:
+        found = _ngff_level(multiscale, level, where)
+        if found is not None:
+            return found
+    base = _pixel_resolution(array_attrs, where) if "downsamplingFactors" in array_attrs else None
+    factors_xyz = array_attrs.get("downsamplingFactors")
+    if base is None:
+        base = _pixel_resolution(group_attrs, where)
+        match = re.fullmatch(r"s(\d+)", level)
+        scales = group_attrs.get("scales")
+        if base is None or match is None or not isinstance(scales, list) or int(match.group(1)) >= len(scales):
+            return None
+        factors_xyz = scales[int(match.group(1))]
+    factors = _vec3(factors_xyz, where, "downsampling factors")[::-1]
+    # Without a transform the files do not say where downsampled voxels sit: no translation.
+    return LevelGeometry(tuple(b * f for b, f in zip(base, factors)), None)  # type: ignore[arg-type]

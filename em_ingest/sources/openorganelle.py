@@ -1,0 +1,395 @@
+"""Janelia OpenOrganelle (CellMap): anonymous S3, Zarr + OME-NGFF 0.4 or COSEM N5 multiscales, regions of a level."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from em_ingest.errors import FormatError, SelectionError, SourceResponseError, UnsafePathError
+from em_ingest.formats import cosem
+from em_ingest.formats.n5 import N5Array
+from em_ingest.formats.volume import Geometry, Region, Volume
+from em_ingest.raw import ManifestEntry, Manifest, RawStore, TransferStats, safe_relative_path, write_atomic
+from em_ingest.selection import DatasetOptions, DatasetRequest
+from em_ingest.sources.base import Description, InventoryItem, Source
+from em_ingest.transfer.s3 import S3Client, S3Object
+
+log = logging.getLogger(__name__)
+
+WEB_PAGE = "https://openorganelle.janelia.org/datasets/{dataset}"
+# AWS Open Data registry entry for the bucket (janelia-cosem): every dataset is CC-BY-4.0.
+LICENSE = "CC-BY-4.0"
+# Descriptive metadata is not in the bucket (only spatial metadata is); a curated record for the
+# datasets this project ships a default for. Everything else stays unknown (null) in the catalog.
+CURATED = {
+    "jrc_mus-nacc-2": {"title": "Mouse nucleus accumbens (jrc_mus-nacc-2)", "organism": "Mus musculus",
+                       "sample": "nucleus accumbens"},
+}
+# Image group names start with the modality (e.g. fibsem-int16, tem-uint8).
+MODALITIES = {"fibsem": "FIB-SEM", "sem": "SEM", "tem": "TEM", "sbem": "SBF-SEM", "sbfsem": "SBF-SEM"}
+_RECON = re.compile(r"^recon-(\d+)$")
+_DTYPE_SUFFIX = re.compile(r"(u?int|float)(8|16|32|64)")
+# Zarr v2 metadata object names start with a dot; the raw store's path check refuses dot-names,
+# so these (and only these) are let through by mapping them to a plain name for the check.
+_ZARR_DOTNAMES = {".zgroup", ".zattrs", ".zarray", ".zmetadata"}
+_RAW_INFO = "openorganelle.json"  # not an object of the bucket: how the request was resolved
+
+
+class Roi(BaseModel):
+    """A region of a level in voxels of that level, [start, stop) per axis; a missing axis means all of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    z: tuple[int, int] | None = None
+    y: tuple[int, int] | None = None
+    x: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Roi:
+        for axis in "zyx":
+            bounds = getattr(self, axis)
+            if bounds is not None and not 0 <= bounds[0] < bounds[1]:
+                raise ValueError(f"roi.{axis} must be [start, stop] with 0 <= start < stop, got {list(bounds)}")
+        return self
+
+    def bounds(self, shape: tuple[int, int, int], where: str) -> tuple[tuple[int, int], ...]:
+        """(start, stop) per axis, checked against the level's shape."""
+        out = []
+        for axis, n in zip("zyx", shape):
+            start, stop = getattr(self, axis) or (0, n)
+            if stop > n:
+                raise SelectionError(f"{where}: roi.{axis} = [{start}, {stop}] reaches past the level's "
+                                     f"{n} voxels along {axis}")
+            out.append((start, stop))
+        return tuple(out)
+
+
+class OpenOrganelleOptions(DatasetOptions):
+    dataset: str | None = None
+    image: str | None = None
+    level: str = "s0"
+    roi: Roi | None = None
+
+    @field_validator("dataset", "level")
+    @classmethod
+    def _one_name(cls, value: str | None) -> str | None:
+        if value is not None and (not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value.startswith(".")):
+            raise ValueError(f"expected a single name (letters, digits, '.', '_', '-'), got {value!r}")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _group_path(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = value.strip("/")
+            try:
+                safe_relative_path(value)
+            except UnsafePathError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """Where the requested image lives in the bucket."""
+
+    dataset: str
+    layout: str  # "zarr" or "n5"
+    container: str  # key prefix of the .zarr/.n5 root, without trailing '/'
+    image: str  # group path inside the container
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.container}/{self.image}"
+
+
+def raw_relpath(key: str) -> str:
+    """A bucket key as a path in the raw store (same layout); refuses anything that could escape it."""
+    parts = key.split("/")
+    checked = [p[1:] if p in _ZARR_DOTNAMES else p for p in parts]
+    safe_relative_path("/".join(checked))
+    return key
+
+
+def _dtype_rank(image_name: str) -> int:
+    match = _DTYPE_SUFFIX.search(image_name)
+    return int(match.group(2)) if match else 0
+
+
+def imaging_method(image: str) -> str | None:
+    name = image.rstrip("/").rsplit("/", 1)[-1].lower()
+    return MODALITIES.get(name.split("-", 1)[0].split("_", 1)[0])
+
+
+class WindowVolume(Volume):
+    """A (z, y, x) window of a larger sliceable array, read lazily region by region."""
+
+    def __init__(self, array: Any, window: tuple[tuple[int, int], ...], geometry: Geometry | None, name: str):
+        self._array = array
+        self._origin = tuple(a for a, _ in window)
+        self.shape = tuple(b - a for a, b in window)  # type: ignore[assignment]
+        self.dtype = np.dtype(array.dtype).newbyteorder("=")
+        self.geometry = geometry
+        self.name = name
+        self.preferred_z_block = int(array.chunks[0]) if hasattr(array, "chunks") else 1
+
+    def read(self, region: Region) -> np.ndarray:
+        shifted = tuple(slice(s.start + o, s.stop + o) for s, o in zip(region, self._origin))
+        data = np.asarray(self._array[shifted])
+        return np.ascontiguousarray(data.astype(self.dtype, copy=False))
+
+
+class OpenOrganelleSource(Source):
+    name = "openorganelle"
+    title = "Janelia OpenOrganelle / CellMap (janelia-cosem-datasets on S3)"
+    Options = OpenOrganelleOptions
+    max_concurrent_runs = 2  # per-run concurrency is max_in_flight requests; keep runs few
+
+    def __init__(self, settings, http=None):
+        super().__init__(settings, http)
+        self._s3: S3Client | None = None
+
+    @property
+    def s3(self) -> S3Client:
+        if self._s3 is None:
+            self._s3 = S3Client(self.settings.openorganelle_endpoint, self.settings.openorganelle_bucket,
+                                self.settings.transfer)
+        return self._s3
+
+    # ---- discovery ----------------------------------------------------------------------------
+    def discover(self) -> Iterable[InventoryItem]:
+        datasets = [p.rstrip("/") for p in self.s3.list_level("").prefixes]
+        found = self.s3.map_bounded(self._images_of, datasets)
+        for dataset, images in zip(datasets, found):
+            if not images:
+                continue  # no Zarr/N5 EM image (e.g. only a Neuroglancer copy): nothing to ingest
+            default = self._default_image(images)
+            curated = CURATED.get(dataset, {})
+            yield InventoryItem(self.name, dataset, curated.get("title"), {
+                "dataset": dataset,
+                "images": [f"{r.container.rsplit('/', 1)[-1]}/{r.image}" for r in images],
+                "default_image": default.image, "default_layout": default.layout,
+                "web_page": WEB_PAGE.format(dataset=dataset),
+            })
+
+    def _images_of(self, dataset: str) -> list[ResolvedImage]:
+        """Every EM image of a dataset: `recon-*/em/*` or `em/*` inside its .zarr and .n5 roots."""
+        images: list[ResolvedImage] = []
+        containers = [p.rstrip("/") for p in self.s3.list_level(f"{dataset}/").prefixes]
+        for layout in cosem.LAYOUTS:
+            container = f"{dataset}/{dataset}.{layout}"
+            if container not in containers:
+                continue
+            children = [p[len(container) + 1:].rstrip("/") for p in self.s3.list_level(f"{container}/").prefixes]
+            em_groups = [f"{c}/em" for c in children if _RECON.match(c)] + (["em"] if "em" in children else [])
+            for group in em_groups:
+                for prefix in self.s3.list_level(f"{container}/{group}/").prefixes:
+                    images.append(ResolvedImage(dataset, layout, container, prefix[len(container) + 1:].rstrip("/")))
+        return images
+
+    @staticmethod
+    def _default_image(images: list[ResolvedImage]) -> ResolvedImage:
+        """Zarr before N5 (newer), then the latest alignment (recon-N), then the deepest dtype."""
+        def rank(r: ResolvedImage) -> tuple:
+            recon = _RECON.match(r.image.split("/", 1)[0])
+            return (r.layout == "zarr", int(recon.group(1)) if recon else -1, _dtype_rank(r.image), r.image)
+
+        return max(images, key=rank)
+
+    def resolve(self, request: DatasetRequest) -> ResolvedImage:
+        options: OpenOrganelleOptions = request.options  # type: ignore[assignment]
+        dataset = options.dataset or request.key
+        where = f"{self.name}.{request.key}"
+        if options.image is None:
+            images = self._images_of(dataset)
+            if not images:
+                raise SelectionError(f"{where}: no EM image under {self.s3.url(dataset + '/')} (looked for "
+                                     f"{dataset}.zarr/recon-*/em/* and {dataset}.n5/em/*); check `dataset`")
+            chosen = self._default_image(images)
+            if len(images) > 1:
+                log.info("%s: %d EM images, using %s/%s", where, len(images), chosen.container, chosen.image)
+            return chosen
+        marker = {"zarr": ".zattrs", "n5": "attributes.json"}
+        for layout in cosem.LAYOUTS:
+            candidate = ResolvedImage(dataset, layout, f"{dataset}/{dataset}.{layout}", options.image)
+            names = {o.key.rsplit("/", 1)[-1] for o in self.s3.list_level(f"{candidate.prefix}/").objects}
+            if marker[layout] in names:
+                return candidate
+        raise SelectionError(f"{where}: image {options.image!r} not found as a multiscale group in "
+                             f"{self.s3.url(dataset + '/' + dataset + '.zarr/')} or {dataset}.n5/")
+
+    # ---- raw ----------------------------------------------------------------------------------
+    def fetch_raw(self, request: DatasetRequest, raw: RawStore) -> Manifest:
+        options: OpenOrganelleOptions = request.options  # type: ignore[assignment]
+        where = f"{self.name}.{request.key}"
+        resolved = self.resolve(request)
+        names = cosem.METADATA_NAMES[resolved.layout]
+        level_prefix = f"{resolved.prefix}/{options.level}/"
+        # Metadata objects of every group from the container root down to the level array.
+        parts = resolved.image.split("/") + [options.level]
+        groups = [resolved.container] + [f"{resolved.container}/{'/'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
+        listings = self.s3.map_bounded(lambda g: self.s3.list_level(f"{g}/").objects, groups)
+        metadata = [o for objects in listings for o in objects if o.key.rsplit("/", 1)[-1] in names]
+        fetched = dict(zip([o.key for o in metadata], self.s3.map_bounded(self._mirror(raw), metadata)))
+        documents = {key: self._json(raw, key) for key in (o.key for o in metadata)}
+
+        group_attrs = self._group_attrs(resolved, documents)
+        array_doc = documents.get(level_prefix + ("attributes.json" if resolved.layout == "n5" else ".zarray"))
+        if array_doc is None:
+            levels = cosem.level_paths(resolved.layout, group_attrs, where)
+            raise SelectionError(f"{where}: level {options.level!r} is not an array of "
+                                 f"{self.s3.url(resolved.prefix)} (levels: {', '.join(levels) or 'none'})")
+        grid = cosem.grid(resolved.layout, array_doc, self.s3.url(level_prefix))
+        region = (options.roi or Roi()).bounds(grid.shape, where)
+
+        chunks = self._chunk_objects(grid, level_prefix, region)
+        results = self.s3.map_bounded(self._mirror(raw), chunks)
+        stats = TransferStats()
+        entries = []
+        for entry, s in [*fetched.values(), *results]:
+            entries.append(entry)
+            stats = stats + s
+        info = {"dataset": resolved.dataset, "layout": resolved.layout, "container": resolved.container,
+                "image": resolved.image, "level": options.level, "region": [list(r) for r in region],
+                "chunk_objects": len(chunks)}
+        entries.append(raw.store_document(_RAW_INFO, self.s3.url(resolved.prefix), info))
+        versions = sorted(o.last_modified for o in [*metadata, *chunks] if o.last_modified)
+        return raw.commit(entries, {**request.options_dict(), "resolved": info}, stats,
+                          source_version=versions[-1] if versions else None)
+
+    def _chunk_objects(self, grid: cosem.ChunkGrid, level_prefix: str,
+                       region: tuple[tuple[int, int], ...]) -> list[S3Object]:
+        """The chunk objects of the level that the region touches, from listings (absent = fill value)."""
+        ranges = grid.index_ranges(region)
+        wanted = set(grid.chunk_indices(region))
+        # One listing per value of the first component of chunk names keeps listings to the region.
+        prefixes = [level_prefix + grid.prefix_for_first_index(i) for i in ranges[grid.first_axis]]
+        listed = self.s3.map_bounded(self.s3.list_objects, prefixes)
+        chunks = []
+        for objects in listed:
+            for obj in objects:
+                index = grid.parse_key(obj.key[len(level_prefix):])
+                if index is not None and index in wanted:
+                    chunks.append(obj)
+        return chunks
+
+    def _mirror(self, raw: RawStore):
+        """Bring one object up to date in the raw store; skip it if the manifest has this ETag and size."""
+        def mirror(obj: S3Object) -> tuple[ManifestEntry, TransferStats]:
+            relpath = raw_relpath(obj.key)
+            local = raw.dir / relpath
+            previous = raw.previous_entry(relpath)
+            if (previous is not None and previous.etag and previous.etag == obj.etag and previous.size == obj.size
+                    and local.is_file() and local.stat().st_size == obj.size):
+                return previous, TransferStats(skipped_objects=1, skipped_bytes=obj.size)
+            body = self.s3.get(obj.key, expected=obj)
+            write_atomic(local, body)
+            entry = ManifestEntry(path=relpath, url=self.s3.url(obj.key), size=len(body),
+                                  sha256=hashlib.sha256(body).hexdigest(), etag=obj.etag,
+                                  last_modified=obj.last_modified)
+            return entry, TransferStats(fetched_objects=1, fetched_bytes=len(body))
+
+        return mirror
+
+    def _json(self, raw: RawStore, key: str) -> Any:
+        path = raw.dir / raw_relpath(key)
+        try:
+            return json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SourceResponseError(f"{self.s3.url(key)}: expected a JSON metadata document ({exc})") from None
+
+    @staticmethod
+    def _group_attrs(resolved: ResolvedImage, documents: dict[str, Any]) -> dict[str, Any]:
+        name = ".zattrs" if resolved.layout == "zarr" else "attributes.json"
+        attrs = documents.get(f"{resolved.prefix}/{name}") or {}
+        if not isinstance(attrs, dict):
+            raise SourceResponseError(f"{resolved.prefix}/{name}: expected a JSON object")
+        return attrs
+
+    # ---- offline, from the raw store ----------------------------------------------------------
+    def _raw_info(self, raw: RawStore, request: DatasetRequest) -> dict[str, Any]:
+        try:
+            return raw.read_document(_RAW_INFO)
+        except (FileNotFoundError, ValueError):
+            raise FormatError(f"{raw.dir}: no {_RAW_INFO}; materialize {self.name}/raw for "
+                              f"{request.key} first") from None
+
+    def _local_document(self, raw: RawStore, key: str) -> dict[str, Any]:
+        path = raw.dir / raw_relpath(key)
+        if not path.is_file():
+            return {}
+        try:
+            document = json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FormatError(f"{path}: not JSON ({exc})") from None
+        return document if isinstance(document, dict) else {}
+
+    def describe(self, request: DatasetRequest, raw: RawStore) -> Description:
+        info = self._raw_info(raw, request)
+        dataset, image = info["dataset"], info["image"]
+        curated = CURATED.get(dataset, {})
+        prefix = f"{info['container']}/{image}"
+        group_attrs = self._local_document(raw, f"{prefix}/{'.zattrs' if info['layout'] == 'zarr' else 'attributes.json'}")
+        return Description(
+            title=curated.get("title"),
+            organism=curated.get("organism"),
+            sample=curated.get("sample"),
+            imaging_method=imaging_method(image),
+            source_url=self.s3.url(f"{prefix}/{info['level']}"),
+            license=LICENSE,
+            source_version=raw.previous.source_version if raw.previous else None,
+            extra={"dataset": dataset, "layout": info["layout"], "image": image, "level": info["level"],
+                   "region_voxels_zyx": info["region"], "web_page": WEB_PAGE.format(dataset=dataset),
+                   "bucket": self.settings.openorganelle_bucket, "source_attributes": group_attrs},
+        )
+
+    def open_volume(self, request: DatasetRequest, raw: RawStore) -> Volume:
+        info = self._raw_info(raw, request)
+        layout, level = info["layout"], info["level"]
+        prefix = f"{info['container']}/{info['image']}"
+        where = str(raw.dir / prefix)
+        if layout == "zarr":
+            array_doc = self._local_document(raw, f"{prefix}/{level}/.zarray")
+            group_attrs = self._local_document(raw, f"{prefix}/.zattrs")
+            array_attrs = self._local_document(raw, f"{prefix}/{level}/.zattrs")
+            array = self._open_zarr(raw.dir / info["container"], f"{info['image']}/{level}")
+        else:
+            array_doc = self._local_document(raw, f"{prefix}/{level}/attributes.json")
+            group_attrs = self._local_document(raw, f"{prefix}/attributes.json")
+            array_attrs = array_doc
+            array = N5Array(raw.dir / prefix / level)
+        grid = cosem.grid(layout, array_doc, f"{where}/{level}")
+        if tuple(array.shape) != grid.shape:
+            raise FormatError(f"{where}/{level}: array shape {tuple(array.shape)} differs from its metadata {grid.shape}")
+        window = tuple(tuple(r) for r in info["region"])
+        geometry = None
+        level_geometry = cosem.level_geometry(layout, group_attrs, level, array_attrs, where)
+        if level_geometry is not None:
+            translation = None
+            if level_geometry.translation_nm is not None:
+                # The output starts at the region's first voxel.
+                translation = tuple(t + a * s for t, (a, _), s in
+                                    zip(level_geometry.translation_nm, window, level_geometry.scale_nm))
+            geometry = Geometry(level_geometry.scale_nm, "source-metadata", translation)  # type: ignore[arg-type]
+        return WindowVolume(array, window, geometry, name=f"{where}/{level}")
+
+    @staticmethod
+    def _open_zarr(root: Path, path: str) -> Any:
+        try:
+            return zarr.open_array(store=zarr.storage.LocalStore(str(root), read_only=True), path=path,
+                                   mode="r", zarr_format=2)
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+            raise FormatError(f"{root}/{path}: not a readable Zarr v2 array ({exc})") from None
+
+
+SOURCE = OpenOrganelleSource

@@ -1,0 +1,274 @@
+"""Anonymous S3 transport (s3fs/aiobotocore): listing with ETags, verified object reads, bounded concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import aiohttp
+import botocore.exceptions
+import fsspec.asyn
+import s3fs
+
+from em_ingest.errors import ConfigurationError, IntegrityError, TransferError
+from em_ingest.settings import TransferSettings
+from em_ingest.transfer.retry import RetryableError, call_with_retries, parse_retry_after
+
+T = TypeVar("T")
+R = TypeVar("R")
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_RETRY_CODES = frozenset({"SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable",
+                          "RequestTimeTooSkewed"})
+_CONNECTION_ERRORS = (
+    botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.IncompleteReadError, botocore.exceptions.ResponseStreamingError,
+    aiohttp.ClientError, asyncio.TimeoutError, ConnectionError,
+)
+_PLAIN_MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
+DEFAULT_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Object:
+    """One object as a listing shows it (key relative to the bucket)."""
+
+    key: str
+    size: int
+    etag: str | None
+    last_modified: str | None
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One level of a delimited listing: sub-prefixes (ending in '/') and the objects directly here."""
+
+    prefixes: tuple[str, ...]
+    objects: tuple[S3Object, ...]
+
+
+def _status_of(exc: botocore.exceptions.ClientError) -> tuple[int | None, str, dict[str, str]]:
+    response = getattr(exc, "response", None) or {}
+    meta = response.get("ResponseMetadata") or {}
+    code = str((response.get("Error") or {}).get("Code") or "")
+    status = meta.get("HTTPStatusCode")
+    if status is None and code.isdigit():
+        status = int(code)
+    return status, code, {k.lower(): v for k, v in (meta.get("HTTPHeaders") or {}).items()}
+
+
+class S3Client:
+    """A public bucket read anonymously. Every call retries transient failures with the project
+    policy; `map_bounded` runs many calls with at most `max_in_flight` requests outstanding.
+
+    Thread-safe: calls from several threads are multiplexed on s3fs's event loop.
+    """
+
+    def __init__(self, endpoint_url: str, bucket: str, settings: TransferSettings | None = None,
+                 *, page_size: int = 1000):
+        if not endpoint_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"S3 endpoint {endpoint_url!r} must be an http:// or https:// URL")
+        if not bucket or "/" in bucket:
+            raise ConfigurationError(f"S3 bucket name {bucket!r} is not valid")
+        self.endpoint_url = endpoint_url.rstrip("/")
+        self.bucket = bucket
+        self.settings = settings or TransferSettings()
+        self.page_size = page_size
+        self.bytes_received = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._fs = s3fs.S3FileSystem(
+            anon=True,  # a public bucket: unsigned requests, no credentials looked up or sent
+            skip_instance_cache=True,
+            use_listings_cache=False,
+            client_kwargs={"endpoint_url": self.endpoint_url, "region_name": DEFAULT_REGION},
+            config_kwargs={
+                "connect_timeout": self.settings.connect_timeout_s,
+                "read_timeout": self.settings.read_timeout_s,
+                "max_pool_connections": max(10, self.settings.max_in_flight * 2),
+                # One retry policy for the project: botocore's own retries are switched off.
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
+            },
+        )
+        self._client: Any = None
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    # ---- plumbing -----------------------------------------------------------------------------
+    def _run(self, coroutine_fn: Callable[..., Any], *args: Any) -> Any:
+        return fsspec.asyn.sync(self._fs.loop, coroutine_fn, *args, timeout=self.settings.read_timeout_s * 4)
+
+    async def _s3(self) -> Any:
+        if self._client is None:
+            self._client = await self._fs.set_session()
+        return self._client
+
+    def _count(self, requests: int, body_bytes: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes_received += body_bytes
+
+    def _attempt(self, what: str, url: str, coroutine_fn: Callable[..., Any], *args: Any) -> Any:
+        """One try: transient failures become RetryableError, the rest TransferError naming `url`."""
+        try:
+            return self._run(coroutine_fn, *args)
+        except botocore.exceptions.ClientError as exc:
+            status, code, headers = _status_of(exc)
+            if status in _RETRY_STATUSES or code in _RETRY_CODES:
+                raise RetryableError(f"{what} {url}: HTTP {status} {code}", url=url, status=status,
+                                     retry_after_s=parse_retry_after(headers.get("retry-after"))) from None
+            if status == 412 or code == "PreconditionFailed":
+                raise IntegrityError(f"{url}: the object changed while it was being mirrored (its ETag no "
+                                     "longer matches the listing); run again to pick up the new version",
+                                     url=url, status=status) from None
+            hint = {403: " (anonymous read refused: is the bucket public and the endpoint right?)",
+                    404: " (no such object or bucket)"}.get(status or 0, "")
+            raise TransferError(f"{what} {url}: HTTP {status} {code}{hint}", url=url, status=status) from None
+        except _CONNECTION_ERRORS as exc:
+            raise RetryableError(f"{what} {url}: {type(exc).__name__}: {exc}", url=url) from None
+        except fsspec.asyn.FSTimeoutError:
+            raise RetryableError(f"{what} {url}: no answer in time", url=url) from None
+
+    def _retrying(self, what: str, url: str, coroutine_fn: Callable[..., Any], *args: Any) -> Any:
+        def give_up(exc: RetryableError) -> Exception:
+            status = f" (last status: HTTP {exc.status})" if exc.status else ""
+            return TransferError(f"giving up on {what} {url} after retries{status}: {exc}", url=url,
+                                 status=exc.status)
+
+        return call_with_retries(lambda: self._attempt(what, url, coroutine_fn, *args), self.settings,
+                                 describe=f"{what} {url}", on_give_up=give_up)
+
+    # ---- listing ------------------------------------------------------------------------------
+    async def _list_page(self, prefix: str, delimiter: str | None, token: str | None) -> dict[str, Any]:
+        s3 = await self._s3()
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": self.page_size}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        if token:
+            kwargs["ContinuationToken"] = token
+        response = await s3.list_objects_v2(**kwargs)
+        self._count(1)
+        return response
+
+    def _pages(self, prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
+        token = None
+        while True:
+            page = self._retrying("LIST", self.url(prefix), self._list_page, prefix, delimiter, token)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+            if not token:
+                raise TransferError(f"LIST {self.url(prefix)}: truncated listing without a continuation token",
+                                    url=self.url(prefix))
+
+    @staticmethod
+    def _object(item: dict[str, Any]) -> S3Object:
+        modified = item.get("LastModified")
+        if isinstance(modified, datetime):
+            modified = modified.isoformat()
+        return S3Object(item["Key"], int(item.get("Size", 0)), item.get("ETag"), modified)
+
+    def list_level(self, prefix: str) -> Listing:
+        """What is directly under `prefix` (which should end with '/'), one level deep."""
+        prefixes: list[str] = []
+        objects: list[S3Object] = []
+        for page in self._pages(prefix, "/"):
+            prefixes += [p["Prefix"] for p in page.get("CommonPrefixes") or []]
+            objects += [self._object(o) for o in page.get("Contents") or []]
+        return Listing(tuple(prefixes), tuple(objects))
+
+    def list_objects(self, prefix: str) -> list[S3Object]:
+        """Every object whose key starts with `prefix`, at any depth."""
+        return [self._object(o) for page in self._pages(prefix, None) for o in page.get("Contents") or []]
+
+    # ---- reading ------------------------------------------------------------------------------
+    async def _get(self, key: str, if_match: str | None) -> tuple[bytes, str | None, int | None]:
+        s3 = await self._s3()
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if if_match:
+            kwargs["IfMatch"] = if_match
+        response = await s3.get_object(**kwargs)
+        try:
+            body = await response["Body"].read()
+        finally:
+            response["Body"].close()
+        self._count(1, len(body))
+        return body, response.get("ETag"), response.get("ContentLength")
+
+    def get(self, key: str, expected: S3Object | None = None) -> bytes:
+        """The whole object `key`. With `expected` (from a listing) the read is pinned to that
+        version (If-Match) and checked against its size and, for single-part uploads, its MD5 ETag;
+        a damaged body is fetched again, and reported as an IntegrityError if it stays damaged."""
+        url = self.url(key)
+
+        def attempt() -> bytes:
+            body, _etag, length = self._attempt("GET", url, self._get, key, expected.etag if expected else None)
+            if length is not None and len(body) != length:
+                raise RetryableError(f"GET {url}: got {len(body)} of {length} bytes", url=url)
+            if expected is not None:
+                problem = mismatch(body, expected)
+                if problem:
+                    raise _DamagedBody(f"{url}: {problem}", url=url)
+            return body
+
+        def give_up(exc: RetryableError) -> Exception:
+            if isinstance(exc, _DamagedBody):
+                return IntegrityError(f"{exc} (after {self.settings.max_attempts} attempts)", url=url)
+            return TransferError(f"giving up on GET {url} after retries: {exc}", url=url, status=exc.status)
+
+        return call_with_retries(attempt, self.settings, describe=f"GET {url}", on_give_up=give_up)
+
+    def map_bounded(self, fn: Callable[[T], R], items: Iterable[T], max_in_flight: int | None = None) -> list[R]:
+        """`[fn(item) for item in items]` on up to `max_in_flight` threads, submitting lazily so only
+        that many items (e.g. chunk bodies) are ever held at once; the first failure cancels the rest."""
+        workers = max(1, max_in_flight or self.settings.max_in_flight)
+        results: dict[int, R] = {}
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3") as pool:
+            pending: dict[Future, int] = {}
+            try:
+                for position, item in enumerate(items):
+                    if len(pending) >= workers:
+                        self._collect(pending, results, wait(pending, return_when=FIRST_COMPLETED).done)
+                    pending[pool.submit(fn, item)] = position
+                while pending:
+                    self._collect(pending, results, wait(pending, return_when=FIRST_COMPLETED).done)
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+        return [results[i] for i in range(len(results))]
+
+    @staticmethod
+    def _collect(pending: dict[Future, int], results: dict[int, Any], done: set[Future]) -> None:
+        for future in done:
+            position = pending.pop(future)
+            results[position] = future.result()
+
+
+def content_md5_hex(etag: str | None) -> str | None:
+    """The MD5 an ETag stands for, if it is a single-part upload's plain MD5 (multipart ETags have '-')."""
+    match = _PLAIN_MD5_ETAG.match(etag or "")
+    return match.group(1).lower() if match else None
+
+
+def mismatch(body: bytes, expected: S3Object) -> str | None:
+    """Why `body` is not the object the listing announced (size, or MD5 for plain ETags), else None."""
+    if len(body) != expected.size:
+        return f"received {len(body)} bytes, the listing announced {expected.size}"
+    md5 = content_md5_hex(expected.etag)
+    if md5 is not None and hashlib.md5(body).hexdigest() != md5:
+        return f"MD5 of the received bytes does not match the ETag {expected.etag}"
+    return None
+
+
+class _DamagedBody(RetryableError):
+    """A body that arrived complete but is not the announced object (worth one more try)."""

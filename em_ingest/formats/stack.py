@@ -107,9 +107,19 @@ def _tiff_plane(path: Path) -> Plane:
 
 def _fei_pixel_size_nm(page) -> tuple[float, float] | None:
     tag = page.tags.get(34682)
-    if tag is None or not isinstance(tag.value, str):
+    if tag is None:
         return None
-    found = {axis: float(value) * 1e9 for axis, value in _FEI_PIXEL.findall(tag.value)}  # metres -> nm
+    if isinstance(tag.value, dict):  # tifffile parses the INI into sections
+        scan = tag.value.get("Scan") or {}
+        pairs = [(axis, scan.get(f"Pixel{axis}")) for axis in ("Width", "Height")]
+    elif isinstance(tag.value, str):
+        pairs = _FEI_PIXEL.findall(tag.value)
+    else:
+        return None
+    try:
+        found = {axis: float(value) * 1e9 for axis, value in pairs if value is not None}  # metres -> nm
+    except (TypeError, ValueError):
+        return None
     if found.get("Width", 0) > 0 and found.get("Height", 0) > 0:
         return (found["Height"], found["Width"])
     return None

@@ -43,12 +43,14 @@ class FtpFaults:
 
     cut_after_bytes: int | None = None
     cuts: int = 0
-    retr_bytes: int = 0
+    retr_bytes: int = 0  # file bytes read for RETR (all transfers), for "nothing re-fetched" checks
+    rest_offsets: list[int] = field(default_factory=list)  # every REST a client sent, to see resumes
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def clear(self) -> None:
         with self.lock:
             self.cut_after_bytes, self.cuts = None, 0
+            self.rest_offsets.clear()
 
 
 class _CuttingFile:
@@ -207,9 +209,19 @@ class EmpiarReplica(Replica):
     def _start_ftp(self) -> None:
         authorizer = DummyAuthorizer()
         authorizer.add_anonymous(str(self._tree), perm="elr")  # read-only, like ftp.ebi.ac.uk
-        handler = type("EmpiarFTPHandler", (FTPHandler,), {"authorizer": authorizer,
-                                                            "abstracted_fs": _filesystem_with(self.ftp_faults),
-                                                            "banner": "EMPIAR replica FTP"})
+        faults = self.ftp_faults
+
+        class EmpiarFTPHandler(FTPHandler):
+            abstracted_fs = _filesystem_with(faults)
+            banner = "EMPIAR replica FTP"
+
+            def ftp_REST(self, line: str) -> None:
+                with faults.lock:
+                    faults.rest_offsets.append(int(line) if line.isdigit() else -1)
+                super().ftp_REST(line)
+
+        EmpiarFTPHandler.authorizer = authorizer
+        handler = EmpiarFTPHandler
         self._ftp = ThreadedFTPServer(("127.0.0.1", 0), handler)
         self.ftp_url = f"ftp://127.0.0.1:{self._ftp.address[1]}"
         self._ftp_thread = threading.Thread(target=self._ftp.serve_forever,
@@ -258,9 +270,10 @@ class EmpiarReplica(Replica):
              "authors": "Example B; Replica A", "imaging_method": "SBF-SEM"})
 
     def _build_mrc(self) -> None:
-        volume = synthetic_em((24, 96, 112), "int16", seed=90001)
+        # Over 1 MiB, so a cut connection can be resumed past the HTTP client's first read block.
+        volume = synthetic_em((24, 160, 192), "int16", seed=90001)
         record = _record("EMPIAR-90001", "Cryo-electron tomogram (replica MRC volume)",
-                         [_imageset("Movies", "/data/frames", "TIFF", (10, 96, 112), 5.0, "UNSIGNED BYTE",
+                         [_imageset("Movies", "/data/frames", "TIFF", (10, 160, 192), 5.0, "UNSIGNED BYTE",
                                     "micrographs - multiframe"),
                           _imageset("Reconstructed tomogram", "/data/tomograms", "MRC", volume.shape, MRC_VOXEL_A[2],
                                     "SIGNED 16 BIT INTEGER")],

@@ -167,8 +167,9 @@ class EmpiarSource(Source):
             prefix, url, depth = pending.pop()
             for entry in self.list_directory(url):
                 relpath = f"{prefix}{entry.name}"
-                wanted = depth < _max_depth(pattern) if entry.is_dir else _wanted(relpath, pattern)
-                if not wanted:
+                # Every image-like name is checked, wanted or not: a hostile listing fails loudly.
+                candidate = depth < _max_depth(pattern) if entry.is_dir else entry.name.lower().endswith(IMAGE_SUFFIXES)
+                if not candidate:
                     continue
                 if "/" in entry.name or "\\" in entry.name:
                     raise UnsafePathError(f"{url}: listing entry {entry.name!r} is not a single file name")
@@ -176,6 +177,8 @@ class EmpiarSource(Source):
                     safe_relative_path(relpath)
                 except UnsafePathError as exc:
                     raise UnsafePathError(f"{url}: refusing listing entry {entry.name!r}: {exc}") from None
+                if not entry.is_dir and not _wanted(relpath, pattern):
+                    continue
                 child = url + quote(entry.name) + ("/" if entry.is_dir else "")
                 if entry.is_dir:
                     pending.append((relpath + "/", child, depth + 1))

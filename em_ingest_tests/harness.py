@@ -91,6 +91,18 @@ class Workspace:
                               text=True, timeout=timeout)
 
 
+def failure_text(result: dg.ExecuteInProcessResult) -> str:
+    """Class names and messages of every step failure, with their causes, as one string."""
+    parts = []
+    for event in result.all_events:
+        if event.event_type == dg.DagsterEventType.STEP_FAILURE:
+            error = event.step_failure_data.error
+            while error is not None:
+                parts.append(f"{error.cls_name}: {error.message}")
+                error = error.cause
+    return "\n".join(parts)
+
+
 def workspace_for(tmp_path: Path, *replicas: Replica, selection: dict | None = None) -> Workspace:
     env: dict[str, str] = {}
     for replica in replicas:

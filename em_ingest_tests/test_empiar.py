@@ -219,6 +219,21 @@ def test_ftp_download_resumes_after_cut_connection(tmp_path, empiar):
     assert len(offsets) == 2 and all(0 < o <= 200_000 for o in offsets), offsets  # REST from what had arrived
 
 
+def test_listing_gap_is_filled_by_listing_again(workspace, empiar):
+    key, missing = "EMPIAR-11759", "F57-8_test1_3VBSED_slice_0007.dm3"
+    ws = _workspace(workspace, empiar, key)
+    empiar.listing_gaps[missing] = 1  # the first listing omits a file the API counts
+    empiar.http.traffic.reset()
+    try:
+        manifest = ws.pipeline.fetch_raw(ws.pipeline.request("empiar", key))
+    finally:
+        empiar.listing_gaps.clear()
+    assert len([e for e in manifest.entries if e.path.startswith("files/")]) == 16
+    assert manifest.entry(f"files/{missing}").sha256 == _file_sha(empiar, key, f"data/{missing}")
+    listings = [p for m, p, _ in empiar.http.traffic.requests if m == "GET" and p.endswith("/11759/data/")]
+    assert len(listings) == 2
+
+
 def test_hostile_name_in_listing_is_refused(workspace, empiar):
     key = "EMPIAR-90003"
     ws = _workspace(workspace, empiar, key)

@@ -142,9 +142,11 @@ def _record(accession: str, title: str, imagesets: list[dict[str, Any]], **extra
 
 
 def _imageset(name: str, directory: str, data_format: str, shape: tuple[int, int, int], pixel_a: float,
-              voxel_type: str = "UNSIGNED BYTE", category: str = "reconstructed volumes") -> dict[str, Any]:
+              voxel_type: str = "UNSIGNED BYTE", category: str = "reconstructed volumes",
+              count: int | None = None) -> dict[str, Any]:
     return {"name": name, "directory": directory, "category": category, "header_format": data_format,
-            "data_format": data_format, "num_images_or_tilt_series": shape[0], "frames_per_image": 1,
+            "data_format": data_format, "num_images_or_tilt_series": shape[0] if count is None else count,
+            "frames_per_image": 1,
             "voxel_type": voxel_type, "pixel_width": pixel_a, "pixel_height": pixel_a,
             "image_width": str(shape[2]), "image_height": str(shape[1]), "details": f"{name} (replica)",
             "micrographs_file_pattern": None, "picked_particles_file_pattern": None,
@@ -187,6 +189,8 @@ class EmpiarReplica(Replica):
         http.add_handler(f"{API_PREFIX}/entry/", self._api_entry)
         http.add_handler(f"{TREE}/", self._listing)
         self.ftp_faults = FtpFaults()
+        # file name -> how many more HTTPS listings leave it out (a load-balanced backend's stale index)
+        self.listing_gaps: dict[str, int] = {}
         self._start_ftp()
         self._build_datasets()
         self.env = {"EM_INGEST_EMPIAR_API_URL": http.url + API_PREFIX,
@@ -276,7 +280,7 @@ class EmpiarReplica(Replica):
                          [_imageset("Movies", "/data/frames", "TIFF", (10, 160, 192), 5.0, "UNSIGNED BYTE",
                                     "micrographs - multiframe"),
                           _imageset("Reconstructed tomogram", "/data/tomograms", "MRC", volume.shape, MRC_VOXEL_A[2],
-                                    "SIGNED 16 BIT INTEGER")],
+                                    "SIGNED 16 BIT INTEGER", count=1)],
                          experiment_type="EMDB")
         # The first imageset's files are not images em-ingest reads (.eer): the default picks the MRC one.
         record["imagesets"][0]["data_format"] = "EER"
@@ -339,9 +343,17 @@ class EmpiarReplica(Replica):
         children = self._children(inside)
         if children is None:
             return None
+        children = [c for c in children if not self._omit_once(c[0])]
         extra = [href for entry in self.entries.values() for d, hrefs in entry.extra_links.items()
                  if d == inside for href in hrefs]
         return Reply.text(_autoindex(request.path, children, extra))
+
+    def _omit_once(self, name: str) -> bool:
+        with self.http.faults.lock:
+            if self.listing_gaps.get(name, 0) > 0:
+                self.listing_gaps[name] -= 1
+                return True
+        return False
 
     def _children(self, inside: str) -> list[tuple[str, bool, int]] | None:
         """(name, is_dir, size) of a directory of the tree, or None if it is not one."""

@@ -205,6 +205,14 @@ class EmpiarSource(Source):
         imageset = choose_imageset(record, options.imageset, f"{entry_url}")
         directory_url = self.directory_url(number, imageset_directory(imageset, entry_url))
         files = self.list_files(directory_url, options.files)
+        announced = imageset.get("num_images_or_tilt_series")
+        if options.files is None and isinstance(announced, int) and 0 < len(files) < announced:
+            # The HTTPS front end is load-balanced and one backend was seen to omit files from its
+            # listing: ask again and take the union before settling for fewer files than announced.
+            files = self._union(files, self.list_files(directory_url, options.files))
+            if len(files) < announced:
+                log.warning("%s: the API announces %d images for imageset %r but the listing has %d image files",
+                            directory_url, announced, imageset.get("name"), len(files))
         if not files:
             raise SourceResponseError(
                 f"{directory_url}: no image files ({', '.join(IMAGE_SUFFIXES)})"
@@ -215,6 +223,11 @@ class EmpiarSource(Source):
         entries.append(raw.store_document(ENTRY_DOCUMENT, entry_url, document))
         version = record.get("update_date") or record.get("release_date")
         return raw.commit(entries, request.options_dict(), stats, source_version=str(version) if version else None)
+
+    @staticmethod
+    def _union(first: list[tuple[str, str]], second: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        merged = dict(first) | dict(second)
+        return [(relpath, merged[relpath]) for relpath in map(str, natural_order(merged))]
 
     def _fetch_files(self, items: list[tuple[str, str]], raw: RawStore) -> tuple[list[ManifestEntry], TransferStats]:
         limit = self.settings.transfer.max_in_flight

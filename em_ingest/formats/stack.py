@@ -11,6 +11,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import tifffile
+import zarr
 from natsort import natsorted
 
 from em_ingest.errors import FormatError, UnsupportedDataError
@@ -87,9 +88,11 @@ def _tiff_plane(path: Path) -> Plane:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages.first
-            shape, dtype = page.shape, np.dtype(page.dtype)
+            shape, dtype = page.shape, np.dtype(page.dtype).newbyteorder(tif.byteorder)
             pixel = _fei_pixel_size_nm(page)
             n_pages = len(tif.pages)
+            # Uncompressed contiguous pixels are memory-mapped; anything else is decoded strip by strip.
+            offset = page.dataoffsets[0] if page.is_contiguous and page.compression == 1 else None
     except _TIFF_ERRORS as exc:
         raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     if len(shape) != 2 or n_pages != 1:
@@ -98,7 +101,12 @@ def _tiff_plane(path: Path) -> Plane:
 
     def read(ys: slice, xs: slice) -> np.ndarray:
         try:
-            return np.asarray(tifffile.imread(path, key=0)[ys, xs], dtype=dtype.newbyteorder("="))
+            if offset is not None:
+                region = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)[ys, xs]
+            else:
+                with tifffile.TiffFile(path) as tif:
+                    region = zarr.open_array(tif.pages.first.aszarr(), mode="r")[ys, xs]
+            return np.asarray(region, dtype=dtype.newbyteorder("="))
         except _TIFF_ERRORS as exc:
             raise FormatError(f"{path}: failed reading TIFF pixels ({type(exc).__name__}: {exc})") from None
 

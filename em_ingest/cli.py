@@ -59,6 +59,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+LOCAL_INSTANCE = """\
+# Local embedded instance for `em-ingest dev` (SQLite under this folder).
+telemetry:
+  enabled: false
+nux:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 2
+"""
+
+
+def _dev(args: argparse.Namespace) -> int:
+    home = Path(os.environ.get("DAGSTER_HOME") or ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text(LOCAL_INSTANCE)
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    dagster = Path(sys.executable).with_name("dagster")
+    command = [str(dagster) if dagster.exists() else "dagster", "dev", "-m", "em_ingest.definitions", *args.dagster_args]
+    print(f"DAGSTER_HOME={home}\n$ {shlex.join(command)}", flush=True)
+    os.execvpe(command[0], command, env)
+    return 0  # not reached
+
+
 def _replicas_serve(args: argparse.Namespace) -> int:
     from em_ingest.replicas import ReplicaSet
 
@@ -145,6 +170,10 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--source", action="append", help="only this source (repeatable)")
     demo.set_defaults(func=_demo)
 
+    dev = sub.add_parser("dev", help="the Dagster UI and daemon on a local embedded instance (./.dagster_home); "
+                                     "other arguments go to `dagster dev`")
+    dev.set_defaults(func=_dev)
+
     replicas = sub.add_parser("replicas", help="the local stand-ins for the archives")
     rsub = replicas.add_subparsers(dest="replicas_command", required=True)
     serve = rsub.add_parser("serve", help="run the replicas in the foreground and print the environment")
@@ -170,7 +199,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if args.command == "dev":
+        args.dagster_args = extra  # everything else goes to `dagster dev` (e.g. -p 3001)
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except EmIngestError as exc:

@@ -1,0 +1,228 @@
+"""IDR: ImageJ calibration, both voxel paths end to end (materialize and the dagster CLI), refusals, re-runs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import zarr
+
+from em_ingest import catalog
+from em_ingest.errors import FormatError, SelectionError, UnsupportedDataError
+from em_ingest.formats import imagej
+from em_ingest.formats.tiff import TiffStack
+from em_ingest.replicas.idr import IdrReplica, imagej_tiff
+from em_ingest.replicas.volumes import synthetic_em
+from em_ingest.sources.idr import IdrSource, Multiscale, bare_doi, map_values, study_of
+
+DEFAULT, ZARR_IMAGE, TWO_CHANNELS = "9846137", "90000001", "90000002"
+
+
+# ---- ImageJ TIFF ----------------------------------------------------------------------------------
+
+def test_big_endian_imagej_tiff_reads_exact_voxels_and_calibration(tmp_path):
+    volume = synthetic_em((7, 33, 41), "uint16", seed=3)
+    path = tmp_path / "stack.tif"
+    path.write_bytes(imagej_tiff(volume, pixel_size_um=0.008, spacing_um=0.05))
+    assert path.read_bytes()[:2] == b"MM"  # really big-endian on disk
+
+    calibration = imagej.read_calibration(path)
+    assert calibration is not None and calibration.byteorder == ">"
+    assert calibration.unit == "µm"  # ImageJ's ASCII escape \u00B5m undone
+    assert calibration.voxel_size_nm == pytest.approx((50.0, 8.0, 8.0))
+    with TiffStack(path) as stack:
+        assert stack.shape == (7, 33, 41)
+        region = (slice(2, 6), slice(5, 30), slice(0, 41))
+        data = stack.read(region)
+        assert data.dtype == np.dtype("uint16") and data.dtype.isnative
+        np.testing.assert_array_equal(data, volume[region])
+
+
+@pytest.mark.parametrize(("description", "resolution", "unit_tag", "expected"), [
+    ({"unit": "micron", "spacing": "0.02"}, 50.0, 1, (20.0, 20.0, 20.0)),
+    ({"unit": "nm", "spacing": "30"}, 0.25, 1, (30.0, 4.0, 4.0)),
+    ({"unit": "\\u00B5m", "spacing": "-0.1"}, 10.0, 1, (100.0, 100.0, 100.0)),  # ImageJ may store a negative spacing
+    ({"unit": "um", "spacing": "0.05", "zunit": "nm"}, 100.0, 1, (0.05, 10.0, 10.0)),  # per-axis unit wins
+    ({"slices": "1", "images": "1"}, 1e5, 3, (100.0, 100.0, 100.0)),  # pixels per cm, a single plane
+    ({"unit": "pixel", "spacing": "1"}, 1.0, 1, None),  # ImageJ's "not calibrated"
+    ({"images": "5"}, 50.0, 1, None),  # no unit anywhere
+])
+def test_imagej_calibration_rules(description, resolution, unit_tag, expected):
+    calibration = imagej.calibration_from_tags(description, resolution, resolution, unit_tag, ">", where="t.tif")
+    if expected is None:
+        assert calibration.voxel_size_nm is None
+    else:
+        assert calibration.voxel_size_nm == pytest.approx(expected)
+
+
+def test_imagej_calibration_refuses_nonsense():
+    with pytest.raises(FormatError, match="spacing='abc'"):
+        imagej.calibration_from_tags({"unit": "um", "spacing": "abc"}, 1.0, 1.0, 1, ">", where="t.tif")
+    with pytest.raises(UnsupportedDataError, match="furlong"):
+        imagej.calibration_from_tags({"unit": "furlong", "spacing": "1"}, 1.0, 1.0, 1, ">", where="t.tif")
+
+
+# ---- pure mapping rules ---------------------------------------------------------------------------
+
+def test_study_names_and_annotation_values():
+    assert study_of("idr0086-miron-micrographs/experimentD") == "idr0086D"
+    assert study_of("idr0004-thorpe-rad52/screenA") == "idr0004A"
+    assert study_of("Multiple") is None and study_of(None) is None
+    assert bare_doi("https://doi.org/10.17867/10000141") == "10.17867/10000141"
+    assert bare_doi("10.1126/sciadv.aba8811 https://doi.org/10.1126/sciadv.aba8811") == "10.1126/sciadv.aba8811"
+    values = map_values({"annotations": [{"values": [["Organism", "Homo sapiens"], ["Gene", "A"]]},
+                                         {"values": [["Gene", "B"], ["Empty", ""]]}]}, where="x")
+    assert values == {"Organism": ["Homo sapiens"], "Gene": ["A", "B"]}
+
+
+def test_zarr_copy_with_several_channels_is_refused():
+    multiscale = Multiscale({"datasets": [{"path": "0"}]}, ["t", "c", "z", "y", "x"], {}, "0")
+    with pytest.raises(UnsupportedDataError, match="'c': 3"):
+        multiscale.check_axes((1, 3, 10, 20, 20), where="idr0900A/1.zarr")
+
+
+# ---- end to end -----------------------------------------------------------------------------------
+
+def _requests(server) -> Counter:
+    return Counter((method, path) for method, path, _ in server.traffic.requests)
+
+
+def test_original_tiff_path_end_to_end(workspace, replicas):
+    replica: IdrReplica = replicas["idr"]
+    ws = workspace("idr", selection={"idr": {DEFAULT: {}}})
+    assert ws.materialize("idr", DEFAULT).success
+    assert ws.materialize_catalog().success
+    row = catalog.read_catalog(ws.data_root / "catalog" / "metadata_catalog.parquet").to_pylist()[0]
+    extra = json.loads(row["extra_json"])
+    assert extra["voxels_from"] == "original-file"
+    assert extra["voxel_size_nm_file"] == extra["voxel_size_nm_omero"] == [20.0, 20.0, 20.0]  # 0.02 µm
+    assert extra["publication_doi"] == "10.1126/sciadv.aba8811" and extra["study"] == "idr0086D"
+    assert row["source_url"] == f"{replica.omero.url}/webclient/img_detail/{DEFAULT}/"
+    assert row["source_version"]  # the TIFF's ETag
+    raw_dir = ws.data_root / "raw" / "idr" / DEFAULT
+    probe = json.loads((raw_dir / "zarr_probe.json").read_text())
+    assert probe == {"found": False, "status": 404}  # why the original was read: no idr0086D copy
+    assert (raw_dir / "original" / "Figure_S3B_FIB-SEM_U2OS_20x20x20nm_xy.tif").read_bytes()[:2] == b"MM"
+
+    for server in replica.servers:
+        server.traffic.reset()
+    again = ws.materialize("idr", DEFAULT)
+    assert again.get_asset_materialization_events()[0].materialization.metadata["fetched_bytes"].value == 0
+    assert replica.files.traffic.body_bytes == 0  # the re-run only HEADs the TIFF
+    assert {m for m, _ in _requests(replica.files)} == {"HEAD"}
+    # Each OMERO.web answer is asked for once per run (the two annotation queries differ in their query).
+    assert _requests(replica.omero) == Counter({
+        ("GET", f"/webgateway/imgData/{DEFAULT}/"): 1, ("GET", f"/api/v0/m/images/{DEFAULT}/"): 1,
+        ("GET", "/webclient/api/annotations/"): 2, ("GET", f"/webgateway/original_file_paths/{DEFAULT}/"): 1})
+
+
+def test_ome_zarr_copy_path_end_to_end(workspace, replicas):
+    replica: IdrReplica = replicas["idr"]
+    ws = workspace("idr", selection={"idr": {ZARR_IMAGE: {}}})
+    assert ws.materialize("idr", ZARR_IMAGE).success
+    raw_dir = ws.data_root / "raw" / "idr" / ZARR_IMAGE
+    absent = json.loads((raw_dir / "zarr" / "0" / "absent_chunks.json").read_text())["absent"]
+    assert absent == ["0/0/1/1/1"]  # the all-zero chunk the bucket never stored
+    assert not (raw_dir / "zarr" / "1").exists()  # only the full-resolution level is mirrored
+    s0 = zarr.open_group(str(ws.data_root / "zarr" / "idr" / f"{ZARR_IMAGE}.ome.zarr"), mode="r")["s0"][...]
+    np.testing.assert_array_equal(s0, replica.expected[ZARR_IMAGE].volume)
+    assert not s0[8:16, 32:64, 32:64].any()
+
+    for server in replica.servers:
+        server.traffic.reset()
+    again = ws.materialize("idr", ZARR_IMAGE)
+    assert again.get_asset_materialization_events()[0].materialization.metadata["fetched_bytes"].value == 0
+    zarr_requests = _requests(replica.zarr)
+    assert {m for m, _ in zarr_requests} <= {"HEAD", "GET"}
+    gets = [p for (m, p) in zarr_requests if m == "GET"]
+    assert all(p.endswith((".zattrs", ".zarray")) for p in gets), gets  # metadata revalidated, no chunk bodies
+
+    # A chunk lost from raw/ (not absent at the source) is an error, never silently the fill value.
+    chunk = next(p for p in (raw_dir / "zarr" / "0" / "chunks").rglob("*") if p.is_file())
+    chunk.unlink()
+    pipeline = ws.pipeline
+    request = pipeline.request("idr", ZARR_IMAGE)
+    source = pipeline.source("idr")
+    with pytest.raises(FormatError, match="missing from the raw download"):
+        with source.open_volume(request, pipeline.raw_store(request, source)) as volume:
+            volume.read((slice(0, volume.shape[0]), slice(0, volume.shape[1]), slice(0, volume.shape[2])))
+
+
+def test_both_voxel_paths_through_the_dagster_cli(workspace, replicas):
+    replica: IdrReplica = replicas["idr"]
+    ws = workspace("idr", selection={"idr": {DEFAULT: {}, ZARR_IMAGE: {}}})
+    for key in (DEFAULT, ZARR_IMAGE):
+        done = ws.dagster_cli("asset", "materialize", "-m", "em_ingest.definitions",
+                              "--select", "idr/raw,idr/ome_zarr", "--partition", key)
+        assert done.returncode == 0, done.stderr[-3000:]
+        s0 = zarr.open_group(str(ws.data_root / "zarr" / "idr" / f"{key}.ome.zarr"), mode="r")["s0"][...]
+        np.testing.assert_array_equal(s0, replica.expected[key].volume)
+        sidecar = catalog.read_sidecar(ws.data_root / "zarr" / "idr" / f"{key}.ome.zarr")["catalog_row"]
+        expected = replica.expected[key]
+        assert (sidecar["voxel_size_z_nm"], sidecar["voxel_size_y_nm"], sidecar["voxel_size_x_nm"]) == \
+            pytest.approx(expected.voxel_size_nm)
+        for column, value in expected.catalog.items():
+            assert sidecar[column] == value, column
+
+
+def test_multichannel_image_fails_clearly_before_any_voxel(workspace, replicas):
+    replica: IdrReplica = replicas["idr"]
+    ws = workspace("idr", selection={"idr": {TWO_CHANNELS: {}}})
+    replica.files.traffic.reset()
+    replica.zarr.traffic.reset()
+    with pytest.raises(UnsupportedDataError, match=f"IDR image {TWO_CHANNELS} has 2 channels"):
+        ws.materialize("idr", TWO_CHANNELS)
+    assert replica.files.traffic.requests == [] and replica.zarr.traffic.requests == []
+
+
+def test_unknown_image_names_the_key(workspace):
+    ws = workspace("idr", selection={"idr": {"123": {}}})
+    with pytest.raises(SelectionError, match="IDR has no image 123"):
+        ws.materialize("idr", "123", steps=("raw",))
+
+
+def test_flaky_services_still_give_exact_voxels(workspace, replicas):
+    replica: IdrReplica = replicas["idr"]
+    ws = workspace("idr", selection={"idr": {DEFAULT: {}}})
+    replica.omero.faults.statuses = [503, 429]
+    replica.omero.faults.retry_after = "0"
+    replica.files.faults.cut_after_bytes, replica.files.faults.cuts = 200_000, 1  # > one 64 KiB read
+    try:
+        assert ws.materialize("idr", DEFAULT).success
+    finally:
+        replica.files.faults.clear()
+    ranges = [r for m, _, r in replica.files.traffic.requests if m == "GET" and r]
+    assert ranges, replica.files.traffic.requests
+    s0 = zarr.open_group(str(ws.data_root / "zarr" / "idr" / f"{DEFAULT}.ome.zarr"), mode="r")["s0"][...]
+    np.testing.assert_array_equal(s0, replica.expected[DEFAULT].volume)
+
+
+def test_changed_original_is_fetched_again(workspace, fresh_replica, tmp_path):
+    from em_ingest_tests.harness import workspace_for
+
+    replica: IdrReplica = fresh_replica("idr")  # type: ignore[assignment]
+    ws = workspace_for(tmp_path / "ws", replica, selection={"idr": {DEFAULT: {}}})
+    assert ws.materialize("idr", DEFAULT).success
+    changed = synthetic_em(replica.U2OS.size_tczyx[2:], "uint8", seed=7)
+    replica.set_original(replica.U2OS, imagej_tiff(changed, 0.02, 0.02))
+    again = ws.materialize("idr", DEFAULT)
+    meta = [e.materialization.metadata for e in again.get_asset_materialization_events()]
+    assert meta[0]["fetched_bytes"].value > 0 and meta[1]["skipped_unchanged"].value is False
+    s0 = zarr.open_group(str(ws.data_root / "zarr" / "idr" / f"{DEFAULT}.ome.zarr"), mode="r")["s0"][...]
+    np.testing.assert_array_equal(s0, changed)
+
+
+def test_discovery_pages_through_the_json_api(workspace, replicas):
+    replica: IdrReplica = replicas["idr"]
+    ws = workspace("idr", selection={"idr": {DEFAULT: {}}})
+    source = IdrSource(ws.settings)
+    replica.omero.traffic.reset()
+    items = list(source.images_of_dataset(10740, "U2OS_chromatin", limit=1))
+    assert [i.dataset_key for i in items] == ["9846133", DEFAULT]
+    assert items[1].detail["size_tczyx"] == [1, 1, 23, 97, 140]
+    pages = [p for m, p, _ in replica.omero.traffic.requests if "/images/" in p]
+    assert len(pages) == 2  # offset 0 and offset 1, then totalCount says stop
+    # discover() starts from the project of each selected image and walks its datasets.
+    assert {i.dataset_key for i in source.discover()} == {"9846133", DEFAULT}

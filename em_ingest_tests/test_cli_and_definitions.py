@@ -1,0 +1,56 @@
+"""The `em-ingest` command and the shape of the Dagster code location."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from em_ingest.cli import main
+from em_ingest.sources import source_classes
+from em_ingest_tests.harness import REPO_ROOT
+
+EM_INGEST = str(Path(sys.executable).with_name("em-ingest"))
+
+
+def test_asset_graph_is_the_contract(workspace):
+    ws = workspace("epfl")
+    graph = ws.definitions().resolve_asset_graph()
+    keys = {"/".join(k.path) for k in graph.get_all_asset_keys()}
+    expected = {f"{s}/{step}" for s in source_classes() for step in ("raw", "ome_zarr")}
+    assert keys == expected | {"catalog/metadata_catalog"}
+    for source in source_classes():
+        assert graph.get(dg.AssetKey([source, "ome_zarr"])).parent_keys == {dg.AssetKey([source, "raw"])}
+    catalog_parents = graph.get(dg.AssetKey(["catalog", "metadata_catalog"])).parent_keys
+    assert catalog_parents == {dg.AssetKey([s, "ome_zarr"]) for s in source_classes()}
+    check_names = {(("/".join(c.asset_key.path)), c.name) for c in graph.asset_check_keys}
+    assert ("epfl/ome_zarr", "ome_ngff_valid") in check_names and ("epfl/ome_zarr", "matches_source") in check_names
+    assert {n for a, n in check_names if a == "catalog/metadata_catalog"} == {"schema", "unique_keys", "zarrs_exist"}
+
+
+def test_catalog_command_filters_and_formats(workspace, capsys):
+    ws = workspace("epfl")
+    for key in ws.selection["epfl"]:
+        assert ws.materialize("epfl", key).success
+    assert ws.materialize_catalog().success
+    root = str(ws.data_root)
+    assert main(["catalog", "--data-root", root, "--where", "dataset_key=hippocampus-training",
+                 "--columns", "dataset_key,shape_z,voxel_size_origin", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [{"dataset_key": "hippocampus-training", "shape_z": 24, "voxel_size_origin": "documented-default"}]
+    assert main(["catalog", "--data-root", root, "--columns", "nope"]) == 2
+    assert "unknown catalog columns: nope" in capsys.readouterr().err
+    assert main(["catalog", "--data-root", str(ws.root / "empty")]) == 2
+    assert "no catalog at" in capsys.readouterr().err
+
+
+def test_demo_runs_offline_end_to_end(tmp_path):
+    result = subprocess.run([EM_INGEST, "demo", "--data-root", str(tmp_path / "demo"), "--source", "epfl"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "epfl/hippocampus-training: ok" in result.stdout
+    assert "with 0 failed run(s)" in result.stdout
+    assert (tmp_path / "demo" / "catalog" / "metadata_catalog.parquet").exists()

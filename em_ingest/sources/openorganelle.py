@@ -116,8 +116,9 @@ class ResolvedImage:
 def raw_relpath(key: str) -> str:
     """A bucket key as a path in the raw store (same layout); refuses anything that could escape it."""
     parts = key.split("/")
-    checked = [p[1:] if p in _ZARR_DOTNAMES else p for p in parts]
-    safe_relative_path("/".join(checked))
+    checked = "/".join(p[1:] if p in _ZARR_DOTNAMES else p for p in parts)
+    if safe_relative_path(checked) != checked:  # e.g. "a/./b" or "a//b": not a plain relative key
+        raise UnsafePathError(f"refusing unsafe remote name {key!r} (not a normalized relative path)")
     return key
 
 

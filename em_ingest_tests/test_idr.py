@@ -125,8 +125,10 @@ def test_ome_zarr_copy_path_end_to_end(workspace, replicas):
     raw_dir = ws.data_root / "raw" / "idr" / ZARR_IMAGE
     absent = json.loads((raw_dir / "zarr" / "0" / "absent_chunks.json").read_text())["absent"]
     assert absent == ["0/0/1/1/1"]  # the all-zero chunk the bucket never stored
+    assert json.loads((raw_dir / "zarr" / "0" / "zarray.json").read_text())["dtype"] == ">u2"  # big-endian
     assert not (raw_dir / "zarr" / "1").exists()  # only the full-resolution level is mirrored
     s0 = zarr.open_group(str(ws.data_root / "zarr" / "idr" / f"{ZARR_IMAGE}.ome.zarr"), mode="r")["s0"][...]
+    assert s0.dtype == np.dtype("uint16")
     np.testing.assert_array_equal(s0, replica.expected[ZARR_IMAGE].volume)
     assert not s0[8:16, 32:64, 32:64].any()
 
@@ -216,7 +218,9 @@ def test_changed_original_is_fetched_again(workspace, fresh_replica, tmp_path):
 
 def test_discovery_pages_through_the_json_api(workspace, replicas):
     replica: IdrReplica = replicas["idr"]
-    ws = workspace("idr", selection={"idr": {DEFAULT: {}}})
+    # Other sources' blocks in the selection file must not get in the way of finding the IDR seeds.
+    ws = workspace("idr", "epfl", selection={"idr": {DEFAULT: {}}, "epfl": {"hippocampus-training": {
+        "file": "training.tif"}}})
     source = IdrSource(ws.settings)
     replica.omero.traffic.reset()
     items = list(source.images_of_dataset(10740, "U2OS_chromatin", limit=1))

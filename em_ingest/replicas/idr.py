@@ -97,7 +97,7 @@ def imagej_tiff(volume: np.ndarray, pixel_size_um: float, spacing_um: float) -> 
 
 def zarr_v2_image(volume: np.ndarray, chunks_zyx: tuple[int, int, int], scale_um: tuple[float, float, float],
                   name: str) -> dict[str, bytes]:
-    """An OME-NGFF 0.4 image (Zarr v2, 5-D t, c, z, y, x, '/' separated keys, Blosc-LZ4) as bioformats2raw
+    """An OME-NGFF 0.4 image (Zarr v2, 5-D t, c, z, y, x, '/' keys, Blosc-LZ4, big-endian) as bioformats2raw
     and omero-cli-zarr lay IDR's copies out; chunks that hold only the fill value are not written."""
     compressor = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
     objects: dict[str, bytes] = {".zgroup": json.dumps({"zarr_format": 2}).encode()}
@@ -126,6 +126,7 @@ def zarr_v2_image(volume: np.ndarray, chunks_zyx: tuple[int, int, int], scale_um
 
 
 def _zarr_array(path: str, array: np.ndarray, chunks: tuple[int, ...], compressor) -> dict[str, bytes]:
+    array = array.astype(array.dtype.newbyteorder(">"))  # bioformats2raw writes big-endian dtypes (">u2")
     zarray = {"zarr_format": 2, "shape": list(array.shape), "chunks": list(chunks), "dtype": array.dtype.str,
               "compressor": compressor.get_config(), "fill_value": 0, "order": "C", "filters": None,
               "dimension_separator": "/"}

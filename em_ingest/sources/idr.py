@@ -26,7 +26,9 @@ from em_ingest.formats.tiff import TiffStack
 from em_ingest.formats.volume import Geometry, Region, Volume
 from em_ingest.raw import Manifest, ManifestEntry, RawStore, TransferStats, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest, load_selection
+from em_ingest.settings import Settings
 from em_ingest.sources.base import Description, InventoryItem, Source
+from em_ingest.transfer.http import HttpClient
 
 # Raw layout: the OMERO answers as served, then either the Zarr copy's objects or the original file.
 IMG_DATA = "omero/imgData.json"
@@ -100,7 +102,7 @@ class IdrSource(Source):
     Options = IdrOptions
     max_concurrent_runs = 2
 
-    def __init__(self, settings, http=None):
+    def __init__(self, settings: Settings, http: HttpClient | None = None):
         super().__init__(settings, http)
         self._json_cache: dict[str, Any] = {}  # one run never asks OMERO.web the same question twice
 
@@ -144,16 +146,16 @@ class IdrSource(Source):
                     yield item
 
     def _discovery_seeds(self) -> list[tuple[str, int]]:
-        try:
-            selected = load_selection(self.settings.datasets_file, {self.name: self.Options}
-                                      ).get(self.name, {}) if Path(self.settings.datasets_file).exists() else {}
-        except SelectionError:
-            selected = {}  # other sources' entries make this narrow parse fail: fall back to the default
+        from em_ingest.sources import option_models  # the registry imports this module: resolve at call time
+
+        selected = {}
+        if Path(self.settings.datasets_file).exists():
+            selected = load_selection(self.settings.datasets_file, option_models()).get(self.name, {})
         seeds: list[tuple[str, int]] = []
         for key in selected:
             if not key.isdigit():
                 continue
-            meta = self.get_json(self.omero_url(f"/webgateway/imgData/{int(key)}/")).get("meta", {})
+            meta = self._img_data(int(key)).get("meta") or {}
             if isinstance(meta.get("projectId"), int):
                 seeds.append(("project", meta["projectId"]))
             elif isinstance(meta.get("datasetId"), int):
@@ -339,12 +341,12 @@ class IdrSource(Source):
         voxels, voxel_url = self._voxel_origin(raw)
         omero_nm = omero_voxel_size_nm(img_data)
         file_nm = self._file_voxel_size_nm(raw, voxels)
+        container_name = meta.get("projectName") if isinstance(meta.get("projectId"), int) else \
+            self._container_name(raw)
         extra: dict[str, Any] = {
             "image_id": image_id, "image_name": image_name, "voxels_from": voxels, "voxels_url": voxel_url,
-            "project_or_screen": meta.get("projectName") if isinstance(meta.get("projectId"), int) else
-            self._container_name(raw),
+            "project_or_screen": container_name, "study": study_of(container_name),
             "dataset": meta.get("datasetName"), "dataset_id": meta.get("datasetId"),
-            "study": study_of(meta.get("projectName")) or study_of(self._container_name(raw)),
             "publication_doi": bare_doi(first("Publication DOI", sources=(study_values,))),
             "publication_title": first("Publication Title", sources=(study_values,)),
             "copyright": first("Copyright", sources=(study_values,)),
@@ -360,7 +362,7 @@ class IdrSource(Source):
             or meta.get("imageDescription") or meta.get("projectDescription") or None,
             organism=first("Organism"),
             sample=first("Cell Line", sources=(image_values,)) or meta.get("datasetName") or None,
-            imaging_method=first("Imaging Method", "Study Type", sources=(study_values, image_values)),
+            imaging_method=first("Imaging Method", sources=(study_values, image_values)),
             source_url=self.viewer_url(image_id),
             doi=bare_doi(first("Data DOI", sources=(study_values,))),
             license=first("License", sources=(study_values, image_values)),

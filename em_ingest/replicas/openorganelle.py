@@ -69,6 +69,9 @@ class ReplicaImage:
         return tuple((s * 2 ** level - s) / 2 for s in self.scale_nm)
 
     def generate(self) -> None:
+        """Make the level arrays, unless the caller supplied them (e.g. a benchmark's large s0)."""
+        if self.levels:
+            return
         self.levels = [synthetic_em(self.shape, self.dtype, seed=self.seed)]
         for _ in range(1, self.n_levels):
             self.levels.append(downsample_mean(self.levels[-1]))
@@ -312,9 +315,9 @@ class OpenOrganelleReplica(Replica):
         "jrc_hela-2": {"level": "s1", "roi": {"z": [2, 14], "y": [4, 40], "x": [0, 48]}},
     }
 
-    def __init__(self) -> None:
+    def __init__(self, images: list[ReplicaImage] | None = None) -> None:
         super().__init__()
-        self.images = replica_images()
+        self.images = images if images is not None else replica_images()
         self.moto: MotoBackend | None = None
 
     def start(self) -> OpenOrganelleReplica:
@@ -338,8 +341,9 @@ class OpenOrganelleReplica(Replica):
         self.moto.put("aic_desmosome-1/neuroglancer/em/fibsem-uint8.precomputed/info",
                       json.dumps({"type": "image", "data_type": "uint8", "num_channels": 1, "scales": []}).encode())
         self.env = {"EM_INGEST_OPENORGANELLE_ENDPOINT": proxy.url, "EM_INGEST_OPENORGANELLE_BUCKET": self.moto.bucket}
-        self.selection = {key: dict(options) for key, options in self.SELECTIONS.items()}
-        for key in self.DEMO_KEYS:
+        served = {i.dataset for i in self.images}
+        self.selection = {key: dict(options) for key, options in self.SELECTIONS.items() if key in served}
+        for key in self.selection:
             self._set_expected(key)
         return self
 

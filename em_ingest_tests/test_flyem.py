@@ -15,6 +15,7 @@ from em_ingest.errors import ConfigurationError, SelectionError
 from em_ingest.formats.precomputed import PrecomputedCrop, PrecomputedInfo
 from em_ingest.replicas.flyem import DVID_MAX_BYTES, ORIGIN_XYZ
 from em_ingest.sources.flyem import DVID_TILE_EDGE, FlyemSource, dvid_tiles
+from em_ingest_tests.harness import workspace_for
 
 PRECOMPUTED_KEY, DVID_KEY = "hemibrain-crop", "hemibrain-crop-dvid"
 # One process per run instead of one per step: the CLI path stays the same, the test runs faster.
@@ -176,11 +177,16 @@ def test_dvid_tiles_below_the_cap_retry_throttling_and_are_exact(workspace, repl
     assert replica.dvid_raw_requests == [], "a locked node's tiles are not fetched again"
 
 
-def test_dvid_tiles_follow_an_absolute_grid():
-    tiles = dvid_tiles((100, 0, 5), (300, 10, 6))
-    assert [t.start[0] for t in tiles] == [100, 128, 256]
-    assert [t.size[0] for t in tiles] == [28, 128, 44]
-    assert all(t.size[0] <= DVID_TILE_EDGE for t in tiles)
+def test_dvid_tiles_cover_the_crop_exactly_once():
+    start, stop = (100, 0, 5), (400, 10, 6)
+    tiles = dvid_tiles(start, stop)
+    assert [(t.start[0], t.size[0]) for t in tiles] == [(100, 128), (228, 128), (356, 44)]
+    assert all(max(t.size) <= DVID_TILE_EDGE for t in tiles)
+    covered = np.zeros((1, 10, 300), int)
+    for t in tiles:
+        covered[t.start[2] - 5:t.start[2] - 5 + t.size[2], t.start[1]:t.start[1] + t.size[1],
+                t.start[0] - 100:t.start[0] - 100 + t.size[0]] += 1
+    assert (covered == 1).all()
 
 
 def test_crop_outside_the_volume_is_a_selection_error(workspace, replicas):
@@ -257,3 +263,22 @@ def test_cli_both_paths_with_the_token_kept_out_of_every_output(workspace, repli
     # The event log of those runs exists and was searched.
     assert any((ws.root / "dagster_home").rglob("*.db"))
 
+
+
+def test_a_changed_shard_is_fetched_again_and_only_that_shard(tmp_path, fresh_replica):
+    replica = fresh_replica("flyem")
+    ws = workspace_for(tmp_path, replica, selection={"flyem": {PRECOMPUTED_KEY: replica.selection[PRECOMPUTED_KEY]}})
+    first = ws.materialize("flyem", PRECOMPUTED_KEY).get_asset_materialization_events()[0].materialization.metadata
+    changed = replica.volume.copy()
+    changed[20:30, 50:60, 40:50] = 255 - changed[20:30, 50:60, 40:50]  # inside the first chunk only
+    replica.publish_precomputed(changed)
+
+    again = ws.materialize("flyem", PRECOMPUTED_KEY).get_asset_materialization_events()
+    raw_meta, zarr_meta = (e.materialization.metadata for e in again)
+    assert 0 < raw_meta["fetched_objects"].value < first["fetched_objects"].value
+    assert raw_meta["skipped_objects"].value > 0
+    assert zarr_meta["skipped_unchanged"].value is False
+    options = replica.selection[PRECOMPUTED_KEY]
+    lo = [o - g for o, g in zip(options["offset_zyx"], ORIGIN_XYZ[::-1])]
+    want = changed[tuple(slice(a, a + n) for a, n in zip(lo, options["shape_zyx"]))]
+    assert np.abs(_s0(ws, PRECOMPUTED_KEY).astype(int) - want).max() <= 28

@@ -204,11 +204,8 @@ class FlyemReplica(Replica):
         volume = synthetic_em(SHAPE_ZYX, "uint8", seed=62)
         x, y, z = (slice(s.start - o, s.stop - o) for s, o in zip(EMPTY_XYZ, ORIGIN_XYZ))
         volume[z, y, x] = 0
-        self.volume = volume
-        for path, sharded in ((SHARDED_PATH, True), (UNSHARDED_PATH, False)):
-            for name, data in precomputed_files(volume, ORIGIN_XYZ, sharded=sharded).items():
-                self.gcs.add_file(f"{path}/{name}", data,
-                                  content_type="application/json" if name == "info" else "application/octet-stream")
+        self.volume = volume  # what DVID serves and what every crop is checked against
+        self.publish_precomputed(volume)
         self._neuprint_routes()
         self.dvid.add_handler("/api/", self._dvid)
         self.env = {
@@ -225,6 +222,18 @@ class FlyemReplica(Replica):
             "hemibrain-crop-dvid": {"dataset": "hemibrain:v1.2.1", "grayscale": "dvid",
                                     "offset_zyx": [1021, 2011, 3061], "shape_zyx": [44, 170, 190]},
         }
+        self._set_expected()
+        return self
+
+    def publish_precomputed(self, volume: np.ndarray) -> None:
+        """Serve `volume` in both precomputed layouts (tests call this again to change the source; the
+        locked DVID node keeps its data)."""
+        for path, sharded in ((SHARDED_PATH, True), (UNSHARDED_PATH, False)):
+            for name, data in precomputed_files(volume, ORIGIN_XYZ, sharded=sharded).items():
+                self.gcs.add_file(f"{path}/{name}", data,
+                                  content_type="application/json" if name == "info" else "application/octet-stream")
+
+    def _set_expected(self) -> None:
         meta = DATASETS["hemibrain:v1.2.1"]["meta"]
         catalog = {"organism": "Drosophila melanogaster", "doi": "10.7554/eLife.57443", "license": "CC-BY-4.0",
                    "imaging_method": "FIB-SEM",
@@ -235,7 +244,6 @@ class FlyemReplica(Replica):
             self.expected[key] = Expected(
                 crop, (8.0, 8.0, 8.0), "source-metadata", tuple(8.0 * o for o in offset),  # type: ignore[arg-type]
                 catalog, tolerance=JPEG_TOLERANCE if options["grayscale"] == "precomputed" else 0.0)
-        return self
 
     def crop(self, offset_zyx, shape_zyx) -> np.ndarray:
         """Ground truth of a crop given in absolute voxel coordinates (z, y, x)."""

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DATASET = "hemibrain:v1.2.1"
 DVID_INSTANCE = "grayscale"  # raw uint8 full resolution in the hemibrain grayscale repo
 # DVID answers a raw request in one response; keep each below a size a busy server serves
-# comfortably (2 MiB of uint8). Tiles sit on a fixed absolute grid so re-runs ask for the same tiles.
+# comfortably (2 MiB of uint8). Tiles are cut from the crop's corner: the fewest requests, and the
+# same tiles on every re-run of the same crop.
 DVID_TILE_EDGE = 128
 DVID_MAX_IN_FLIGHT = 4  # throttle=true asks DVID to shed load; do not hammer it in parallel
 META_FIELDS = ("dataset", "tag", "uuid", "lastDatabaseEdit", "voxelSize", "voxelUnits")
@@ -118,11 +119,8 @@ class Tile:
 
 
 def dvid_tiles(start: tuple[int, int, int], stop: tuple[int, int, int], edge: int = DVID_TILE_EDGE) -> list[Tile]:
-    """The box [start, stop) (x, y, z) cut along a fixed absolute grid of `edge`-voxel cubes."""
-    axes = []
-    for a, b in zip(start, stop):
-        cuts = sorted({a, b, *range((a // edge + 1) * edge, b, edge)})
-        axes.append(list(zip(cuts[:-1], cuts[1:])))
+    """The box [start, stop) (x, y, z) cut into tiles of at most `edge` voxels a side, from `start`."""
+    axes = [[(a, min(a + edge, b)) for a in range(lo, b, edge)] for lo, b in zip(start, stop)]
     return [Tile((x0, y0, z0), (x1 - x0, y1 - y0, z1 - z0))
             for z0, z1 in axes[2] for y0, y1 in axes[1] for x0, x1 in axes[0]]
 
@@ -182,8 +180,9 @@ class FlyemSource(Source):
         return HttpClient(self.settings.transfer, headers={"Authorization": f"Bearer {token}",
                                                             "Content-Type": "application/json"})
 
-    def _rejected(self, exc: TransferError) -> Exception:
-        if exc.status in (400, 401, 403):
+    def _rejected(self, exc: TransferError, statuses: tuple[int, ...] = (401, 403)) -> Exception:
+        """A clear token error for an authentication status; other failures pass through unchanged."""
+        if exc.status in statuses:
             return ConfigurationError(
                 f"neuPrint at {self.neuprint_url} rejected NEUPRINT_TOKEN (HTTP {exc.status} from {exc.url}); "
                 "check that it is a current token for this server")
@@ -193,7 +192,8 @@ class FlyemSource(Source):
         try:
             return client.get_json(f"{self.neuprint_url}{path}")
         except TransferError as exc:
-            raise self._rejected(exc) from None
+            # A parameterless GET fails with 400 only over its Authorization header (a malformed JWT).
+            raise self._rejected(exc, (400, 401, 403)) from None
 
     def _neuprint_query(self, client: HttpClient, dataset: str, cypher: str) -> dict[str, Any]:
         """POST /api/custom/custom; HttpClient has no POST helper, so its retrying request is used."""

@@ -83,6 +83,30 @@ def test_zarr_copy_with_several_channels_is_refused():
         multiscale.check_axes((1, 3, 10, 20, 20), where="idr0900A/1.zarr")
 
 
+def test_chunk_reader_matches_zarr_itself(tmp_path):
+    """Fortran order, '.' keys, a filter, big-endian int16, a non-zero fill value and unwritten chunks,
+    written by zarr-python as an independent reference."""
+    import numcodecs
+
+    from em_ingest.sources.idr import ChunkedZarrVolume, ZarrayInfo
+
+    written = zarr.create_array(store=str(tmp_path), shape=(1, 1, 9, 20, 30), chunks=(1, 1, 4, 8, 16),
+                                dtype=">i2", zarr_format=2, compressors=numcodecs.Zstd(level=3),
+                                filters=[numcodecs.Delta(dtype=">i2")], fill_value=-5, order="F",
+                                chunk_key_encoding={"name": "v2", "separator": "."})
+    written[0, 0, :4] = synthetic_em((4, 20, 30), "int16", seed=5)
+    written[0, 0, 8, 3:9, 17:29] = 1234
+    info = ZarrayInfo.parse(json.loads((tmp_path / ".zarray").read_text()), where=".zarray")
+    absent = {k for k in info.chunk_keys() if not (tmp_path / k).exists()}
+    assert absent, "some chunks should never have been written"
+    volume = ChunkedZarrVolume(info, tmp_path, absent, ["t", "c", "z", "y", "x"], None, name="ref")
+    assert volume.shape == (9, 20, 30) and volume.dtype == np.dtype("int16") and volume.preferred_z_block == 4
+    truth = written[0, 0]
+    for region in [(slice(0, 9), slice(0, 20), slice(0, 30)), (slice(3, 9), slice(7, 17), slice(15, 30)),
+                   (slice(8, 9), slice(0, 1), slice(29, 30))]:
+        np.testing.assert_array_equal(volume.read(region), truth[region])
+
+
 # ---- end to end -----------------------------------------------------------------------------------
 
 def _requests(server) -> Counter:

@@ -14,6 +14,7 @@ from em_ingest import catalog
 from em_ingest.errors import ConfigurationError, SelectionError
 from em_ingest.formats.precomputed import PrecomputedCrop, PrecomputedInfo
 from em_ingest.replicas.flyem import DVID_MAX_BYTES, ORIGIN_XYZ
+from em_ingest.settings import Settings
 from em_ingest.sources.flyem import DVID_TILE_EDGE, FlyemSource, dvid_tiles
 from em_ingest_tests.harness import workspace_for
 
@@ -282,3 +283,11 @@ def test_a_changed_shard_is_fetched_again_and_only_that_shard(tmp_path, fresh_re
     lo = [o - g for o, g in zip(options["offset_zyx"], ORIGIN_XYZ[::-1])]
     want = changed[tuple(slice(a, a + n) for a, n in zip(lo, options["shape_zyx"]))]
     assert np.abs(_s0(ws, PRECOMPUTED_KEY).astype(int) - want).max() <= 28
+
+
+def test_another_dataset_needs_its_own_grayscale(workspace, replicas):
+    options = {**replicas["flyem"].selection[PRECOMPUTED_KEY], "dataset": "manc:v1.0"}
+    ws = workspace("flyem", selection={"flyem": {"manc": options}})
+    ws.env["EM_INGEST_FLYEM_PRECOMPUTED_URL"] = Settings.flyem_precomputed_url  # the hemibrain's, by default
+    with pytest.raises(SelectionError, match="EM_INGEST_FLYEM_PRECOMPUTED_URL still points at the hemibrain"):
+        ws.pipeline.fetch_raw(ws.pipeline.request("flyem", "manc"))

@@ -41,7 +41,8 @@ NEUPRINT_VERSION = "1.7.4"
 DATASETS = {
     "hemibrain:v1.2.1": {
         "meta": {"dataset": "hemibrain", "tag": "v1.2.1", "uuid": "52a13", "lastDatabaseEdit": "2021-06-08 15:22:58",
-                 "voxelSize": [8.0, 8.0, 8.0], "voxelUnits": "nanometers", "info": "https://www.janelia.org/project-team/flyem/hemibrain",
+                 "voxelSize": [8.0, 8.0, 8.0], "voxelUnits": "nanometers",
+                 "info": "https://www.janelia.org/project-team/flyem/hemibrain",
                  "logo": "", "totalPreCount": 0, "totalPostCount": 0},
         "description": "Replica of the hemibrain v1.2.1 release (FIB-SEM, adult Drosophila central brain)",
     },
@@ -86,7 +87,8 @@ def _chunks(volume: np.ndarray, origin_xyz, chunk_xyz):
                 block = volume[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
                 if not block.any():
                     continue  # like tensorstore and neuroglancer writers: fill-value chunks are not stored
-                yield (gx, gy, gz), [o + a for o, a in zip(origin_xyz, lo)], [o + b for o, b in zip(origin_xyz, hi)], block
+                start = [o + a for o, a in zip(origin_xyz, lo)]
+                yield (gx, gy, gz), start, [o + b for o, b in zip(origin_xyz, hi)], block
 
 
 
@@ -97,7 +99,8 @@ def _shard_files(chunks: dict[int, bytes], spec: dict) -> dict[str, bytes]:
     layout: dict[int, dict[int, list[int]]] = {}
     for chunk_id in sorted(chunks):
         hashed = chunk_id >> spec["preshift_bits"]
-        layout.setdefault((hashed >> mb) & ((1 << sb) - 1), {}).setdefault(hashed & ((1 << mb) - 1), []).append(chunk_id)
+        shard, minishard = (hashed >> mb) & ((1 << sb) - 1), hashed & ((1 << mb) - 1)
+        layout.setdefault(shard, {}).setdefault(minishard, []).append(chunk_id)
     files = {}
     for shard, minishards in layout.items():
         body, index = bytearray(), bytearray(16 << mb)
@@ -127,7 +130,8 @@ def precomputed_files(volume: np.ndarray, origin_xyz, *, sharded: bool) -> dict[
     for factor in (1, 2):
         if factor == 2:  # 2x mean downsampling, as the FlyEM pyramids are built
             z, y, x = (n // 2 * 2 for n in volume.shape)
-            level = volume[:z, :y, :x].reshape(z // 2, 2, y // 2, 2, x // 2, 2).mean(axis=(1, 3, 5)).round().astype(np.uint8)
+            blocks = volume[:z, :y, :x].reshape(z // 2, 2, y // 2, 2, x // 2, 2)
+            level = blocks.mean(axis=(1, 3, 5)).round().astype(np.uint8)
             origin = [o // 2 for o in origin_xyz]
         key = f"{8.0 * factor}x{8.0 * factor}x{8.0 * factor}"
         scale = {"key": key, "size": list(level.shape[::-1]), "resolution": [8 * factor] * 3,
@@ -148,18 +152,6 @@ def precomputed_files(volume: np.ndarray, origin_xyz, *, sharded: bool) -> dict[
             "scales": scales}
     files["info"] = json.dumps(info, indent=1).encode()
     return files
-
-
-def decode_like_neuroglancer(files: dict[str, bytes], volume: np.ndarray) -> np.ndarray:
-    """What a correct reader returns for the unsharded files: the volume after the JPEG round trip."""
-    out = np.zeros_like(volume)
-    for name, data in files.items():
-        if "/" not in name or not name.startswith("8.0x"):
-            continue
-        bounds = [tuple(int(v) for v in part.split("-")) for part in name.split("/")[1].split("_")]
-        (x0, x1), (y0, y1), (z0, z1) = [(a - o, b - o) for (a, b), o in zip(bounds, ORIGIN_XYZ)]
-        out[z0:z1, y0:y1, x0:x1] = imagecodecs.jpeg_decode(data).reshape(z1 - z0, y1 - y0, x1 - x0)
-    return out
 
 
 # ---- the replica -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from em_ingest.formats.precomputed import PrecomputedCrop, PrecomputedInfo, Scal
 from em_ingest.formats.volume import Geometry, Region, Volume
 from em_ingest.raw import Manifest, ManifestEntry, RawStore, TransferStats, write_atomic
 from em_ingest.selection import DatasetOptions, DatasetRequest
+from em_ingest.settings import Settings
 from em_ingest.sources.base import Description, InventoryItem, Source
 from em_ingest.transfer.http import HttpClient, RemoteObject
 from em_ingest.transfer.retry import RetryableError
@@ -240,6 +241,7 @@ class FlyemSource(Source):
 
     def fetch_raw(self, request: DatasetRequest, raw: RawStore) -> Manifest:
         options: FlyemOptions = request.options  # type: ignore[assignment]
+        self._check_grayscale_matches(request, options)
         entries, stats, version = self._fetch_neuprint(options, raw)
         if options.grayscale == "precomputed":
             more, more_stats = self._fetch_precomputed(request, raw)
@@ -285,6 +287,19 @@ class FlyemSource(Source):
         voxel_xyz = _dvid_voxel_size_nm(info, str(raw.path(DVID_INFO_DOC)))
         geometry = self._geometry(options, raw, voxel_xyz, "DVID VoxelSize")
         return DvidTiles(raw, options.start_xyz, options.shape_zyx, geometry, name=name)
+
+    def _check_grayscale_matches(self, request: DatasetRequest, options: FlyemOptions) -> None:
+        """The default grayscale endpoints hold the hemibrain; another dataset needs its own."""
+        if options.dataset.split(":")[0] == "hemibrain":
+            return
+        defaults = {"precomputed": ("EM_INGEST_FLYEM_PRECOMPUTED_URL", self.settings.flyem_precomputed_url,
+                                    Settings.flyem_precomputed_url),
+                    "dvid": ("EM_INGEST_FLYEM_DVID_UUID", self.settings.flyem_dvid_uuid, Settings.flyem_dvid_uuid)}
+        variable, value, hemibrain = defaults[options.grayscale]
+        if value == hemibrain:
+            raise SelectionError(
+                f"{request.source}.{request.key}: dataset {options.dataset!r} is not the hemibrain, but {variable} "
+                f"still points at the hemibrain grayscale; set it to {options.dataset}'s grayscale")
 
     # ---- neuPrint metadata ---------------------------------------------------------------------
     def _fetch_neuprint(self, options: FlyemOptions, raw: RawStore) -> tuple[list[ManifestEntry], TransferStats, str]:

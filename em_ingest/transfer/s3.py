@@ -107,9 +107,13 @@ class S3Client:
         return fsspec.asyn.sync(self._fs.loop, coroutine_fn, *args, timeout=self.settings.read_timeout_s * 4)
 
     async def _s3(self) -> Any:
-        if self._client is None:
-            self._client = await self._fs.set_session()
         return self._client
+
+    def _ensure_client(self) -> None:
+        # Made once, under a lock, before the first request: creating it sends nothing.
+        with self._lock:
+            if self._client is None:
+                self._client = self._run(self._fs.set_session)
 
     def _count(self, requests: int, body_bytes: int = 0) -> None:
         with self._lock:
@@ -119,6 +123,7 @@ class S3Client:
     def _attempt(self, what: str, url: str, coroutine_fn: Callable[..., Any], *args: Any) -> Any:
         """One try: transient failures become RetryableError, the rest TransferError naming `url`."""
         try:
+            self._ensure_client()
             return self._run(coroutine_fn, *args)
         except botocore.exceptions.ClientError as exc:
             status, code, headers = _status_of(exc)

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,13 @@ from urllib.parse import quote
 import mrcfile
 import numpy as np
 import tifffile
-from pyftpdlib.authorizers import DummyAuthorizer
-from pyftpdlib.filesystems import AbstractedFS
-from pyftpdlib.handlers import FTPHandler
-from pyftpdlib.servers import ThreadedFTPServer
+
+with warnings.catch_warnings():  # pyftpdlib still builds on asyncore/asynchat (deprecated, not removed in 3.11)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from pyftpdlib.authorizers import DummyAuthorizer
+    from pyftpdlib.filesystems import AbstractedFS
+    from pyftpdlib.handlers import FTPHandler
+    from pyftpdlib.servers import ThreadedFTPServer
 
 from em_ingest.replicas.base import Expected, Replica
 from em_ingest.replicas.dm_writer import dm_bytes

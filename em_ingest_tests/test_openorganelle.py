@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from em_ingest.errors import SelectionError, TransferError
+from em_ingest.errors import IntegrityError, SelectionError, TransferError
 from em_ingest.formats import cosem, n5
 from em_ingest.omezarr.validate import validate_ome_zarr
 from em_ingest.sources.openorganelle import OpenOrganelleSource, raw_relpath
@@ -257,3 +257,14 @@ def test_zarr_metadata_names_are_kept_but_escapes_refused():
     for bad in ("ds/../x", "ds/.hidden", "/abs", "ds/./x"):
         with pytest.raises(Exception, match="unsafe"):
             raw_relpath(bad)
+
+
+def test_object_changed_after_listing_is_refused(fresh_replica):
+    replica = fresh_replica(SOURCE)
+    client = S3Client(replica.env["EM_INGEST_OPENORGANELLE_ENDPOINT"], replica.bucket, FAST_TRANSFER)
+    key = "jrc_hela-2/jrc_hela-2.n5/em/fibsem-uint8/s0/0/0/0"
+    listed = next(o for o in client.list_objects(key) if o.key == key)
+    assert client.get(key, expected=listed)  # pinned to the listed version, size and MD5 checked
+    replica.put_object(key, b"replaced at the source")
+    with pytest.raises(IntegrityError, match=r"changed while it was being mirrored"):
+        client.get(key, expected=listed)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from em_ingest.errors import SourceResponseError, UnsafePathError
@@ -20,6 +20,8 @@ from em_ingest.transfer.http import HttpClient, RemoteObject
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _SAFE_PART = re.compile(r"^[A-Za-z0-9._ ()+,=@~-]+$")
+# Zarr v2 metadata objects are dot-files by specification: data to mirror, not hidden files.
+_ZARR_DOTNAMES = frozenset({".zarray", ".zattrs", ".zgroup", ".zmetadata"})
 
 
 @dataclass(frozen=True)
@@ -123,9 +125,10 @@ def safe_relative_path(name: str) -> str:
     """`name` as a relative POSIX path that cannot leave its folder; refuses anything doubtful."""
     if not name or "\\" in name or name.startswith("/") or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise UnsafePathError(f"refusing unsafe remote name {name!r}")
-    parts = PurePosixPath(name).parts
+    parts = name.split("/")
     for part in parts:
-        if part in ("..", ".") or not _SAFE_PART.match(part) or part.startswith("."):
+        hidden = part.startswith(".") and part not in _ZARR_DOTNAMES
+        if part in ("", "..", ".") or not _SAFE_PART.match(part) or hidden:
             raise UnsafePathError(f"refusing unsafe remote name {name!r} (component {part!r})")
     return "/".join(parts)
 

@@ -15,7 +15,7 @@ from em_ingest.formats import imagej
 from em_ingest.formats.tiff import TiffStack
 from em_ingest.replicas.idr import IdrReplica, imagej_tiff
 from em_ingest.replicas.volumes import synthetic_em
-from em_ingest.sources.idr import IdrSource, Multiscale, bare_doi, map_values, study_of
+from em_ingest.sources.idr import IdrSource, Multiscale, bare_doi, map_values, multiscale_of, study_of
 
 DEFAULT, ZARR_IMAGE, TWO_CHANNELS = "9846137", "90000001", "90000002"
 
@@ -75,6 +75,22 @@ def test_study_names_and_annotation_values():
     values = map_values({"annotations": [{"values": [["Organism", "Homo sapiens"], ["Gene", "A"]]},
                                          {"values": [["Gene", "B"], ["Empty", ""]]}]}, where="x")
     assert values == {"Organism": ["Homo sapiens"], "Gene": ["A", "B"]}
+
+
+def test_zarr_copy_geometry_units():
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + [
+        {"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+    zattrs = {"multiscales": [{"version": "0.4", "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": [
+        {"type": "scale", "scale": [1, 1, 0.5, 0.25, 0.25]},
+        {"type": "translation", "translation": [0, 0, 1.0, 0.5, 0.0]}]}],
+        "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 0.1, 0.1, 0.1]}]}]}
+    multiscale = multiscale_of(zattrs, where="z")
+    assert multiscale.voxel_size_nm(where="z") == pytest.approx((50.0, 25.0, 25.0))  # level x multiscale scale
+    assert multiscale.translation_nm(where="z") == pytest.approx((100.0, 50.0, 0.0))  # scaled by the outer scale
+    # bioformats2raw without physical sizes: scale 1.0 and no unit means unknown, not 1 nm.
+    for axis in axes[2:]:
+        del axis["unit"]
+    assert multiscale_of(zattrs, where="z").voxel_size_nm(where="z") is None
 
 
 def test_zarr_copy_with_several_channels_is_refused():

@@ -528,47 +528,59 @@ class Multiscale:
         if "y" not in self.axes or "x" not in self.axes:
             raise UnsupportedDataError(f"{where}: expected spatial axes y and x, got {self.axes}")
 
-    def _transform(self, kind: str, *, where: str) -> list[float] | None:
-        """The level's `kind` transform composed with the multiscale-wide one (both optional)."""
-        dataset = self.document["datasets"][0]
-        combined: list[float] | None = None
-        for transforms in (dataset.get("coordinateTransformations"), self.document.get("coordinateTransformations")):
+    def _transforms(self, *, where: str) -> tuple[list[float] | None, list[float] | None]:
+        """(scale, translation) of the full-resolution level, composed with the multiscale-wide ones.
+
+        NGFF applies the level's transforms first, then the multiscale's: x -> g_s * (s * x + t) + g_t.
+        """
+        def read(transforms: Any) -> tuple[list[float] | None, list[float] | None]:
+            found: dict[str, list[float]] = {}
             for transform in transforms or []:
-                if transform.get("type") == kind and kind in transform:
+                kind = transform.get("type")
+                if kind in ("scale", "translation") and kind in transform:
                     values = [float(v) for v in transform[kind]]
                     if len(values) != len(self.axes):
                         raise FormatError(f"{where}: {kind} {values} does not match axes {self.axes}")
-                    if combined is None:
-                        combined = values
-                    elif kind == "scale":
-                        combined = [a * b for a, b in zip(combined, values)]
-                    else:
-                        combined = [a + b for a, b in zip(combined, values)]
-        return combined
+                    found[kind] = values
+            return found.get("scale"), found.get("translation")
 
-    def _spatial_nm(self, values: list[float], *, where: str) -> tuple[float, float, float]:
-        out = []
+        scale, translation = read(self.document["datasets"][0].get("coordinateTransformations"))
+        outer_scale, outer_translation = read(self.document.get("coordinateTransformations"))
+        if outer_scale is not None:
+            scale = [a * b for a, b in zip(scale, outer_scale)] if scale else outer_scale
+            translation = [a * b for a, b in zip(translation, outer_scale)] if translation else None
+        if outer_translation is not None:
+            translation = [a + b for a, b in zip(translation, outer_translation)] if translation else outer_translation
+        return scale, translation
+
+    def _spatial_nm(self, values: list[float], *, where: str) -> tuple[float, float, float] | None:
+        """(z, y, x) nanometres of a per-axis transform; None when a spatial axis has no unit.
+
+        bioformats2raw writes scale 1.0 without a unit when the original had no physical size, so a
+        missing unit means "unknown", not "pixels are 1 long".
+        """
+        out: list[float | None] = []
         for axis in ("z", "y", "x"):
             if axis not in self.axes:
                 out.append(None)
                 continue
             unit = self.units.get(axis)
-            if unit is None:
-                raise FormatError(f"{where}: axis {axis} has no unit, so its scale cannot be read as a length")
+            if not unit:
+                return None
             out.append(values[self.axes.index(axis)] * imagej.nm_per_unit(unit, where=where))
         if out[0] is None:
             out[0] = out[2]  # a single plane: give z the pixel width
         return tuple(out)  # type: ignore[return-value]
 
     def voxel_size_nm(self, *, where: str) -> tuple[float, float, float] | None:
-        scale = self._transform("scale", where=where)
+        scale, _ = self._transforms(where=where)
         return self._spatial_nm(scale, where=where) if scale else None
 
     def translation_nm(self, *, where: str) -> tuple[float, float, float] | None:
-        translation = self._transform("translation", where=where)
-        if not translation:
+        _, translation = self._transforms(where=where)
+        nm = self._spatial_nm(translation, where=where) if translation else None
+        if nm is None:
             return None
-        nm = self._spatial_nm(translation, where=where)
         return (0.0 if "z" not in self.axes else nm[0], nm[1], nm[2])
 
 

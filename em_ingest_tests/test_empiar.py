@@ -23,7 +23,7 @@ from em_ingest.sources.empiar import EmpiarSource, accession_number, entry_recor
 from em_ingest.transfer.autoindex import parse_autoindex
 from em_ingest.transfer.ftp import FtpClient
 from em_ingest.transfer.http import HttpClient
-from em_ingest_tests.harness import FAST_TRANSFER, Workspace
+from em_ingest_tests.harness import FAST_TRANSFER, Workspace, workspace_for
 
 
 @pytest.fixture
@@ -148,6 +148,25 @@ def test_end_to_end_over_ftp(workspace, empiar, key):
     again = ws.materialize("empiar", key)
     assert again.get_asset_materialization_events()[0].materialization.metadata["fetched_bytes"].value == 0
     assert empiar.ftp_faults.retr_bytes == read_before  # no RETR at all on the re-run
+
+
+@pytest.mark.parametrize("ftp", [False, True], ids=["https", "ftp"])
+def test_a_changed_slice_alone_is_fetched_again(tmp_path, fresh_replica, ftp):
+    replica = fresh_replica("empiar")
+    key, relpath = "EMPIAR-11759", "data/F57-8_test1_3VBSED_slice_0005.dm3"
+    ws = workspace_for(tmp_path, replica, selection={"empiar": {key: {}}})
+    if ftp:
+        ws.env = {**ws.env, **replica.ftp_env}
+    request = ws.pipeline.request("empiar", key)
+    assert ws.pipeline.fetch_raw(request).stats.fetched_objects == 16
+    new_plane = np.full((100, 120), 7, np.uint8)  # same size in bytes: only the version tells it apart
+    changed = dm_bytes(new_plane, pixel_size=PIXEL_UM_11759, slice_spacing_nm=50.0, name="3VBSED_slice_0005")
+    assert len(changed) == len(replica.entries[key].files[relpath])
+    replica.set_file(key, relpath, changed)
+    stats = ws.pipeline.fetch_raw(request).stats
+    assert (stats.fetched_objects, stats.skipped_objects) == (1, 15)
+    ws.pipeline.convert(request)
+    np.testing.assert_array_equal(_s0(ws, key)[5], new_plane)
 
 
 def test_dm3_catalog_carries_entry_metadata_and_voxel_provenance(workspace, empiar):

@@ -25,6 +25,7 @@ with warnings.catch_warnings():  # pyftpdlib still builds on asyncore/asynchat (
     from pyftpdlib.authorizers import DummyAuthorizer
     from pyftpdlib.filesystems import AbstractedFS
     from pyftpdlib.handlers import FTPHandler
+    from pyftpdlib.ioloop import IOLoop
     from pyftpdlib.servers import ThreadedFTPServer
 
 from em_ingest.replicas.base import Expected, Replica
@@ -95,6 +96,16 @@ def _filesystem_with(faults: FtpFaults) -> type[AbstractedFS]:
             return _CuttingFile(fh, faults, budget)
 
     return CuttingFS
+
+
+class _IsolatedFTPServer(ThreadedFTPServer):
+    """pyftpdlib keeps its IOLoop and the threaded server's exit event process-wide by default, so
+    stopping one server would stop every other; each replica server gets its own."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._exit = threading.Event()
+        self._lock = threading.Lock()
+        super().__init__(*args, **kwargs)
 
 
 @dataclass
@@ -187,6 +198,7 @@ class EmpiarReplica(Replica):
         if not ftp_log.handlers:
             ftp_log.addHandler(logging.NullHandler())
         self.entries: dict[str, _Entry] = {}
+        self._modified: dict[tuple[str, str], float] = {}
         self._tree = Path(tempfile.mkdtemp(prefix="empiar-replica-"))
         http = ReplicaHTTPServer("empiar").start()
         self.servers.append(http)
@@ -230,7 +242,7 @@ class EmpiarReplica(Replica):
 
         EmpiarFTPHandler.authorizer = authorizer
         handler = EmpiarFTPHandler
-        self._ftp = ThreadedFTPServer(("127.0.0.1", 0), handler)
+        self._ftp = _IsolatedFTPServer(("127.0.0.1", 0), handler, ioloop=IOLoop())
         self.ftp_url = f"ftp://127.0.0.1:{self._ftp.address[1]}"
         self._ftp_thread = threading.Thread(target=self._ftp.serve_forever,
                                             kwargs={"timeout": 0.2, "handle_exit": False},
@@ -241,12 +253,17 @@ class EmpiarReplica(Replica):
     def set_file(self, accession: str, relpath: str, data: bytes) -> None:
         """Serve `data` at <tree>/<n>/<relpath> over HTTPS and FTP (tests use it to change the source)."""
         number = accession.split("-")[1]
+        previous = self._modified.get((accession, relpath))
+        # Each new version gets a later modification time, as on a real server (MDTM has 1 s resolution).
+        modified = LAST_MODIFIED if previous is None else previous + 60
+        self._modified[(accession, relpath)] = modified
         self.entries[accession].files[relpath] = data
-        self.http.add_file(f"{TREE}/{number}/{relpath}", data, last_modified=LAST_MODIFIED + len(data) % 97)
+        self.http.add_file(f"{TREE}/{number}/{relpath}", data, last_modified=modified)
         disk = self._tree / "empiar" / "world_availability" / number / relpath
         disk.parent.mkdir(parents=True, exist_ok=True)
         tmp = disk.with_name(disk.name + ".tmp")
         tmp.write_bytes(data)
+        os.utime(tmp, (modified, modified))
         os.replace(tmp, disk)
 
     def _add_entry(self, accession: str, record: dict[str, Any], files: dict[str, bytes]) -> None:

@@ -6,6 +6,7 @@ import dagster as dg
 
 from em_ingest.orchestration.catalog_assets import build_catalog_assets
 from em_ingest.orchestration.discovery import build_discovery_job
+from em_ingest.orchestration.executors import select_executor
 from em_ingest.orchestration.factory import build_source_assets, ome_zarr_key, raw_key
 from em_ingest.orchestration.resources import EmIngestResource
 from em_ingest.selection import load_selection
@@ -43,4 +44,5 @@ def build_definitions(settings: Settings | None = None, resource: EmIngestResour
         jobs=[*jobs, build_discovery_job(names)],
         sensors=[automation],
         resources={"em_ingest": resource},
+        executor=select_executor(),
     )

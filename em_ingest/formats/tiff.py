@@ -1,8 +1,10 @@
-"""Multipage TIFF stacks as lazy volumes: memory-mapped when contiguous, strip/tile reads otherwise."""
+"""Multipage TIFF stacks as lazy volumes: positional reads when contiguous, strip/tile reads otherwise."""
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,9 @@ _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.er
 class TiffStack(Volume):
     """The first image series of a TIFF file as (z, y, x); pages are z.
 
-    Never reads the whole file: uncompressed contiguous data (e.g. ITK's strip layout) is
-    memory-mapped, anything else is read strip by strip through tifffile's Zarr store.
+    Never reads the whole file: uncompressed contiguous data (e.g. ITK's strip layout) is read
+    with positional reads straight into the output array, anything else strip by strip through
+    tifffile's Zarr store.
     """
 
     def __init__(self, path: Path, geometry: Geometry | None = None):
@@ -56,13 +59,9 @@ class TiffStack(Volume):
                                   f"{len(self._tif.pages)} (truncated or corrupt)")
 
     def _open_array(self, series):
-        if series.dataoffset is not None:  # uncompressed and contiguous: map it, read nothing yet
-            try:
-                return np.memmap(self.path, dtype=series.dtype.newbyteorder(self._tif.byteorder), mode="r",
-                                 offset=series.dataoffset, shape=self.shape)
-            except (ValueError, OSError) as exc:
-                raise FormatError(f"{self.path}: TIFF data runs past the end of the file "
-                                  f"(truncated download?): {exc}") from None
+        if series.dataoffset is not None:  # uncompressed and contiguous: read ranges, hold nothing
+            file_dtype = series.dtype.newbyteorder(self._tif.byteorder)
+            return _ContiguousArray(self.path, file_dtype, series.dataoffset, self.shape)
         try:
             return _SqueezedZarr(zarr.open_array(series.aszarr(), mode="r"))
         except _TIFF_ERRORS as exc:
@@ -76,8 +75,73 @@ class TiffStack(Volume):
         return np.ascontiguousarray(data, dtype=self.dtype.newbyteorder("="))
 
     def close(self) -> None:
+        if isinstance(self._array, _ContiguousArray):
+            self._array.close()
         self._array = None
         self._tif.close()
+
+
+class _ContiguousArray:
+    """Region reads of a (z, y, x) array stored contiguously in a file, with os.preadv.
+
+    A memory map would be simpler, but every page it touches counts towards the process's RSS
+    until it is unmapped, so a streamed 100 GB stack would look (and be accounted) like 100 GB
+    resident. Positional reads land directly in the output array, release the GIL and are safe
+    from several threads at once.
+    """
+
+    def __init__(self, path: Path, file_dtype: np.dtype, offset_bytes: int, shape: tuple[int, int, int]):
+        self.path = path
+        self.file_dtype = file_dtype
+        self.native_dtype = file_dtype.newbyteorder("=")
+        self.offset_bytes = offset_bytes
+        self.shape = shape
+        self._fd = os.open(path, os.O_RDONLY)
+        self._lock = threading.Lock()
+        needed = offset_bytes + int(np.prod(shape)) * file_dtype.itemsize
+        size = os.fstat(self._fd).st_size
+        if size < needed:
+            self.close()
+            raise FormatError(f"{path}: TIFF data runs past the end of the file (needs {needed} bytes, "
+                              f"has {size}: truncated download?)")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def __getitem__(self, region: Region) -> np.ndarray:
+        (z0, z1), (y0, y1), (x0, x1) = (s.indices(n)[:2] for s, n in zip(region, self.shape))
+        _, height, width = self.shape
+        out = np.empty((max(0, z1 - z0), max(0, y1 - y0), max(0, x1 - x0)), dtype=self.native_dtype)
+        if out.size == 0:
+            return out
+        item = self.file_dtype.itemsize
+        plane_bytes, row_bytes = height * width * item, width * item
+        if (y0, y1, x0, x1) == (0, height, 0, width):  # whole planes: one read
+            self._read_into(out, self.offset_bytes + z0 * plane_bytes)
+        elif (x0, x1) == (0, width):  # full rows: one read per plane
+            for i, z in enumerate(range(z0, z1)):
+                self._read_into(out[i], self.offset_bytes + z * plane_bytes + y0 * row_bytes)
+        else:  # a window: read its full rows per plane (bounded by one plane), keep the columns
+            rows = np.empty((y1 - y0, width), dtype=self.native_dtype)
+            for i, z in enumerate(range(z0, z1)):
+                self._read_into(rows, self.offset_bytes + z * plane_bytes + y0 * row_bytes)
+                out[i] = rows[:, x0:x1]
+        if not self.file_dtype.isnative:  # e.g. a big-endian ImageJ stack: swap once, in place
+            out.byteswap(inplace=True)
+        return out
+
+    def _read_into(self, target: np.ndarray, offset_bytes: int) -> None:
+        view = memoryview(target.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset_bytes + done)
+            if got <= 0:
+                raise FormatError(f"{self.path}: file ends at byte {offset_bytes + done}, inside the image data "
+                                  "(truncated or changed while reading)")
+            done += got
 
 
 class _SqueezedZarr:

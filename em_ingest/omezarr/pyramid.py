@@ -52,13 +52,22 @@ def plan_pyramid(shape: Shape, voxel_size_nm: Vec, translation_nm: Vec, chunks: 
 
 
 def _accumulator(dtype: np.dtype) -> np.dtype:
-    if dtype.kind == "u":
-        return np.dtype(np.uint32) if dtype.itemsize <= 2 else np.dtype(np.uint64)
-    if dtype.kind == "i":
-        return np.dtype(np.int32) if dtype.itemsize <= 2 else np.dtype(np.int64)
+    """The narrowest integer type that holds the sum of 8 values of `dtype` (float64 for floats)."""
     if dtype.kind == "b":
-        return np.dtype(np.uint32)
+        return np.dtype(np.uint8)
+    if dtype.kind in "iu" and dtype.itemsize <= 4:
+        return np.dtype(f"{dtype.kind}{2 * dtype.itemsize}")  # 8 x max fits in twice the width
+    if dtype.kind in "iu":
+        return np.dtype(f"{dtype.kind}8")
     return np.dtype(np.float64)
+
+
+def _pair_sum(block: np.ndarray, axis: int, acc: np.dtype) -> np.ndarray:
+    """Sum of neighbouring pairs along `axis` (even length), accumulated in `acc`."""
+    even = [slice(None)] * 3
+    odd = [slice(None)] * 3
+    even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
+    return np.add(block[tuple(even)], block[tuple(odd)], dtype=acc)
 
 
 def downsample(block: np.ndarray, factors: Shape) -> np.ndarray:
@@ -66,19 +75,26 @@ def downsample(block: np.ndarray, factors: Shape) -> np.ndarray:
 
     Odd edges are padded by repeating the last plane, so an edge voxel averages what exists.
     Integers are summed in a wider integer type (never through float), so no value drifts.
+    Windows are reduced one axis at a time by adding neighbouring planes, z first: each step
+    halves the data, and the strided x step comes last, on a quarter of it. This is several
+    times faster than a 6-D reshape-and-sum, which numpy reduces with poor memory access.
     """
     if factors == (1, 1, 1):
         return block
     pad = [(0, (-n) % f) for n, f in zip(block.shape, factors)]
     if any(p for _, p in pad):
         block = np.pad(block, pad, mode="edge")
-    z, y, x = block.shape
-    fz, fy, fx = factors
-    windows = block.reshape(z // fz, fz, y // fy, fy, x // fx, fx)
     acc = _accumulator(block.dtype)
-    total = windows.sum(axis=(1, 3, 5), dtype=acc)
-    n = fz * fy * fx
+    total = block
+    for axis, factor in enumerate(factors):
+        if factor == 2:
+            total = _pair_sum(total, axis, acc)
+    n = factors[0] * factors[1] * factors[2]
     if block.dtype.kind in "iub":
-        # floor((sum + n/2) / n): round half up; floor division is exact for negative sums too.
-        return ((total + n // 2) // n).astype(block.dtype)
+        # floor((sum + n/2) / n) as a shift (n is a power of two): arithmetic shift floors negative
+        # sums too, so this rounds half up exactly like the float mean, without leaving integers.
+        shift = n.bit_length() - 1
+        total += n // 2
+        total >>= shift
+        return total.astype(block.dtype)
     return (total / n).astype(block.dtype)

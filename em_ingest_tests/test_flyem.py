@@ -267,3 +267,30 @@ def test_cli_both_paths_with_the_token_kept_out_of_every_output(replicas, tmp_pa
         assert _files_containing(ws.root / "dagster_home", token) == []
         # The runs' event log exists, so it was among the files searched.
         assert any((ws.root / "dagster_home").rglob("*.db"))
+
+
+def test_a_changed_shard_is_fetched_again_and_only_that_shard(tmp_path, fresh_replica):
+    replica = fresh_replica("flyem")
+    ws = workspace_for(tmp_path, replica, selection={"flyem": {PRECOMPUTED_KEY: replica.selection[PRECOMPUTED_KEY]}})
+    first = ws.materialize("flyem", PRECOMPUTED_KEY).get_asset_materialization_events()[0].materialization.metadata
+    changed = replica.volume.copy()
+    changed[20:30, 50:60, 40:50] = 255 - changed[20:30, 50:60, 40:50]  # inside the first chunk only
+    replica.publish_precomputed(changed)
+
+    again = ws.materialize("flyem", PRECOMPUTED_KEY).get_asset_materialization_events()
+    raw_meta, zarr_meta = (e.materialization.metadata for e in again)
+    assert 0 < raw_meta["fetched_objects"].value < first["fetched_objects"].value
+    assert raw_meta["skipped_objects"].value > 0
+    assert zarr_meta["skipped_unchanged"].value is False
+    options = replica.selection[PRECOMPUTED_KEY]
+    lo = [o - g for o, g in zip(options["offset_zyx"], ORIGIN_XYZ[::-1])]
+    want = changed[tuple(slice(a, a + n) for a, n in zip(lo, options["shape_zyx"]))]
+    assert np.abs(_s0(ws, PRECOMPUTED_KEY).astype(int) - want).max() <= 28
+
+
+def test_another_dataset_needs_its_own_grayscale(workspace, replicas):
+    options = {**replicas["flyem"].selection[PRECOMPUTED_KEY], "dataset": "manc:v1.0"}
+    ws = workspace("flyem", selection={"flyem": {"manc": options}})
+    ws.env["EM_INGEST_FLYEM_PRECOMPUTED_URL"] = Settings.flyem_precomputed_url  # the hemibrain's, by default
+    with pytest.raises(SelectionError, match="EM_INGEST_FLYEM_PRECOMPUTED_URL still points at the hemibrain"):
+        ws.pipeline.fetch_raw(ws.pipeline.request("flyem", "manc"))

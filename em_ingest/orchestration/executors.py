@@ -23,7 +23,8 @@ def select_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefi
     environ = os.environ if environ is None else environ
     name = (environ.get(EXECUTOR_VARIABLE) or "multiprocess").strip()
     if name == "multiprocess":
-        return dg.multiprocess_executor
+        # Dagster's default: one process per step, and `execution: {config: {in_process: {}}}` still works.
+        return dg.multi_or_in_process_executor
     if name == "docker":
         # Imported only when chosen: the docker client is not needed by local runs.
         from dagster_docker import docker_executor

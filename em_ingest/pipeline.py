@@ -84,7 +84,10 @@ class Pipeline:
     def fetch_raw(self, request: DatasetRequest) -> Manifest:
         """Bring raw/<source>/<key> up to date; returns the new manifest (with transfer stats)."""
         source = self.source(request.source)
-        return source.fetch_raw(request, self.raw_store(request, source))
+        with storage.partition_lock(self.root, request.source, request.key):
+            raw = self.raw_store(request, source)
+            raw.begin()  # sources may also write into the folder directly; commit clears the mark
+            return source.fetch_raw(request, raw)
 
     def inputs_digest(self, request: DatasetRequest, manifest: Manifest) -> str:
         body = {"manifest": manifest.digest, "options": request.options_dict(), "layout": asdict(self.layout),
@@ -93,6 +96,10 @@ class Pipeline:
 
     def convert(self, request: DatasetRequest, *, force: bool = False) -> Conversion:
         """Write zarr/<source>/<key>.ome.zarr from the raw store, unless it already matches its inputs."""
+        with storage.partition_lock(self.root, request.source, request.key):
+            return self._convert(request, force=force)
+
+    def _convert(self, request: DatasetRequest, *, force: bool) -> Conversion:
         source = self.source(request.source)
         raw = self.raw_store(request, source)
         manifest = raw.previous
@@ -109,6 +116,10 @@ class Pipeline:
             if sidecar.get("inputs_digest") == digest:
                 return Conversion(sidecar["catalog_row"], sidecar["levels"], final,
                                   final / "thumbnail.png", True, digest)
+        if raw.interrupted:
+            raise EmIngestError(f"{raw.dir}: the last fetch of {request.source}/{request.key} did not finish, so its "
+                                f"files may not match {raw.manifest_path.name}; materialize {request.source}/raw "
+                                "for this partition again before converting")
         description = source.describe(request, raw)
         with source.open_volume(request, raw) as volume:
             geometry = resolve_geometry(volume, request)

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from em_ingest.errors import SourceResponseError, UnsafePathError
-from em_ingest.transfer.http import HttpClient, RemoteObject
+from em_ingest.transfer.http import HttpClient, RemoteObject, sha256_file
 
 MANIFEST_NAME = "manifest.json"
+# Present while a fetch is changing the folder; removed by commit. Hidden, so no remote name can clash.
+UNCOMMITTED_MARKER = ".uncommitted"
 MANIFEST_VERSION = 1
 _SAFE_PART = re.compile(r"^[A-Za-z0-9._ ()+,=@~-]+$")
 # Zarr v2 metadata objects are dot-files by specification: data to mirror, not hidden files.
@@ -158,6 +160,19 @@ class RawStore:
         self.dataset_key = dataset_key
         self.http = http or HttpClient()
         self.previous = self.load_manifest()
+        # A fetch that died before its commit may have replaced files the old manifest describes.
+        self.interrupted = self.marker_path.exists()
+        self._pending_documents: dict[str, bytes] = {}
+
+    @property
+    def marker_path(self) -> Path:
+        return self.dir / UNCOMMITTED_MARKER
+
+    def begin(self) -> None:
+        """Mark the folder as being changed, so a run that dies before `commit` is detectable."""
+        if not self.marker_path.exists():
+            stamp = datetime.now(timezone.utc).isoformat()
+            write_atomic(self.marker_path, f"fetch started {stamp} by pid {os.getpid()}\n".encode())
 
     @property
     def manifest_path(self) -> Path:
@@ -186,7 +201,12 @@ class RawStore:
         local = self.path(relpath)
         if entry is None or entry.url != remote.url or not local.exists() or local.stat().st_size != entry.size:
             return None
-        return entry if remote.same_version_as(entry.as_dict()) else None
+        if not remote.same_version_as(entry.as_dict()):
+            return None
+        # After an interrupted fetch the file may be a newer download than the manifest says: check it.
+        if self.interrupted and sha256_file(local) != entry.sha256:
+            return None
+        return entry
 
     def fetch_http(self, url: str, relpath: str) -> tuple[ManifestEntry, TransferStats]:
         """Bring one HTTP object up to date: HEAD, compare with the manifest, download if changed."""
@@ -194,6 +214,7 @@ class RawStore:
         current = self.is_current(relpath, remote)
         if current is not None:
             return current, TransferStats(skipped_objects=1, skipped_bytes=current.size)
+        self.begin()
         download = self.http.download(url, self.path(relpath), expected=remote)
         entry = ManifestEntry(
             path=safe_relative_path(relpath), url=url, size=download.size, sha256=download.sha256,
@@ -212,13 +233,21 @@ class RawStore:
         return [entry for entry, _ in results], stats
 
     def store_document(self, relpath: str, url: str, document: Any) -> ManifestEntry:
-        """Keep a metadata response (JSON) untouched for provenance, as part of the raw download."""
+        """Keep a metadata response (JSON) untouched for provenance, as part of the raw download.
+
+        The document is held until `commit`, so a run that fails before it leaves the previous
+        documents next to the previous manifest, never new ones next to an old manifest.
+        """
         data = json.dumps(document, indent=1, sort_keys=True).encode()
-        write_atomic(self.path(relpath), data)
-        return ManifestEntry(path=safe_relative_path(relpath), url=url, size=len(data),
-                             sha256=hashlib.sha256(data).hexdigest())
+        relpath = safe_relative_path(relpath)
+        self._pending_documents[relpath] = data
+        return ManifestEntry(path=relpath, url=url, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     def read_document(self, relpath: str) -> Any:
+        """A stored document: the one this run is about to commit if any, else the committed one."""
+        pending = self._pending_documents.get(safe_relative_path(relpath))
+        if pending is not None:
+            return json.loads(pending)
         return json.loads(self.path(relpath).read_text())
 
     def commit(self, entries: Iterable[ManifestEntry], request: Mapping[str, Any], stats: TransferStats,
@@ -226,12 +255,20 @@ class RawStore:
         """Write the manifest (atomically) and drop files no entry refers to any more."""
         entries = tuple(sorted(entries, key=lambda e: e.path))
         manifest = Manifest(self.source, self.dataset_key, dict(request), entries, source_version, stats=stats)
+        self.begin()  # documents and manifest are written one after the other: a kill between shows
+        for entry in entries:
+            data = self._pending_documents.get(entry.path)
+            if data is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
+                write_atomic(self.path(entry.path), data)
         write_atomic(self.manifest_path, manifest.to_json().encode())
-        keep = {e.path for e in entries} | {MANIFEST_NAME}
+        keep = {e.path for e in entries} | {MANIFEST_NAME, UNCOMMITTED_MARKER}
         for path in self.dir.rglob("*"):
             rel = path.relative_to(self.dir).as_posix()
             in_progress = path.name.endswith((".part", ".part.validator"))  # resumable partial downloads
             if path.is_file() and rel not in keep and not in_progress:
                 path.unlink()
+        self.marker_path.unlink(missing_ok=True)
+        self._pending_documents.clear()
         self.previous = manifest
+        self.interrupted = False
         return manifest

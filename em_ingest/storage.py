@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import shutil
 import time
@@ -13,7 +15,9 @@ from pathlib import Path
 from em_ingest.errors import ConfigurationError
 
 VERSIONS_DIR = ".versions"
+LOCKS_DIR = ".locks"
 STALE_STAGING_S = 24 * 3600
+log = logging.getLogger(__name__)
 
 
 def local_root(data_root: str) -> Path:
@@ -81,3 +85,24 @@ def _remove_abandoned(versions: Path, keep: Path) -> None:
     for entry in versions.iterdir():
         if entry != keep and now - entry.stat().st_mtime > STALE_STAGING_S:
             shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def partition_lock(root: Path, source: str, key: str) -> Iterator[None]:
+    """Hold the one lock of a partition: a second run of the same partition waits here, then finds
+    the work done (its fetch skips, its conversion is up to date) instead of racing the first.
+
+    flock(2) is released by the kernel when its holder dies, so a killed run never leaves it held.
+    """
+    path = root / LOCKS_DIR / source / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s/%s: another run holds %s; waiting for it to finish", source, key, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

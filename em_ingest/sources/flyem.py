@@ -22,7 +22,6 @@ from em_ingest.selection import DatasetOptions, DatasetRequest
 from em_ingest.settings import Settings
 from em_ingest.sources.base import Description, InventoryItem, Source
 from em_ingest.transfer.http import HttpClient, RemoteObject
-from em_ingest.transfer.retry import RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -197,21 +196,10 @@ class FlyemSource(Source):
             raise self._rejected(exc, (400, 401, 403)) from None
 
     def _neuprint_query(self, client: HttpClient, dataset: str, cypher: str) -> dict[str, Any]:
-        """POST /api/custom/custom; HttpClient has no POST helper, so its retrying request is used."""
+        """POST /api/custom/custom: one Cypher query, answered as {columns, data}."""
         url = f"{self.neuprint_url}/api/custom/custom"
-        body = {"cypher": cypher, "dataset": dataset}
-
-        def attempt() -> Any:
-            response = client._request("POST", url, json=body)
-            try:
-                return response.json()
-            except ValueError:
-                raise SourceResponseError(f"POST {url}: expected JSON, got {response.content[:80]!r}") from None
-            except OSError as exc:
-                raise RetryableError(f"POST {url}: body cut short: {exc}", url=url) from None
-
         try:
-            result = client._retrying(attempt, f"POST {url}", url)
+            result = client.post_json(url, {"cypher": cypher, "dataset": dataset})
         except TransferError as exc:
             if exc.status == 404:
                 raise SelectionError(f"neuPrint at {self.neuprint_url} has no dataset {dataset!r}") from None

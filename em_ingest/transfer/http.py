@@ -21,6 +21,9 @@ _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _BLOCK = 1 << 20
 # Small reads: when a connection drops, only the block being read is lost, the rest resumes.
 _STREAM_BLOCK = 64 << 10
+# Object bytes exactly as stored: a server that keeps an object gzip-encoded (GCS does for some
+# precomputed chunks) must not make the body differ from the announced Content-Length.
+_IDENTITY = {"Accept-Encoding": "identity"}
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class HttpClient:
         """Size, ETag and Last-Modified of `url` without fetching its body."""
 
         def attempt() -> RemoteObject:
-            response = self._request("HEAD", url, allow_redirects=True)
+            response = self._request("HEAD", url, allow_redirects=True, headers=_IDENTITY)
             length = response.headers.get("Content-Length")
             return RemoteObject(
                 url=url,
@@ -150,10 +153,24 @@ class HttpClient:
 
     def get_json(self, url: str, *, params: Mapping[str, Any] | None = None) -> Any:
         body = self.get_bytes(url, params=params, headers={"Accept": "application/json"})
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise SourceResponseError(f"{url}: expected JSON, got {body[:80]!r}… ({exc})") from None
+        return _parse_json(body, f"GET {url}")
+
+    def post_json(self, url: str, body: Any) -> Any:
+        """POST `body` as JSON and parse the JSON answer, under the same retry policy as a GET.
+
+        Only for idempotent requests (queries): a retried POST is sent again as it is.
+        """
+
+        def attempt() -> bytes:
+            response = self._request("POST", url, json=body, headers={"Accept": "application/json"})
+            try:
+                content = response.content
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                raise RetryableError(f"POST {url}: body cut short: {exc}", url=url) from None
+            self._count(len(content))
+            return content
+
+        return _parse_json(self._retrying(attempt, f"POST {url}", url), f"POST {url}")
 
     def download(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
         """Fetch `url` to `dest` atomically, resuming a partial copy left by an earlier attempt.
@@ -171,7 +188,7 @@ class HttpClient:
             offset = part.stat().st_size if part.exists() else 0
             validator = validator_file.read_text() if offset and validator_file.exists() else None
             # If-Range makes the server send the rest only if the object is still the version we hold.
-            headers = {"Range": f"bytes={offset}-", "If-Range": validator} if validator else {}
+            headers = {"Range": f"bytes={offset}-", "If-Range": validator, **_IDENTITY} if validator else _IDENTITY
             response = self._request("GET", url, headers=headers, stream=True)
             with response:
                 etag = response.headers.get("ETag") or (expected.etag if expected else None)
@@ -213,6 +230,13 @@ class HttpClient:
         os.replace(part, dest)
         validator_file.unlink(missing_ok=True)
         return Download(dest, url, result.size, digest, result.etag, result.last_modified, first_offset)
+
+
+def _parse_json(body: bytes, what: str) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise SourceResponseError(f"{what}: expected JSON, got {body[:80]!r}… ({exc})") from None
 
 
 def _total_from_content_range(value: str | None, url: str) -> int | None:

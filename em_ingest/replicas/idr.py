@@ -198,10 +198,8 @@ class IdrReplica(Replica):
 
         screen_volume = synthetic_em(self.SCREEN_IMAGE.size_tczyx[2:], "uint16", seed=900)
         screen_volume[8:16, 32:64, 32:64] = 0  # exactly one (8, 32, 32) chunk of fill value: not written
-        for key, data in zarr_v2_image(screen_volume, (8, 32, 32), (0.05, 0.01, 0.01), self.SCREEN_IMAGE.name).items():
-            self.zarr.add_file(f"{ZARR_ROOT}/idr0900A/{self.SCREEN_IMAGE.id}.zarr/{key}", data,
-                               content_type="application/json" if key.endswith((".zattrs", ".zarray", ".zgroup"))
-                               else "application/octet-stream")
+        self.publish_zarr_copy(self.SCREEN_IMAGE, "idr0900A",
+                               zarr_v2_image(screen_volume, (8, 32, 32), (0.05, 0.01, 0.01), self.SCREEN_IMAGE.name))
         self.expected["90000001"] = Expected(screen_volume, (50.0, 10.0, 10.0), "source-metadata", None, {
             "title": f"{self.SCREEN_IMAGE.name} — {SYNTHETIC_STUDY[0][1]}", "organism": "Mus musculus",
             "license": "CC0 1.0 https://creativecommons.org/publicdomain/zero/1.0/", "doi": "10.17867/00000000"})
@@ -211,6 +209,15 @@ class IdrReplica(Replica):
         self.selection = {key: {} for key in self.DEMO_KEYS}
         self.startup_s = time.perf_counter() - started
         return self
+
+    def publish_zarr_copy(self, image: ReplicaImage, study: str, objects: dict[str, bytes]) -> None:
+        """Know `image` in OMERO.web and serve `objects` (Zarr object name -> bytes) as its OME-Zarr copy at
+        `<study>/<image id>.zarr/` in the bucket (tests use this to serve images other writers produced)."""
+        self.images[image.id] = image
+        for key, data in objects.items():
+            metadata = key.rsplit("/", 1)[-1] in (".zattrs", ".zarray", ".zgroup")
+            self.zarr.add_file(f"{ZARR_ROOT}/{study}/{image.id}.zarr/{key}", data,
+                               content_type="application/json" if metadata else "application/octet-stream")
 
     def set_original(self, image: ReplicaImage, data: bytes) -> None:
         """Serve `data` as the image's original file on the mirror (tests use this to change it)."""

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import numcodecs
+import numcodecs.errors
 import numpy as np
-from numcodecs.compat import ensure_bytes
+import zarr
+import zarr.errors
+import zarr.storage
 
 from em_ingest.errors import (
     FormatError, SelectionError, SourceResponseError, TransferError, UnsupportedDataError,
@@ -38,7 +40,8 @@ PATHS_TO_OBJECT = "omero/paths_to_object.json"
 CONTAINER = "omero/container.json"
 CONTAINER_ANNOTATIONS = "omero/container_map_annotations.json"
 ZARR_PROBE = "zarr_probe.json"
-ZARR_ATTRS = "zarr/zattrs.json"
+# Which chunks of the mirrored level the bucket does not hold (404): zarr reads them as the fill value.
+ZARR_ABSENT = "zarr_absent_chunks.json"
 ORIGINAL_FILE_PATHS = "omero/original_file_paths.json"
 
 VOXELS_ZARR = "ome-zarr"
@@ -212,9 +215,10 @@ class IdrSource(Source):
             docs.add(CONTAINER_ANNOTATIONS, url, self.get_json(url))
 
         study = study_of(container.name if container else None)
-        zattrs = self._probe_zarr(study, image_id, docs)
+        zattrs = self._probe_zarr(raw, study, image_id, docs)
         if zattrs is not None:
-            entries, stats, version = self._mirror_zarr(raw, self.zarr_url(study, image_id), zattrs, docs)  # type: ignore[arg-type]
+            zarr_url = self.zarr_url(study, image_id)  # type: ignore[arg-type]  # found, so there is a study
+            entries, stats, version = self._mirror_zarr(raw, zarr_url, image_id, zattrs, docs)
         else:
             entries, stats, version = self._fetch_original(raw, image_id, docs)
         return raw.commit(docs.entries + entries, request.options_dict(), docs.stats + stats, source_version=version)
@@ -249,48 +253,55 @@ class IdrSource(Source):
                     return Container(kind, container_id, (detail.get("data") or {}).get("Name"))
         return None
 
-    def _probe_zarr(self, study: str | None, image_id: int, docs: _Documents) -> dict[str, Any] | None:
-        """IDR's OME-Zarr copy's `.zattrs` if it has one; the probe's outcome is kept for provenance."""
+    def _probe_zarr(self, raw: RawStore, study: str | None, image_id: int,
+                    docs: _Documents) -> tuple[ManifestEntry, TransferStats] | None:
+        """Mirror the `.zattrs` of IDR's OME-Zarr copy if there is one; the probe's outcome is kept for provenance."""
         if study is None:
             docs.add(ZARR_PROBE, self.settings.idr_zarr_url, {"found": False, "reason": "no idrNNNN study name"})
             return None
         url = f"{self.zarr_url(study, image_id)}/.zattrs"
         try:
-            zattrs = json.loads(self.http.get_bytes(url))
+            fetched = raw.fetch_http(url, f"{zarr_root(image_id)}/.zattrs")
         except TransferError as exc:
             # S3 answers 403 for a missing key when listing is not public, 404 otherwise.
             if exc.status in (403, 404):
                 docs.add(ZARR_PROBE, url, {"found": False, "status": exc.status})
                 return None
             raise
-        except ValueError as exc:
-            raise SourceResponseError(f"{url}: expected OME-Zarr attributes JSON ({exc})") from None
         docs.add(ZARR_PROBE, url, {"found": True})
-        docs.add(ZARR_ATTRS, url, zattrs)
-        return zattrs
+        return fetched
 
-    def _mirror_zarr(self, raw: RawStore, zarr_url: str, zattrs: Any,
+    def _mirror_zarr(self, raw: RawStore, zarr_url: str, image_id: int, zattrs: tuple[ManifestEntry, TransferStats],
                      docs: _Documents) -> tuple[list[ManifestEntry], TransferStats, str]:
-        """Copy the full-resolution level's `.zarray` and chunks into raw/; a 404 chunk is recorded as absent."""
-        multiscale = multiscale_of(zattrs, where=f"{zarr_url}/.zattrs")
+        """Mirror the copy under its own object names: `.zattrs`, `.zgroup`, the full-resolution level's `.zarray`
+        and chunks, so zarr-python opens raw/ as it would open the bucket. A 404 chunk is recorded as absent."""
+        root = zarr_root(image_id)
+        entries, stats = [zattrs[0]], zattrs[1]
+        multiscale = multiscale_of(read_json(raw.path(f"{root}/.zattrs"), url=f"{zarr_url}/.zattrs"),
+                                   where=f"{zarr_url}/.zattrs")
         level = multiscale.level_path
-        zarray_url = f"{zarr_url}/{level}/.zarray"
-        zarray = ZarrayInfo.parse(self.get_json(zarray_url), where=zarray_url)
-        docs.add(f"zarr/{level}/zarray.json", zarray_url, zarray.document)
-        multiscale = multiscale.for_rank(len(zarray.shape), where=zarr_url)
-        multiscale.check_axes(zarray.shape, where=zarr_url)
-        keys = list(zarray.chunk_keys())
-        items = [(f"{zarr_url}/{level}/{key}", f"zarr/{level}/chunks/{key}") for key in keys]
+        zgroup = _fetch_if_present(raw, f"{zarr_url}/.zgroup", f"{root}/.zgroup")  # bioformats2raw writes one
+        zarray = raw.fetch_http(f"{zarr_url}/{level}/.zarray", f"{root}/{level}/.zarray")
+        for entry, s in (zgroup, zarray):
+            if entry is not None:
+                entries.append(entry)
+            stats = stats + s
+        array = open_mirrored_array(raw.path(root), level, where=f"{zarr_url}/{level}")
+        multiscale = multiscale.for_rank(array.ndim, where=zarr_url)
+        multiscale.check_axes(array.shape, where=zarr_url)
+
+        keys = [array.metadata.encode_chunk_key(index) for index in product(*map(range, array.cdata_shape))]
+        items = [(f"{zarr_url}/{level}/{key}", f"{root}/{level}/{key}") for key in keys]
         with ThreadPoolExecutor(max_workers=max(1, min(MAX_IN_FLIGHT, self.settings.transfer.max_in_flight))) as pool:
-            results = list(pool.map(lambda item: _fetch_chunk(raw, *item), items))
-        entries = [entry for entry, _ in results if entry is not None]
-        stats = TransferStats()
-        for _, s in results:
+            results = list(pool.map(lambda item: _fetch_if_present(raw, *item), items))
+        for entry, s in results:
+            if entry is not None:
+                entries.append(entry)
             stats = stats + s
         absent = sorted(key for key, (entry, _) in zip(keys, results) if entry is None)
-        docs.add(f"zarr/{level}/absent_chunks.json", f"{zarr_url}/{level}/",
-                 {"absent": absent, "meaning": "HTTP 404: never written, read as fill_value"})
-        version = hashlib.sha256(json.dumps([zattrs, zarray.document], sort_keys=True).encode()).hexdigest()[:16]
+        docs.add(ZARR_ABSENT, f"{zarr_url}/{level}/",
+                 {"level": level, "absent": absent, "meaning": "HTTP 404: never written, read as fill_value"})
+        version = hashlib.sha256(f"{zattrs[0].sha256}:{zarray[0].sha256}".encode()).hexdigest()[:16]
         return entries, stats, f"ome-zarr:{version}"
 
     def _fetch_original(self, raw: RawStore, image_id: int,
@@ -338,9 +349,9 @@ class IdrSource(Source):
         study_title = first("Study Title", "Publication Title", sources=(study_values,))
         title = f"{image_name} — {study_title}" if image_name and study_title else (image_name or study_title)
         authors = first("Publication Authors", sources=(study_values,))
-        voxels, voxel_url = self._voxel_origin(raw)
+        voxels, voxel_url = self._voxel_origin(raw, image_id)
         omero_nm = omero_voxel_size_nm(img_data)
-        file_nm = self._file_voxel_size_nm(raw, voxels)
+        file_nm = self._file_voxel_size_nm(raw, image_id, voxels)
         container_name = meta.get("projectName") if isinstance(meta.get("projectId"), int) else \
             self._container_name(raw)
         extra: dict[str, Any] = {
@@ -376,22 +387,22 @@ class IdrSource(Source):
             return (raw.read_document(CONTAINER).get("data") or {}).get("Name")
         return None
 
-    def _voxel_origin(self, raw: RawStore) -> tuple[str, str | None]:
+    def _voxel_origin(self, raw: RawStore, image_id: int) -> tuple[str, str | None]:
         manifest = raw.previous
         if manifest is None:
             raise FormatError(f"{raw.dir}: no raw manifest; fetch the raw download first")
         for entry in manifest.entries:
-            if entry.path == ZARR_ATTRS:
+            if entry.path == f"{zarr_root(image_id)}/.zattrs":
                 return VOXELS_ZARR, entry.url.removesuffix("/.zattrs")
         for entry in manifest.entries:
             if entry.path.startswith("original/"):
                 return VOXELS_ORIGINAL, entry.url
         raise FormatError(f"{raw.manifest_path}: neither an OME-Zarr copy nor an original file was fetched")
 
-    def _file_voxel_size_nm(self, raw: RawStore, voxels: str) -> tuple[float, float, float] | None:
+    def _file_voxel_size_nm(self, raw: RawStore, image_id: int, voxels: str) -> tuple[float, float, float] | None:
         if voxels == VOXELS_ZARR:
-            multiscale = multiscale_of(raw.read_document(ZARR_ATTRS), where=str(raw.path(ZARR_ATTRS)))
-            return multiscale.voxel_size_nm(where=str(raw.path(ZARR_ATTRS)))
+            path = raw.path(f"{zarr_root(image_id)}/.zattrs")
+            return multiscale_of(read_json(path, url=str(path)), where=str(path)).voxel_size_nm(where=str(path))
         calibration = imagej.read_calibration(self._original_path(raw))
         return calibration.voxel_size_nm if calibration else None
 
@@ -408,9 +419,9 @@ class IdrSource(Source):
         img_data = raw.read_document(IMG_DATA)
         check_single_channel(img_data, image_id)
         omero_nm = omero_voxel_size_nm(img_data)
-        voxels, _ = self._voxel_origin(raw)
+        voxels, _ = self._voxel_origin(raw, image_id)
         if voxels == VOXELS_ZARR:
-            return self._open_zarr(raw, omero_nm)
+            return self._open_zarr(raw, image_id, omero_nm)
         path = self._original_path(raw)
         calibration = imagej.read_calibration(path)
         file_nm = calibration.voxel_size_nm if calibration else None
@@ -418,21 +429,24 @@ class IdrSource(Source):
         geometry = Geometry(voxel_size_nm, "source-metadata") if voxel_size_nm else None
         return TiffStack(path, geometry)
 
-    def _open_zarr(self, raw: RawStore, omero_nm: tuple[float, float, float] | None) -> Volume:
-        where = str(raw.path(ZARR_ATTRS))
-        multiscale = multiscale_of(raw.read_document(ZARR_ATTRS), where=where)
+    def _open_zarr(self, raw: RawStore, image_id: int, omero_nm: tuple[float, float, float] | None) -> Volume:
+        root = zarr_root(image_id)
+        where = str(raw.path(f"{root}/.zattrs"))
+        multiscale = multiscale_of(read_json(raw.path(f"{root}/.zattrs"), url=where), where=where)
         level = multiscale.level_path
-        zarray = ZarrayInfo.parse(raw.read_document(f"zarr/{level}/zarray.json"),
-                                  where=str(raw.path(f"zarr/{level}/zarray.json")))
-        multiscale = multiscale.for_rank(len(zarray.shape), where=where)
-        multiscale.check_axes(zarray.shape, where=where)
-        absent = set(raw.read_document(f"zarr/{level}/absent_chunks.json")["absent"])
+        array = open_mirrored_array(raw.path(root), level, where=str(raw.path(f"{root}/{level}")))
+        multiscale = multiscale.for_rank(array.ndim, where=where)
+        multiscale.check_axes(array.shape, where=where)
+        absent = raw.read_document(ZARR_ABSENT)
+        if absent.get("level") != level:
+            raise FormatError(f"{raw.path(ZARR_ABSENT)}: lists absent chunks of level {absent.get('level')!r}, "
+                              f"not of {level!r}; re-run the raw download")
         voxel_size_nm = multiscale.voxel_size_nm(where=where) or omero_nm
         geometry = None
         if voxel_size_nm:
             geometry = Geometry(voxel_size_nm, "source-metadata", multiscale.translation_nm(where=where))
-        return ChunkedZarrVolume(zarray, raw.path(f"zarr/{level}/chunks"), absent, multiscale.axes, geometry,
-                                 name=f"{raw.dir}/zarr/{level}")
+        return MirroredZarrVolume(array, raw.path(f"{root}/{level}"), multiscale.axes, frozenset(absent["absent"]),
+                                  geometry, name=str(raw.path(f"{root}/{level}")))
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -487,11 +501,25 @@ class _Documents:
             self.stats = self.stats + TransferStats(fetched_objects=1, fetched_bytes=entry.size)
 
 
-def _fetch_chunk(raw: RawStore, url: str, relpath: str) -> tuple[ManifestEntry | None, TransferStats]:
+def zarr_root(image_id: int) -> str:
+    """Where an image's OME-Zarr copy is mirrored inside its raw folder: under its own object name."""
+    return f"{image_id}.zarr"
+
+
+def read_json(path: Path, *, url: str) -> Any:
+    """A mirrored JSON object; `url` names where it came from when it is not JSON."""
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise SourceResponseError(f"{url}: expected JSON ({exc})") from None
+
+
+def _fetch_if_present(raw: RawStore, url: str, relpath: str) -> tuple[ManifestEntry | None, TransferStats]:
+    """fetch_http, with 404 meaning "not there": in Zarr v2 an unwritten chunk or optional `.zgroup`."""
     try:
         return raw.fetch_http(url, relpath)
     except TransferError as exc:
-        if exc.status == 404:  # Zarr: a chunk never written reads as the fill value
+        if exc.status == 404:
             return None, TransferStats()
         raise
 
@@ -602,153 +630,82 @@ def multiscale_of(zattrs: Any, *, where: str) -> Multiscale:
     return Multiscale(document, names, units, level_path)
 
 
-@dataclass(frozen=True)
-class ZarrayInfo:
-    """A Zarr v2 array's metadata, checked for what the chunk reader supports."""
+def open_mirrored_array(root: Path, level: str, *, where: str) -> zarr.Array:
+    """The mirrored Zarr v2 array `level` of the image group at `root`, opened read-only by zarr-python.
 
-    document: dict[str, Any]
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    dtype: np.dtype
-    order: str
-    fill_value: Any
-    separator: str
-
-    @classmethod
-    def parse(cls, document: Any, *, where: str) -> ZarrayInfo:
-        try:
-            if document.get("zarr_format") != 2:
-                raise UnsupportedDataError(f"{where}: zarr_format {document.get('zarr_format')!r}; expected 2")
-            shape = tuple(int(n) for n in document["shape"])
-            chunks = tuple(int(n) for n in document["chunks"])
-            dtype = np.dtype(document["dtype"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise FormatError(f"{where}: not a Zarr v2 array description ({exc})") from None
-        if len(shape) != len(chunks) or any(c <= 0 for c in chunks):
-            raise FormatError(f"{where}: shape {shape} and chunks {chunks} do not match")
-        if dtype.kind not in "biuf":
-            raise UnsupportedDataError(f"{where}: dtype {dtype} is not a numeric voxel type")
-        order = document.get("order", "C")
-        if order not in ("C", "F"):
-            raise FormatError(f"{where}: order {order!r}; expected 'C' or 'F'")
-        return cls(document, shape, chunks, dtype, order, document.get("fill_value"),
-                   document.get("dimension_separator") or ".")
-
-    def chunk_key(self, index: tuple[int, ...]) -> str:
-        return self.separator.join(str(i) for i in index)
-
-    def chunk_keys(self) -> Iterator[str]:
-        grid = [range(math.ceil(n / c)) for n, c in zip(self.shape, self.chunks)]
-        for index in product(*grid):
-            yield self.chunk_key(index)
-
-    @property
-    def fill(self) -> Any:
-        """The fill value as a number of the array's dtype (Zarr v2: null means 0 for reading)."""
-        value = self.fill_value
-        if value is None:
-            return 0
-        if isinstance(value, str):  # "NaN", "Infinity", "-Infinity"
-            return float({"Infinity": "inf", "-Infinity": "-inf"}.get(value, value))
-        return value
+    Opening reads only `.zarray`, so this also checks a fresh `.zarray` before any chunk is fetched.
+    """
+    try:
+        array = zarr.open_array(zarr.storage.LocalStore(root, read_only=True), path=level, mode="r", zarr_format=2)
+    except (zarr.errors.UnknownCodecError, numcodecs.errors.UnknownCodecError) as exc:  # v3 and v2 codecs
+        raise UnsupportedDataError(f"{where}: unsupported Zarr codec ({exc})") from None
+    except zarr.errors.NodeNotFoundError:
+        raise FormatError(f"{where}: no Zarr v2 array there (expected {level}/.zarray)") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise FormatError(f"{where}: not a Zarr v2 array description ({type(exc).__name__}: {exc})") from None
+    if not isinstance(array.dtype, np.dtype) or array.dtype.kind not in "biuf":
+        raise UnsupportedDataError(f"{where}: dtype {array.dtype} is not a numeric voxel type")
+    return array
 
 
-class ChunkedZarrVolume(Volume):
-    """A mirrored Zarr v2 array read chunk by chunk; non-spatial axes (t, c) must have length 1.
+class MirroredZarrVolume(Volume):
+    """A mirrored OME-Zarr level read lazily by zarr-python; (t, c, z, y, x) with t = c = 1 seen as (z, y, x).
 
-    Chunks listed as absent (404 at the source) read as the fill value; a chunk neither present nor
-    listed as absent means the raw download is incomplete, which is an error.
+    Chunks absent at the source (404) read as the fill value, as Zarr specifies; a chunk neither
+    mirrored nor recorded as absent means the raw download is incomplete, which is an error rather
+    than silently the fill value.
     """
 
-    def __init__(self, info: ZarrayInfo, chunk_dir: Path, absent: set[str], axes: list[str],
+    def __init__(self, array: zarr.Array, array_dir: Path, axes: list[str], absent: frozenset[str],
                  geometry: Geometry | None, *, name: str):
-        self.info = info
-        self.chunk_dir = chunk_dir
-        self.absent = absent
-        self.axes = axes or _DEFAULT_AXES.get(len(info.shape), [])
-        if len(self.axes) != len(info.shape):
-            raise FormatError(f"{name}: cannot tell the axes of an array of shape {info.shape}")
+        if len(axes) != array.ndim:
+            raise FormatError(f"{name}: axes {axes} do not match an array of shape {array.shape}")
+        self._array = array
+        self._array_dir = array_dir
+        self._axes = axes
+        self._absent = absent
+        self._spatial = {axis: axes.index(axis) for axis in ("z", "y", "x") if axis in axes}
+        self.shape = tuple(  # type: ignore[assignment]
+            array.shape[self._spatial[a]] if a in self._spatial else 1 for a in "zyx")
+        self.dtype = array.dtype.newbyteorder("=")  # bioformats2raw writes big-endian; the writer wants native
         self.geometry = geometry
         self.name = name
-        self.dtype = info.dtype.newbyteorder("=")
-        self._spatial = [self.axes.index(a) if a in self.axes else None for a in ("z", "y", "x")]
-        self.shape = tuple(info.shape[i] if i is not None else 1 for i in self._spatial)  # type: ignore[assignment]
-        z_axis = self._spatial[0]
-        self.preferred_z_block = info.chunks[z_axis] if z_axis is not None else 1
-        self._compressor = _codec(info.document.get("compressor"), name)
-        self._filters = [_codec(f, name) for f in info.document.get("filters") or []]
+        self.preferred_z_block = array.chunks[self._spatial["z"]] if "z" in self._spatial else 1
+        # zarr returns the spatial axes in array order; NGFF puts them z, y, x, but do not rely on it.
+        in_array_order = [a for a in axes if a in self._spatial]
+        self._to_zyx = [in_array_order.index(a) for a in "zyx" if a in self._spatial]
 
     def read(self, region: Region) -> np.ndarray:
-        out = np.full([s.stop - s.start for s in region], self.info.fill, dtype=self.dtype)
-        ranges = []
-        for axis_slice, array_axis in zip(region, self._spatial):
-            if array_axis is None:
-                ranges.append([None])
-                continue
-            size = self.info.chunks[array_axis]
-            ranges.append(list(range(axis_slice.start // size, (axis_slice.stop - 1) // size + 1)))
-        for chunk_zyx in product(*ranges):
-            self._copy_chunk(chunk_zyx, region, out)
-        return out
-
-    def _copy_chunk(self, chunk_zyx: tuple, region: Region, out: np.ndarray) -> None:
-        index = [0] * len(self.info.shape)
-        for array_axis, chunk_index in zip(self._spatial, chunk_zyx):
-            if array_axis is not None:
-                index[array_axis] = chunk_index
-        data = self._chunk(tuple(index))
-        if data is None:
-            return  # absent: `out` already holds the fill value
-        source, target = [], []
-        for axis_slice, array_axis in zip(region, self._spatial):
-            if array_axis is None:
-                source.append(None)
-                target.append(slice(0, 1))
-                continue
-            size = self.info.chunks[array_axis]
-            origin = index[array_axis] * size
-            start, stop = max(axis_slice.start, origin), min(axis_slice.stop, origin + size)
-            source.append(slice(start - origin, stop - origin))
-            target.append(slice(start - axis_slice.start, stop - axis_slice.start))
-        selector: list[Any] = [0] * len(self.info.shape)
-        for array_axis, s in zip(self._spatial, source):
-            if array_axis is not None:
-                selector[array_axis] = s
-        # NGFF orders spatial axes z, y, x after t and c, so the selected block is already (z, y, x).
-        block = data[tuple(selector)]
-        out[tuple(target)] = block.reshape([t.stop - t.start for t in target])
-
-    def _chunk(self, index: tuple[int, ...]) -> np.ndarray | None:
-        key = self.info.chunk_key(index)
-        path = self.chunk_dir / key
-        if not path.exists():
-            if key in self.absent:
-                return None
-            raise FormatError(f"{path}: chunk {key} is missing from the raw download (and was not absent at the "
-                              "source); re-run the raw download")
-        data: Any = path.read_bytes()
+        self._check_mirrored(region)
+        selection = tuple(region["zyx".index(a)] if a in self._spatial else 0 for a in self._axes)
         try:
-            if self._compressor is not None:
-                data = self._compressor.decode(data)
-            for codec in reversed(self._filters):
-                data = codec.decode(data)
-            array = np.frombuffer(ensure_bytes(data), dtype=self.info.dtype)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise FormatError(f"{path}: chunk {key} does not decode ({type(exc).__name__}: {exc})") from None
-        expected = math.prod(self.info.chunks)
-        if array.size != expected:
-            raise FormatError(f"{path}: chunk {key} holds {array.size} values, expected {expected} "
-                              f"(chunks {self.info.chunks})")
-        return array.reshape(self.info.chunks, order=self.info.order).astype(self.dtype, copy=False)
+            block = np.asarray(self._array[selection])
+        except (RuntimeError, ValueError, TypeError) as exc:  # what numcodecs raises for bytes that do not decode
+            raise FormatError(f"{self.name}: a chunk of region {_show(region)} does not decode "
+                              f"({type(exc).__name__}: {exc})") from None
+        block = block.transpose(self._to_zyx)
+        if "z" not in self._spatial:
+            block = block[np.newaxis]
+        return np.ascontiguousarray(block, dtype=self.dtype)
+
+    def _check_mirrored(self, region: Region) -> None:
+        """Refuse a region touching a chunk that is neither in raw/ nor recorded as absent at the source."""
+        ranges = []
+        for axis, chunk in zip(self._axes, self._array.chunks):
+            if axis in self._spatial:
+                span = region["zyx".index(axis)]
+                ranges.append(range(span.start // chunk, (span.stop - 1) // chunk + 1))
+            else:
+                ranges.append(range(1))
+        for index in product(*ranges):
+            key = self._array.metadata.encode_chunk_key(index)
+            if key not in self._absent and not (self._array_dir / key).is_file():
+                raise FormatError(f"{self._array_dir / key}: chunk {key} is missing from the raw download (and was "
+                                  "not absent at the source); re-run the raw download")
 
 
-def _codec(config: Any, where: str):
-    if config is None:
-        return None
-    try:
-        return numcodecs.get_codec(dict(config))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise UnsupportedDataError(f"{where}: unsupported Zarr codec {config!r} ({exc})") from None
+def _show(region: Region) -> str:
+    return "(z, y, x) " + ", ".join(f"{s.start}:{s.stop}" for s in region)
 
 
 SOURCE = IdrSource

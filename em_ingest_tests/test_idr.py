@@ -1,10 +1,12 @@
-"""IDR: ImageJ calibration, both voxel paths end to end (materialize and the dagster CLI), refusals, re-runs."""
+"""IDR: ImageJ calibration, the Zarr mirror read by zarr-python, both voxel paths end to end, refusals, re-runs."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from itertools import product
 
+import numcodecs
 import numpy as np
 import pytest
 import zarr
@@ -13,7 +15,7 @@ from em_ingest import catalog
 from em_ingest.errors import FormatError, SelectionError, UnsupportedDataError
 from em_ingest.formats import imagej
 from em_ingest.formats.tiff import TiffStack
-from em_ingest.replicas.idr import IdrReplica, imagej_tiff
+from em_ingest.replicas.idr import IdrReplica, ReplicaImage, imagej_tiff
 from em_ingest.replicas.volumes import synthetic_em
 from em_ingest.sources.idr import IdrSource, Multiscale, bare_doi, map_values, multiscale_of, study_of
 
@@ -99,28 +101,134 @@ def test_zarr_copy_with_several_channels_is_refused():
         multiscale.check_axes((1, 3, 10, 20, 20), where="idr0900A/1.zarr")
 
 
-def test_chunk_reader_matches_zarr_itself(tmp_path):
-    """Fortran order, '.' keys, a filter, big-endian int16, a non-zero fill value and unwritten chunks,
-    written by zarr-python as an independent reference."""
-    import numcodecs
+# ---- the OME-Zarr mirror, read by zarr-python ----------------------------------------------------
 
-    from em_ingest.sources.idr import ChunkedZarrVolume, ZarrayInfo
+_MIRROR_PROJECT = (1553, "idr0902-replica-zarr/experimentA")
 
-    written = zarr.create_array(store=str(tmp_path), shape=(1, 1, 9, 20, 30), chunks=(1, 1, 4, 8, 16),
-                                dtype=">i2", zarr_format=2, compressors=numcodecs.Zstd(level=3),
-                                filters=[numcodecs.Delta(dtype=">i2")], fill_value=-5, order="F",
-                                chunk_key_encoding={"name": "v2", "separator": "."})
-    written[0, 0, :4] = synthetic_em((4, 20, 30), "int16", seed=5)
-    written[0, 0, 8, 3:9, 17:29] = 1234
-    info = ZarrayInfo.parse(json.loads((tmp_path / ".zarray").read_text()), where=".zarray")
-    absent = {k for k in info.chunk_keys() if not (tmp_path / k).exists()}
-    assert absent, "some chunks should never have been written"
-    volume = ChunkedZarrVolume(info, tmp_path, absent, ["t", "c", "z", "y", "x"], None, name="ref")
-    assert volume.shape == (9, 20, 30) and volume.dtype == np.dtype("int16") and volume.preferred_z_block == 4
-    truth = written[0, 0]
-    for region in [(slice(0, 9), slice(0, 20), slice(0, 30)), (slice(3, 9), slice(7, 17), slice(15, 30)),
-                   (slice(8, 9), slice(0, 1), slice(29, 30))]:
-        np.testing.assert_array_equal(volume.read(region), truth[region])
+
+def _zarr_python_copy(folder, *, axes: str, shape, chunks, dtype: str, scale_um, written: list, **array_options):
+    """An OME-NGFF 0.4 image written by zarr-python (an independent writer) as Zarr object name -> bytes, and the
+    (z, y, x) voxels a correct reader must return, computed without zarr: fill value except where written."""
+    zarr.open_group(str(folder), mode="w", zarr_format=2).attrs["multiscales"] = [{
+        "version": "0.4", "axes": [{"name": a, "type": "space", "unit": "micrometer"} if a in "zyx"
+                                   else {"name": a, "type": "time" if a == "t" else "channel"} for a in axes],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(scale_um)}]}]}]
+    array = zarr.create_array(store=str(folder / "0"), shape=shape, chunks=chunks, dtype=dtype, zarr_format=2,
+                              **array_options)
+    lead = (0,) * (len(axes) - 3)
+    truth = np.full(shape[-3:], array_options["fill_value"], dtype=np.dtype(dtype).newbyteorder("="))
+    for region, values in written:
+        array[lead + region] = values
+        truth[region] = values
+    objects = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    return objects, truth
+
+
+ZARR_PYTHON_CASES = {
+    # bioformats2raw-like 5-D, but Fortran order, a Delta filter, big-endian int16, '.' keys, a fill value of -5.
+    "fortran-filters-big-endian": dict(
+        axes="tczyx", shape=(1, 1, 9, 20, 30), chunks=(1, 1, 4, 8, 16), dtype=">i2",
+        scale_um=(1, 1, 0.05, 0.008, 0.008),
+        order="F", filters=[numcodecs.Delta(dtype=">i2")], compressors=numcodecs.Zstd(level=3), fill_value=-5,
+        chunk_key_encoding={"name": "v2", "separator": "."},
+        written=[((slice(0, 4), slice(0, 20), slice(0, 30)), synthetic_em((4, 20, 30), "int16", seed=5)),
+                 ((slice(8, 9), slice(3, 9), slice(17, 29)), 1234)]),
+    # Plain 3-D z, y, x: little-endian float32, no compressor, '/' keys, a fractional fill value.
+    "zyx-uncompressed-float": dict(
+        axes="zyx", shape=(7, 12, 10), chunks=(3, 5, 4), dtype="<f4", scale_um=(0.03, 0.004, 0.004),
+        order="C", filters=None, compressors=None, fill_value=0.5,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        written=[((slice(0, 7), slice(0, 6), slice(0, 10)),
+                  np.linspace(-1, 1, 420, dtype="float32").reshape(7, 6, 10))]),
+}
+
+
+def _publish(replica: IdrReplica, image_id: int, shape_zyx, objects) -> None:
+    z, y, x = shape_zyx
+    replica.publish_zarr_copy(ReplicaImage(image_id, f"zarr-python image {image_id}", (1, 1, z, y, x),
+                                           (0.008, 0.008, 0.05), "int16", dataset=(10742, "zarr_python"),
+                                           project=_MIRROR_PROJECT), "idr0902A", objects)
+
+
+def _fetch_and_open(ws, key: str):
+    pipeline = ws.pipeline
+    request, source = pipeline.request("idr", key), pipeline.source("idr")
+    raw = pipeline.raw_store(request, source)
+    manifest = source.fetch_raw(request, raw)
+    return manifest, raw, source.open_volume(request, raw)
+
+
+def test_mirror_is_the_copy_under_its_own_names_and_zarr_python_reads_it(fresh_replica, tmp_path):
+    from em_ingest_tests.harness import workspace_for
+
+    replica: IdrReplica = fresh_replica("idr")  # type: ignore[assignment]
+    cases = {}
+    for number, (name, case) in enumerate(ZARR_PYTHON_CASES.items()):
+        image_id = 90000100 + number
+        objects, truth = _zarr_python_copy(tmp_path / name, **case)
+        _publish(replica, image_id, truth.shape, objects)
+        cases[str(image_id)] = (case, objects, truth)
+    ws = workspace_for(tmp_path / "ws", replica, selection={"idr": {key: {} for key in cases}})
+
+    for key, (case, objects, truth) in cases.items():
+        manifest, raw, volume = _fetch_and_open(ws, key)
+        root = raw.dir / f"{key}.zarr"
+        # Every object the bucket holds for the group and the level is in raw/ byte for byte, under its name.
+        mirrored = {k: v for k, v in objects.items() if not k.endswith("0/.zattrs")}  # per-array attrs: not needed
+        for name, data in mirrored.items():
+            assert (root / name).read_bytes() == data, name
+        assert {e.path for e in manifest.entries if e.path.startswith(f"{key}.zarr/")} == {
+            f"{key}.zarr/{name}" for name in mirrored}
+        # The chunks of the grid zarr-python never wrote are recorded as absent, and only those.
+        separator = case["chunk_key_encoding"]["separator"]
+        grid = product(*(range(-(-n // c)) for n, c in zip(case["shape"], case["chunks"])))
+        unwritten = {separator.join(map(str, index)) for index in grid} - {n.removeprefix("0/") for n in objects}
+        never_written = json.loads((raw.dir / "zarr_absent_chunks.json").read_text())
+        assert unwritten and never_written == {"level": "0", "absent": sorted(unwritten),
+                                               "meaning": "HTTP 404: never written, read as fill_value"}
+
+        with volume:
+            assert volume.shape == truth.shape and volume.dtype == truth.dtype and volume.dtype.isnative
+            assert volume.preferred_z_block == case["chunks"][-3]
+            assert volume.geometry.voxel_size_nm == pytest.approx(tuple(v * 1000 for v in case["scale_um"][-3:]))
+            for region in [tuple(slice(0, n) for n in truth.shape), (slice(3, 7), slice(4, 11), slice(5, 10)),
+                           (slice(truth.shape[0] - 1, truth.shape[0]), slice(0, 1), slice(9, 10))]:
+                data = volume.read(region)
+                assert data.flags["C_CONTIGUOUS"] and data.dtype.isnative
+                np.testing.assert_array_equal(data, truth[region])
+
+
+def test_mirrored_reads_are_lazy_and_damage_is_an_error(fresh_replica, tmp_path):
+    from em_ingest_tests.harness import workspace_for
+
+    replica: IdrReplica = fresh_replica("idr")  # type: ignore[assignment]
+    case = ZARR_PYTHON_CASES["fortran-filters-big-endian"]
+    objects, truth = _zarr_python_copy(tmp_path / "copy", **case)
+    _publish(replica, 90000110, truth.shape, objects)
+    broken = dict(objects, **{"0/.zarray": objects["0/.zarray"].replace(b'"zstd"', b'"no-such-codec"')})
+    _publish(replica, 90000111, truth.shape, broken)
+    ws = workspace_for(tmp_path / "ws", replica, selection={"idr": {"90000110": {}, "90000111": {}}})
+
+    _, raw, volume = _fetch_and_open(ws, "90000110")
+    level = raw.dir / "90000110.zarr" / "0"
+    inside = (slice(0, 4), slice(0, 8), slice(0, 16))  # exactly chunk 0.0.0.0.0
+    for chunk in level.iterdir():
+        if chunk.name not in (".zarray", "0.0.0.0.0"):
+            chunk.write_bytes(b"not zstd")  # any read beyond the region's one chunk would fail to decode
+    np.testing.assert_array_equal(volume.read(inside), truth[inside])
+    with pytest.raises(FormatError, match="does not decode"):
+        volume.read((slice(0, 4), slice(0, 9), slice(0, 16)))
+    # A chunk lost from raw/ (not absent at the source) is an error, never silently the fill value.
+    (level / "0.0.0.0.1").unlink()
+    with pytest.raises(FormatError, match=r"0\.0\.0\.0\.1 is missing from the raw download"):
+        volume.read((slice(0, 4), slice(0, 8), slice(10, 20)))
+
+    # A codec zarr-python does not know is refused after `.zarray`, before any chunk is fetched.
+    replica.zarr.traffic.reset()
+    with pytest.raises(UnsupportedDataError, match="unsupported Zarr codec"):
+        _fetch_and_open(ws, "90000111")
+    fetched = {p.rsplit("/", 1)[-1] for m, p, _ in replica.zarr.traffic.requests}
+    assert fetched <= {".zattrs", ".zgroup", ".zarray"}, fetched
 
 
 # ---- end to end -----------------------------------------------------------------------------------
@@ -163,10 +271,14 @@ def test_ome_zarr_copy_path_end_to_end(workspace, replicas):
     ws = workspace("idr", selection={"idr": {ZARR_IMAGE: {}}})
     assert ws.materialize("idr", ZARR_IMAGE).success
     raw_dir = ws.data_root / "raw" / "idr" / ZARR_IMAGE
-    absent = json.loads((raw_dir / "zarr" / "0" / "absent_chunks.json").read_text())["absent"]
-    assert absent == ["0/0/1/1/1"]  # the all-zero chunk the bucket never stored
-    assert json.loads((raw_dir / "zarr" / "0" / "zarray.json").read_text())["dtype"] == ">u2"  # big-endian
-    assert not (raw_dir / "zarr" / "1").exists()  # only the full-resolution level is mirrored
+    absent = json.loads((raw_dir / "zarr_absent_chunks.json").read_text())
+    assert absent["level"] == "0" and absent["absent"] == ["0/0/1/1/1"]  # the all-zero chunk never stored
+    mirror = raw_dir / f"{ZARR_IMAGE}.zarr"
+    assert json.loads((mirror / "0" / ".zarray").read_text())["dtype"] == ">u2"  # big-endian, as served
+    assert (mirror / ".zgroup").is_file() and not (mirror / "1").exists()  # only full resolution is mirrored
+    # raw/ holds a Zarr that zarr-python opens on its own, the 5-D (t, c, z, y, x) array as the bucket has it.
+    mirrored = zarr.open_group(str(mirror), mode="r")["0"]
+    np.testing.assert_array_equal(mirrored[0, 0], replica.expected[ZARR_IMAGE].volume)
     s0 = zarr.open_group(str(ws.data_root / "zarr" / "idr" / f"{ZARR_IMAGE}.ome.zarr"), mode="r")["s0"][...]
     assert s0.dtype == np.dtype("uint16")
     np.testing.assert_array_equal(s0, replica.expected[ZARR_IMAGE].volume)
@@ -177,19 +289,8 @@ def test_ome_zarr_copy_path_end_to_end(workspace, replicas):
     again = ws.materialize("idr", ZARR_IMAGE)
     assert again.get_asset_materialization_events()[0].materialization.metadata["fetched_bytes"].value == 0
     zarr_requests = _requests(replica.zarr)
-    assert {m for m, _ in zarr_requests} <= {"HEAD", "GET"}
-    gets = [p for (m, p) in zarr_requests if m == "GET"]
-    assert all(p.endswith((".zattrs", ".zarray")) for p in gets), gets  # metadata revalidated, no chunk bodies
-
-    # A chunk lost from raw/ (not absent at the source) is an error, never silently the fill value.
-    chunk = next(p for p in (raw_dir / "zarr" / "0" / "chunks").rglob("*") if p.is_file())
-    chunk.unlink()
-    pipeline = ws.pipeline
-    request = pipeline.request("idr", ZARR_IMAGE)
-    source = pipeline.source("idr")
-    with pytest.raises(FormatError, match="missing from the raw download"):
-        with source.open_volume(request, pipeline.raw_store(request, source)) as volume:
-            volume.read((slice(0, volume.shape[0]), slice(0, volume.shape[1]), slice(0, volume.shape[2])))
+    assert {m for m, _ in zarr_requests} == {"HEAD"}, zarr_requests  # every object revalidated, no body fetched
+    assert zarr_requests[("HEAD", f"/idr/zarr/v0.4/idr0900A/{ZARR_IMAGE}.zarr/0/0/0/1/1/1")] == 1  # still absent
 
 
 def test_both_voxel_paths_through_the_dagster_cli(replicas, tmp_path):
@@ -198,17 +299,17 @@ def test_both_voxel_paths_through_the_dagster_cli(replicas, tmp_path):
     from em_ingest_tests.harness import workspace_for
 
     replica: IdrReplica = replicas["idr"]
-    # The default image as a user runs it (multiprocess executor); the Zarr image in one process to spare two
-    # interpreter start-ups. Separate DAGSTER_HOMEs, so the two CLI runs can go side by side.
-    runs = {DEFAULT: [], ZARR_IMAGE: ["--config-json", '{"execution": {"config": {"in_process": {}}}}']}
-    spaces = {key: workspace_for(tmp_path / key, replica, selection={"idr": {key: {}}}) for key in runs}
+    # Both images as a user runs them, with the Definitions' own executor (one process per step) and no run
+    # config. Separate DAGSTER_HOMEs, so the two CLI runs can go side by side.
+    keys = (DEFAULT, ZARR_IMAGE)
+    spaces = {key: workspace_for(tmp_path / key, replica, selection={"idr": {key: {}}}) for key in keys}
 
     def run(key: str):
         return spaces[key].dagster_cli("asset", "materialize", "-m", "em_ingest.definitions", "--select",
-                                       "idr/raw,idr/ome_zarr", "--partition", key, *runs[key])
+                                       "idr/raw,idr/ome_zarr", "--partition", key)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        done = dict(zip(runs, pool.map(run, runs)))
+        done = dict(zip(keys, pool.map(run, keys)))
     for key, ws in spaces.items():
         assert done[key].returncode == 0, done[key].stderr[-3000:]
         path = ws.data_root / "zarr" / "idr" / f"{key}.ome.zarr"

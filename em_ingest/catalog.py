@@ -81,6 +81,9 @@ def write_catalog(table: pa.Table, path: Path) -> None:
     """Write atomically: readers see the previous catalog or this one, never half of one."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
+    # Callers hold the catalog lock, so temporary files left here are a killed writer's: drop them.
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)
     write_atomic(path, buffer.getvalue())
 
 

@@ -123,7 +123,7 @@ class Pipeline:
         description = source.describe(request, raw)
         with source.open_volume(request, raw) as volume:
             geometry = resolve_geometry(volume, request)
-            with storage.staged_directory(final) as staging:
+            with storage.staged_directory(final, exclusive=True) as staging:
                 result = write_ome_zarr(volume, geometry, staging, name=f"{request.source}/{request.key}",
                                         layout=self.layout)
                 row = self._row(request, description, geometry, manifest, result, final)
@@ -178,5 +178,6 @@ class Pipeline:
             rows.append(row)
         table = catalog.rows_to_table(rows)
         path = storage.catalog_path(self.root)
-        catalog.write_catalog(table, path)
+        with storage.partition_lock(self.root, "catalog", path.stem):
+            catalog.write_catalog(table, path)
         return table, path

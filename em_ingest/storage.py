@@ -43,13 +43,14 @@ def catalog_path(root: Path) -> Path:
 
 
 @contextmanager
-def staged_directory(final: Path) -> Iterator[Path]:
+def staged_directory(final: Path, *, exclusive: bool = False) -> Iterator[Path]:
     """A fresh directory to write into; on success it is published as `final` in one atomic step.
 
     `final` becomes a symlink into a hidden versions folder, swapped with rename(2), so readers see
     the previous complete version or the new complete version and never a partial one. A failure
     (or a kill) leaves `final` untouched; the abandoned staging folder is removed now or, after a
-    kill, by a later publish.
+    kill, by a later publish: at once when the caller holds the partition lock (`exclusive`, so no
+    other writer can own a staging folder), else once it is a day old.
     """
     versions = final.parent / VERSIONS_DIR / final.name
     versions.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def staged_directory(final: Path) -> Iterator[Path]:
     os.replace(link_tmp, final)
     if previous is not None and previous != staging:
         shutil.rmtree(previous, ignore_errors=True)
-    _remove_abandoned(versions, keep=staging)
+    _remove_abandoned(versions, keep=staging, max_age_s=0.0 if exclusive else STALE_STAGING_S)
 
 
 def current_target(final: Path) -> Path | None:
@@ -79,11 +80,11 @@ def current_target(final: Path) -> Path | None:
     return (final.parent / os.readlink(final)).resolve()
 
 
-def _remove_abandoned(versions: Path, keep: Path) -> None:
-    # Only old ones: a younger folder may belong to a concurrent run that is still writing.
+def _remove_abandoned(versions: Path, keep: Path, max_age_s: float) -> None:
+    # Without the lock only old ones: a younger folder may belong to a concurrent run still writing.
     now = time.time()
     for entry in versions.iterdir():
-        if entry != keep and now - entry.stat().st_mtime > STALE_STAGING_S:
+        if entry != keep and now - entry.stat().st_mtime >= max_age_s:
             shutil.rmtree(entry, ignore_errors=True)
 
 

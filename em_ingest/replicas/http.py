@@ -63,6 +63,7 @@ class Faults:
     truncate_by: int = 0  # serve files this many bytes short, with a matching Content-Length
     stall_s: float = 0.0  # sleep this long before the body of the next `stalls` responses
     stalls: int = 0
+    rate_bytes_per_s: float | None = None  # trickle bodies at this rate (a slow link), in small writes
     path_contains: str | None = None  # only requests whose path contains this are affected
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -71,6 +72,7 @@ class Faults:
             self.latency_s, self.statuses, self.retry_after = 0.0, [], None
             self.cut_after_bytes, self.cuts, self.truncate_by = None, 0, 0
             self.stall_s, self.stalls, self.path_contains = 0.0, 0, None
+            self.rate_bytes_per_s = None
 
 
 @dataclass
@@ -244,12 +246,23 @@ class _ReplicaRequestHandler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return
-        try:
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            return
-        with replica._lock:
-            replica.traffic.body_bytes += len(body)
+        rate = faults.rate_bytes_per_s if affected and reply.status < 300 else None
+        piece = _TRICKLE_PIECE if rate else max(1, len(body))
+        for start in range(0, len(body), piece):
+            try:
+                self.wfile.write(body[start:start + piece])
+                if rate:
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            # Counted as sent, so a test can act after a given number of bytes has left the server.
+            with replica._lock:
+                replica.traffic.body_bytes += len(body[start:start + piece])
+            if rate:
+                time.sleep(piece / rate)
+
+
+_TRICKLE_PIECE = 16 << 10
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:

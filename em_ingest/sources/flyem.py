@@ -99,7 +99,13 @@ def normalize_token(value: str | None) -> str | None:
             value = str(json.loads(value)["token"])
         except (ValueError, KeyError, TypeError):
             raise ConfigurationError("NEUPRINT_TOKEN looks like a JSON document but has no \"token\" field") from None
-    return value.replace('"', "").strip() or None
+    value = value.replace('"', "").strip()
+    bad = next((i for i, c in enumerate(value) if not (33 <= ord(c) < 127)), None)
+    if bad is not None:
+        # Never echo the value: a header library would print it whole in its own error.
+        raise ConfigurationError(f"NEUPRINT_TOKEN has a character a bearer token cannot contain (whitespace, a "
+                                 f"control or non-ASCII character) at position {bad}; copy the token again")
+    return value or None
 
 
 @dataclass(frozen=True)

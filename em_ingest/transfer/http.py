@@ -103,6 +103,10 @@ class HttpClient:
             response = self.session.request(method, url, timeout=self._timeout, **kwargs)
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise RetryableError(f"{method} {url}: {type(exc).__name__}: {exc}", url=url) from None
+        except requests.exceptions.InvalidHeader:
+            # requests quotes the offending value, which may be a credential: name the problem only.
+            raise TransferError(f"{method} {url}: a request header is not valid HTTP (value withheld)",
+                                url=url) from None
         if response.status_code in _RETRY_STATUSES:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             response.close()

@@ -683,10 +683,12 @@ class MirroredZarrVolume(Volume):
         except (RuntimeError, ValueError, TypeError) as exc:  # what numcodecs raises for bytes that do not decode
             raise FormatError(f"{self.name}: a chunk of region {_show(region)} does not decode "
                               f"({type(exc).__name__}: {exc})") from None
+        if not block.dtype.isnative:  # the block is ours: swap in place rather than copy a slab
+            block = block.byteswap(inplace=True).view(self.dtype)
         block = block.transpose(self._to_zyx)
         if "z" not in self._spatial:
             block = block[np.newaxis]
-        return np.ascontiguousarray(block, dtype=self.dtype)
+        return np.ascontiguousarray(block)
 
     def _check_mirrored(self, region: Region) -> None:
         """Refuse a region touching a chunk that is neither in raw/ nor recorded as absent at the source."""

@@ -153,3 +153,26 @@ def test_validator_rejects_non_ngff(tmp_path):
     group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "z"}], "datasets": []}]}
     with pytest.raises(ValidationError, match="bad.zarr"):
         validate_ome_zarr(tmp_path / "bad.zarr")
+
+
+@pytest.mark.parametrize("ngff_version", ["0.5", "0.4"])
+def test_pyramid_is_exact_when_blocks_of_successive_levels_do_not_nest(tmp_path, ngff_version):
+    # Shards of 3 x 32 voxels: a level's block covers 1.5 blocks of the next level's footprint, so
+    # downsampled pieces straddle blocks and must be assembled before each block is written once.
+    volume = synthetic_em((70, 300, 250), "uint16", seed=11)
+    layout = ZarrLayout(ngff_version=ngff_version, chunks=(32, 32, 32), chunks_per_shard=(3, 3, 3), workers=3)
+    result = write_ome_zarr(ArrayVolume(volume), Geometry((12.0, 4.0, 4.0), "override"), tmp_path / "odd.ome.zarr",
+                            name="odd", layout=layout)
+    summary = validate_ome_zarr(result.path)
+    group = zarr.open_group(str(result.path), mode="r")
+    np.testing.assert_array_equal(group["s0"][...], volume)
+    assert len(summary.paths) >= 4 and result.levels[1].factors == (1, 2, 2)
+    for k in range(1, len(summary.paths)):
+        expected = downsample(group[f"s{k - 1}"][...], result.levels[k].factors)
+        np.testing.assert_array_equal(group[f"s{k}"][...], expected)
+    assert result.intensity_mean == pytest.approx(float(volume.mean(dtype=np.float64)))
+
+
+def test_layout_refuses_odd_chunk_sides():
+    with pytest.raises(ValueError, match="even"):
+        ZarrLayout(chunks=(63, 64, 64))

@@ -36,7 +36,7 @@ def build_discovery_job(source_names: list[str]) -> dg.JobDefinition:
     ops = [make_op(name) for name in source_names]
 
     @dg.job(name="discover_archives", description="Inventory of every archive: what could be added to the "
-            "selection file. Results under inventory/ in the data root and as observations on <source>/raw.")
+            "selection file. Results under inventory/ in the data root and as observations on `<source>/raw`.")
     def discover_archives() -> None:
         for op_def in ops:
             op_def()

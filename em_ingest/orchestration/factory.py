@@ -55,7 +55,7 @@ def build_source_assets(source_cls: type[Source], partition_keys: list[str]) -> 
         automation_condition=dg.AutomationCondition.on_cron("0 2 * * *"),
         description=(
             f"Raw download from {source_cls.title or name}: the bytes exactly as the archive serves them, "
-            f"under raw/{name}/<dataset>/, with manifest.json listing every object's URL, size, sha256 and "
+            f"under `raw/{name}/<dataset>/`, with `manifest.json` listing every object's URL, size, sha256 and "
             "ETag / Last-Modified. Re-runs fetch only objects whose version changed. The data version is "
             "the manifest digest, so a changed download marks the OME-Zarr stale. Refreshed nightly at 02:00 UTC."
         ),
@@ -108,7 +108,7 @@ def build_source_assets(source_cls: type[Source], partition_keys: list[str]) -> 
         check_specs=checks,
         automation_condition=dg.AutomationCondition.eager(),
         description=(
-            f"Normalized multiscale OME-Zarr of each {name} dataset at zarr/{name}/<dataset>.ome.zarr: axes "
+            f"Normalized multiscale OME-Zarr of each {name} dataset at `zarr/{name}/<dataset>.ome.zarr`: axes "
             "z, y, x in nanometres, levels s0..sN downsampled 2x per axis, zstd, chunks of 64 voxels a side, "
             "in the source's dtype. Published atomically; rewritten only when the raw download, the options "
             "or the converter change. A metadata sidecar (em_ingest.json) feeds the catalog."

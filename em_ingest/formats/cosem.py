@@ -200,7 +200,12 @@ def level_paths(layout: str, group_attrs: dict[str, Any], where: str) -> list[st
 
 
 def _ngff_level(multiscale: dict[str, Any], level: str, where: str) -> LevelGeometry | None:
-    datasets = [d for d in multiscale.get("datasets") or [] if isinstance(d, dict) and d.get("path") == level]
+    listed = multiscale.get("datasets")
+    if not isinstance(listed, list) or not all(isinstance(d, dict) and "path" in d for d in listed):
+        # Malformed is not "absent": falling back would ask the curator for a size the source does state.
+        raise SourceResponseError(f"{where}: multiscales[0].datasets must list objects with a 'path', "
+                                  f"got {str(listed)[:80]}")
+    datasets = [d for d in listed if d.get("path") == level]
     if not datasets:
         return None
     dataset = datasets[0]

@@ -62,7 +62,9 @@ def read_dm(path: Path) -> DmImage:
     """Parse the tags of a DM3/DM4 file and locate its image, skipping GMS's RGBA thumbnail."""
     path = Path(path)
     try:
-        with fileDM(path, on_memory=True) as dm:
+        # Read from the file, not an in-memory copy: on a truncated file ncempy fails while views of
+        # its in-memory buffer are alive, and its close() then raises BufferError from a finalizer.
+        with fileDM(path, on_memory=False) as dm:
             version = int(dm._dmType)  # ncempy keeps the header's version only here
             tags = dict(dm.allTags)
             index = _image_index(dm, path)

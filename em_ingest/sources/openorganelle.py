@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -146,8 +147,26 @@ class WindowVolume(Volume):
 
     def read(self, region: Region) -> np.ndarray:
         shifted = tuple(slice(s.start + o, s.stop + o) for s, o in zip(region, self._origin))
-        data = np.asarray(self._array[shifted])
+        try:
+            data = np.asarray(self._array[shifted])
+        except (RuntimeError, ValueError, OSError) as exc:  # what codecs raise for damaged bytes
+            raise FormatError(f"{self.name}: {self._damaged_chunk(shifted)} cannot be decoded "
+                              f"({type(exc).__name__}: {exc})") from None
         return np.ascontiguousarray(data.astype(self.dtype, copy=False))
+
+    def _damaged_chunk(self, shifted: tuple[slice, ...]) -> str:
+        """Which chunk of `shifted` fails on its own (only run after a failure, to name it)."""
+        chunks = getattr(self._array, "chunks", None)
+        if chunks is None:
+            return f"a chunk of region {[(s.start, s.stop) for s in shifted]}"
+        ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(shifted, chunks)]
+        separator = getattr(getattr(self._array, "metadata", None), "dimension_separator", ".") or "."
+        for index in itertools.product(*ranges):
+            try:
+                self._array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))]
+            except (RuntimeError, ValueError, OSError):
+                return f"chunk {separator.join(map(str, index))}"
+        return f"a chunk of region {[(s.start, s.stop) for s in shifted]}"
 
 
 class OpenOrganelleSource(Source):

@@ -1,7 +1,7 @@
 """The em-ingest performance harness: five measurements, each a ratio against a reference taken in the same run.
 
     .venv/bin/python benchmarks/run.py                 # full: 1 GiB and 4 GiB volumes, 2048 S3 chunks
-    .venv/bin/python benchmarks/run.py --quick         # about a minute, for CI-like smoke runs
+    .venv/bin/python benchmarks/run.py --quick         # a minute or two, for CI-like smoke runs
     .venv/bin/python benchmarks/run.py --only conversion,refresh --workdir /big/disk/tmp
 
 1. conversion: synthetic EM-like uint8 multipage TIFF -> OME-Zarr with the full pyramid, vs `cp` of
@@ -347,7 +347,7 @@ def print_table(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: about a minute in all")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a minute or two in all")
     parser.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma-separated subset of {MEASUREMENTS}")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per measurement (median); "
                         "default 3, or 1 with --quick")

@@ -259,3 +259,34 @@ def test_download_larger_than_announced_is_an_integrity_error(replicas, tmp_path
         client.download(url, tmp_path / "training.tif", expected=lying)
     assert url in str(info.value) and not (tmp_path / "training.tif").exists()
     assert server.faults.statuses == []
+
+
+# ---- the raw store after a run that did not finish -------------------------------------------------
+def test_failed_fetch_keeps_documents_and_an_interrupted_one_is_verified(replicas, tmp_path):
+    server = replicas["epfl"].http
+    url = replicas["epfl"].env["EM_INGEST_EPFL_URL"] + "/training.tif"
+    store = RawStore(tmp_path, "test", "k", HttpClient(FAST_TRANSFER))
+    entry, stats = store.fetch_http(url, "training.tif")
+    doc = store.store_document("meta.json", "http://example/meta", {"version": 1})
+    store.commit([entry, doc], {}, stats)
+
+    # A run stores a new document, then fails before its commit: the old document stays.
+    store = RawStore(tmp_path, "test", "k", HttpClient(FAST_TRANSFER))
+    store.begin()
+    store.store_document("meta.json", "http://example/meta", {"version": 2})
+    assert store.read_document("meta.json") == {"version": 2}  # this run sees its own answer ...
+    assert RawStore(tmp_path, "test", "k").read_document("meta.json") == {"version": 1}  # ... no one else
+
+    # The killed run had also replaced the data file (same size, other bytes) before its commit.
+    local = store.path("training.tif")
+    local.write_bytes(bytes(reversed(local.read_bytes())))
+    server.traffic.reset()
+    store = RawStore(tmp_path, "test", "k", HttpClient(FAST_TRANSFER))
+    assert store.interrupted
+    entry2, stats2 = store.fetch_http(url, "training.tif")  # the server's version is unchanged ...
+    assert stats2.fetched_objects == 1 and entry2.sha256 == entry.sha256  # ... but the bytes were not
+    store.commit([entry2, doc], {}, stats2)
+    assert not store.interrupted and not store.marker_path.exists()
+    # Once committed, an unchanged object is skipped on trust of its version again.
+    entry3, stats3 = RawStore(tmp_path, "test", "k", HttpClient(FAST_TRANSFER)).fetch_http(url, "training.tif")
+    assert stats3.skipped_objects == 1

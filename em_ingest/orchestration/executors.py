@@ -13,8 +13,11 @@ EXECUTOR_VARIABLE = "EM_INGEST_EXECUTOR"
 EXECUTORS = ("multiprocess", "docker")
 
 
-def select_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
+def select_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition | None:
     """`EM_INGEST_EXECUTOR`: `multiprocess` (blank = this) or `docker`.
+
+    `multiprocess` keeps Dagster's default executor (None): a process per step for launched runs,
+    in-process for `materialize()`.
 
     `docker` fans a run's steps out into containers of the run's own image (dagster-docker's
     docker_executor); under the Compose deployment's DockerRunLauncher each step container inherits

@@ -79,10 +79,13 @@ class Faults:
 class Traffic:
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
     body_bytes: int = 0
+    bodies_in_flight: int = 0  # response bodies being sent right now ...
+    max_bodies_in_flight: int = 0  # ... and the most at once, to see whether clients overlapped
 
     def reset(self) -> None:
         self.requests.clear()
         self.body_bytes = 0
+        self.max_bodies_in_flight = 0
 
 
 Handler = Callable[[Request], Reply | None]
@@ -247,6 +250,18 @@ class _ReplicaRequestHandler(BaseHTTPRequestHandler):
                 pass
             return
         rate = faults.rate_bytes_per_s if affected and reply.status < 300 else None
+        with replica._lock:
+            replica.traffic.bodies_in_flight += 1
+            replica.traffic.max_bodies_in_flight = max(replica.traffic.max_bodies_in_flight,
+                                                       replica.traffic.bodies_in_flight)
+        try:
+            self._write_body(body, rate)
+        finally:
+            with replica._lock:
+                replica.traffic.bodies_in_flight -= 1
+
+    def _write_body(self, body: bytes, rate: float | None) -> None:
+        replica = self.server_replica
         piece = _TRICKLE_PIECE if rate else max(1, len(body))
         for start in range(0, len(body), piece):
             try:

@@ -170,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--source", action="append", help="only this source (repeatable)")
     demo.set_defaults(func=_demo)
 
-    dev = sub.add_parser("dev", help="the Dagster UI and daemon on a local embedded instance (./.dagster_home); "
+    dev = sub.add_parser("dev", add_help=False, help="the Dagster UI and daemon on a local embedded instance (./.dagster_home); "
                                      "other arguments go to `dagster dev`")
     dev.set_defaults(func=_dev)
 

@@ -202,7 +202,8 @@ def test_two_runs_of_one_partition_at_once_do_not_collide(good_run):
 
 def test_two_partitions_run_in_parallel(good_run):
     ws, replica, first, second = good_run
-    replica.http.faults.rate_bytes_per_s = 100_000  # ~3 s per download: long enough to overlap
+    # ~10 s per download: long enough to overlap even when one child imports several seconds later.
+    replica.http.faults.rate_bytes_per_s = 30_000
     replica.http.traffic.reset()
     children = [start_child(ws, "raw", key) for key in (KEY, OTHER_KEY)]
     reports = [_report(c) for c in children]

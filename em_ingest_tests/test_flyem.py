@@ -223,7 +223,7 @@ def test_missing_token_fails_naming_the_variable(workspace, replicas):
 
 def test_rejected_token_fails_without_revealing_it(workspace, replicas):
     ws = workspace("flyem", selection={"flyem": {PRECOMPUTED_KEY: replicas["flyem"].selection[PRECOMPUTED_KEY]}})
-    wrong = "eyJ-not-the-right-token-7f3a9c"
+    wrong = "replica-token-but-not-the-right-one"
     ws.env["NEUPRINT_TOKEN"] = wrong
     result = ws.materialize("flyem", PRECOMPUTED_KEY, raise_on_error=False)
     assert not result.success

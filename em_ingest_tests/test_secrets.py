@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def neuprint_down():
         yield server
 
 
-TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2VuLXZhbHVl.Zm9vYmFy"
+# Made up per test session: nothing token-shaped is committed, and a leak cannot match by chance.
+TOKEN = "test-token-" + secrets.token_urlsafe(24)
 
 
 @pytest.mark.parametrize(

@@ -163,7 +163,7 @@ class FlyemReplica(Replica):
     def __init__(self) -> None:
         super().__init__()
         # Unguessable per run, so a test can search every output for it.
-        self.token = "eyJhbGciOiJIUzI1NiJ9." + secrets.token_urlsafe(32)
+        self.token = "replica-token-" + secrets.token_urlsafe(32)
         self.volume = np.zeros(SHAPE_ZYX, np.uint8)
         self.dvid_busy = 0  # answer this many throttled raw requests with 503, as a loaded server does
         self.dvid_locked = True

@@ -141,19 +141,23 @@ class HttpClient:
 
         return self._retrying(attempt, f"HEAD {url}", url)
 
-    def get_bytes(self, url: str, *, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> bytes:
-        """The whole body of a small response (a JSON document, a chunk, a listing)."""
+    def _body(self, method: str, url: str, **kwargs: Any) -> bytes:
+        """The whole body of a small response, under the retry policy; a cut body is retried."""
 
         def attempt() -> bytes:
-            response = self._request("GET", url, params=params, headers=headers)
+            response = self._request(method, url, **kwargs)
             try:
                 body = response.content
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-                raise RetryableError(f"GET {url}: body cut short: {exc}", url=url) from None
+                raise RetryableError(f"{method} {url}: body cut short: {exc}", url=url) from None
             self._count(len(body))
             return body
 
-        return self._retrying(attempt, f"GET {url}", url)
+        return self._retrying(attempt, f"{method} {url}", url)
+
+    def get_bytes(self, url: str, *, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> bytes:
+        """The whole body of a small response (a JSON document, a chunk, a listing)."""
+        return self._body("GET", url, params=params, headers=headers)
 
     def get_json(self, url: str, *, params: Mapping[str, Any] | None = None) -> Any:
         body = self.get_bytes(url, params=params, headers={"Accept": "application/json"})
@@ -164,17 +168,8 @@ class HttpClient:
 
         Only for idempotent requests (queries): a retried POST is sent again as it is.
         """
-
-        def attempt() -> bytes:
-            response = self._request("POST", url, json=body, headers={"Accept": "application/json"})
-            try:
-                content = response.content
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-                raise RetryableError(f"POST {url}: body cut short: {exc}", url=url) from None
-            self._count(len(content))
-            return content
-
-        return _parse_json(self._retrying(attempt, f"POST {url}", url), f"POST {url}")
+        content = self._body("POST", url, json=body, headers={"Accept": "application/json"})
+        return _parse_json(content, f"POST {url}")
 
     def download(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
         """Fetch `url` to `dest` atomically, resuming a partial copy left by an earlier attempt.

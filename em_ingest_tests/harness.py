@@ -91,6 +91,20 @@ class Workspace:
                               text=True, timeout=timeout)
 
 
+def materialize_cli(ws: "Workspace", source: str, key: str) -> subprocess.CompletedProcess:
+    """`dagster asset materialize` of one partition's raw + ome_zarr, as a user types it."""
+    return ws.dagster_cli("asset", "materialize", "-m", "em_ingest.definitions", "--select",
+                          f"{source}/raw,{source}/ome_zarr", "--partition", key)
+
+
+def materialize_cli_side_by_side(spaces: dict[str, "Workspace"], source: str) -> dict[str, subprocess.CompletedProcess]:
+    """One CLI run per (partition key -> Workspace with its own DAGSTER_HOME), all at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(spaces)) as pool:
+        return dict(zip(spaces, pool.map(lambda key: materialize_cli(spaces[key], source, key), spaces)))
+
+
 def failure_text(result: dg.ExecuteInProcessResult) -> str:
     """Class names and messages of every step failure, with their causes, as one string."""
     parts = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from em_ingest.formats.precomputed import PrecomputedCrop, PrecomputedInfo
 from em_ingest.replicas.flyem import DVID_MAX_BYTES, ORIGIN_XYZ
 from em_ingest.settings import Settings
 from em_ingest.sources.flyem import DVID_TILE_EDGE, FlyemSource, dvid_tiles
-from em_ingest_tests.harness import workspace_for
+from em_ingest_tests.harness import materialize_cli_side_by_side, workspace_for
 
 PRECOMPUTED_KEY, DVID_KEY = "hemibrain-crop", "hemibrain-crop-dvid"
 
@@ -248,12 +247,7 @@ def test_cli_both_paths_with_the_token_kept_out_of_every_output(replicas, tmp_pa
     spaces = {key: workspace_for(tmp_path / key, replica, selection={"flyem": {key: replica.selection[key]}})
               for key in (PRECOMPUTED_KEY, DVID_KEY)}
 
-    def run(key: str):
-        return spaces[key].dagster_cli("asset", "materialize", "-m", "em_ingest.definitions", "--select",
-                                       "flyem/raw,flyem/ome_zarr", "--partition", key)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        done = dict(zip(spaces, pool.map(run, spaces)))
+    done = materialize_cli_side_by_side(spaces, "flyem")
     for key, ws in spaces.items():
         assert done[key].returncode == 0, done[key].stderr[-3000:]
         assert replica.token not in done[key].stdout + done[key].stderr

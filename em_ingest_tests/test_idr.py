@@ -294,9 +294,7 @@ def test_ome_zarr_copy_path_end_to_end(workspace, replicas):
 
 
 def test_both_voxel_paths_through_the_dagster_cli(replicas, tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from em_ingest_tests.harness import workspace_for
+    from em_ingest_tests.harness import materialize_cli_side_by_side, workspace_for
 
     replica: IdrReplica = replicas["idr"]
     # Both images as a user runs them, with the Definitions' own executor (one process per step) and no run
@@ -304,12 +302,7 @@ def test_both_voxel_paths_through_the_dagster_cli(replicas, tmp_path):
     keys = (DEFAULT, ZARR_IMAGE)
     spaces = {key: workspace_for(tmp_path / key, replica, selection={"idr": {key: {}}}) for key in keys}
 
-    def run(key: str):
-        return spaces[key].dagster_cli("asset", "materialize", "-m", "em_ingest.definitions", "--select",
-                                       "idr/raw,idr/ome_zarr", "--partition", key)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        done = dict(zip(keys, pool.map(run, keys)))
+    done = materialize_cli_side_by_side(spaces, "idr")
     for key, ws in spaces.items():
         assert done[key].returncode == 0, done[key].stderr[-3000:]
         path = ws.data_root / "zarr" / "idr" / f"{key}.ome.zarr"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -16,9 +15,9 @@ from em_ingest.errors import EmIngestError, FormatError, IntegrityError, Transfe
 from em_ingest.formats.dm import read_dm
 from em_ingest.formats.mrc import MrcVolume
 from em_ingest.formats.n5 import decode_block, encode_block
-from em_ingest.raw import MANIFEST_NAME, UNCOMMITTED_MARKER, RawStore, safe_relative_path
+from em_ingest.raw import UNCOMMITTED_MARKER, RawStore, safe_relative_path
 from em_ingest.replicas.dm_writer import dm_bytes
-from em_ingest.replicas.empiar import API_PREFIX, TREE, mrc_bytes
+from em_ingest.replicas.empiar import TREE, mrc_bytes
 from em_ingest.replicas.volumes import synthetic_em
 from em_ingest.settings import TransferSettings
 from em_ingest.transfer.ftp import FtpClient

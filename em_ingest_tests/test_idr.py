@@ -189,7 +189,6 @@ def test_mirror_is_the_copy_under_its_own_names_and_zarr_python_reads_it(fresh_r
 
         with volume:
             assert volume.shape == truth.shape and volume.dtype == truth.dtype and volume.dtype.isnative
-            assert volume.preferred_z_block == case["chunks"][-3]
             assert volume.geometry.voxel_size_nm == pytest.approx(tuple(v * 1000 for v in case["scale_um"][-3:]))
             for region in [tuple(slice(0, n) for n in truth.shape), (slice(3, 7), slice(4, 11), slice(5, 10)),
                            (slice(truth.shape[0] - 1, truth.shape[0]), slice(0, 1), slice(9, 10))]:

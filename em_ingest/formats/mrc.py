@@ -78,7 +78,6 @@ class MrcVolume(Volume):
         self.dtype = header.dtype
         self.geometry = (Geometry(header.voxel_size_nm, "source-metadata", header.origin_nm)
                          if header.voxel_size_nm else None)
-        self.preferred_z_block = 16
         self._mrc = _open(self.path)
 
     def read(self, region: Region) -> np.ndarray:

@@ -317,7 +317,6 @@ class PrecomputedCrop(Volume):
         self.dtype = np.dtype(info.data_type)
         self.geometry = geometry
         self.name = name
-        self.preferred_z_block = scale.chunk_size[2]
         self._load_chunk = load_chunk
         chunk_bytes = int(np.prod(scale.chunk_size)) * self.dtype.itemsize
         self._cache_capacity = max(4, cache_bytes // chunk_bytes)

@@ -165,7 +165,6 @@ class PlaneStack(Volume):
         pixel = first.pixel_size_nm or fallback_pixel_size_nm
         z = first.z_spacing_nm or fallback_z_spacing_nm
         self.geometry = Geometry((z, *pixel), "source-metadata") if pixel and z else None
-        self.preferred_z_block = 1
 
     def read(self, region: Region) -> np.ndarray:
         zs, ys, xs = region

@@ -48,7 +48,6 @@ class TiffStack(Volume):
         self.shape = tuple(n for n, _ in squeezed)  # type: ignore[assignment]
         self._check_page_count()
         self._array = self._open_array(series)
-        self.preferred_z_block = 16
 
     def _check_page_count(self) -> None:
         # Writers such as ITK number their pages (i, n); fewer pages than n means a cut-off file.

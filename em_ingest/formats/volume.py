@@ -36,8 +36,6 @@ class Volume(ABC):
     shape: tuple[int, int, int]
     dtype: np.dtype
     geometry: Geometry | None
-    # Reading this many z-planes at a time is cheap for the format (e.g. 1 for a stack of files).
-    preferred_z_block: int = 1
     # Human-readable name of what is read, used in error messages.
     name: str = "volume"
 

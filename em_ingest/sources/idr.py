@@ -670,7 +670,6 @@ class MirroredZarrVolume(Volume):
         self.dtype = array.dtype.newbyteorder("=")  # bioformats2raw writes big-endian; the writer wants native
         self.geometry = geometry
         self.name = name
-        self.preferred_z_block = array.chunks[self._spatial["z"]] if "z" in self._spatial else 1
         # zarr returns the spatial axes in array order; NGFF puts them z, y, x, but do not rely on it.
         in_array_order = [a for a in axes if a in self._spatial]
         self._to_zyx = [in_array_order.index(a) for a in "zyx" if a in self._spatial]

@@ -143,7 +143,6 @@ class WindowVolume(Volume):
         self.dtype = np.dtype(array.dtype).newbyteorder("=")
         self.geometry = geometry
         self.name = name
-        self.preferred_z_block = int(array.chunks[0]) if hasattr(array, "chunks") else 1
 
     def read(self, region: Region) -> np.ndarray:
         shifted = tuple(slice(s.start + o, s.stop + o) for s, o in zip(region, self._origin))

@@ -6,15 +6,22 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
 from em_ingest.errors import SelectionError
+from em_ingest.formats.volume import VOXEL_SIZE_RANGE_NM
 
-DATASET_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+# A key names a folder and a partition: it starts with a letter or digit, so it is never `.`, `..`,
+# a hidden name or something a shell reads as an option (`-rf`). Matched in full (no `$` quirks).
+DATASET_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Far above any real selection (a 1,000-dataset file is ~50 KiB); a larger file is a mistake.
+MAX_SELECTION_BYTES = 4 << 20
+VoxelLength = Annotated[float, Field(strict=True, ge=VOXEL_SIZE_RANGE_NM[0], le=VOXEL_SIZE_RANGE_NM[1],
+                                     allow_inf_nan=False)]
 
 
 class DatasetOptions(BaseModel):
@@ -22,13 +29,9 @@ class DatasetOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    voxel_size_nm: tuple[float, float, float] | None = Field(
+    voxel_size_nm: tuple[VoxelLength, VoxelLength, VoxelLength] | None = Field(
         default=None, description="Curator override [z, y, x] in nanometres; wins over the source."
     )
-
-    def model_post_init(self, _context: Any) -> None:
-        if self.voxel_size_nm is not None and any(v <= 0 for v in self.voxel_size_nm):
-            raise ValueError(f"voxel_size_nm must be positive, got {list(self.voxel_size_nm)}")
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,11 @@ def parse_selection(document: Any, option_models: Mapping[str, type[DatasetOptio
             raise SelectionError(f"{origin}: {source}: expected a mapping of dataset key -> options")
         selection[source] = {}
         for key, options in datasets.items():
-            key = str(key)
-            where = f"{origin}: {source}.{key}"
-            if not DATASET_KEY_PATTERN.match(key):
-                raise SelectionError(f"{where}: dataset keys may contain only letters, digits, '-', '_' and '.'")
+            shown = key if isinstance(key, str) and key.isprintable() else repr(key)
+            where = f"{origin}: {source}.{shown}"
+            if not isinstance(key, str) or not DATASET_KEY_PATTERN.fullmatch(key):
+                raise SelectionError(f"{where}: dataset keys may contain only letters, digits, '-', '_' and '.', "
+                                     "start with a letter or digit, and have at most 128 characters")
             if options is None:
                 options = {}
             if not isinstance(options, Mapping):
@@ -82,15 +86,60 @@ def parse_selection(document: Any, option_models: Mapping[str, type[DatasetOptio
     return selection
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML for the selection file: mapping keys are the text as written, and a repeated key is an error.
+
+    PyYAML would turn the keys `yes` and `~` into True and None, and let a repeated source or key
+    silently replace the first one (a whole source's datasets vanish).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a plain name, not a list or mapping", key_node.start_mark)
+            key = key_node.value
+            if key in mapping:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (it also appears above)", key_node.start_mark)
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+# (resolved path, mtime, size, inode) -> the validated selection: a run reads the file once, not per call.
+_CACHE: dict[tuple[Any, ...], Selection] = {}
+
+
 def load_selection(path: str | Path, option_models: Mapping[str, type[DatasetOptions]]) -> Selection:
-    """Read and validate the selection file at `path`."""
+    """Read and validate the selection file at `path` (cached while the file is unchanged)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        stat = path.stat()
     except FileNotFoundError:
         raise SelectionError(f"selection file not found: {path} (set EM_INGEST_DATASETS)") from None
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SelectionError(f"{path}: not valid YAML: {exc}") from None
-    return parse_selection(document, option_models, origin=str(path))
+    except OSError as exc:
+        raise SelectionError(f"selection file {path}: {exc.strerror}") from None
+    if not path.is_file():
+        raise SelectionError(f"selection file {path} is not a file (set EM_INGEST_DATASETS)")
+    if stat.st_size > MAX_SELECTION_BYTES:
+        raise SelectionError(f"{path}: {stat.st_size} bytes is larger than the {MAX_SELECTION_BYTES} a selection "
+                             "file may have; split the work over several code locations")
+    cache_key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, stat.st_ino, tuple(sorted(option_models)))
+    cached = _CACHE.get(cache_key)
+    if cached is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SelectionError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
+        try:
+            document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            raise SelectionError(f"{path}: not valid YAML: {exc}") from None
+        cached = parse_selection(document, option_models, origin=str(path))
+        _CACHE.clear()  # one file per process in practice; never grow without bound
+        _CACHE[cache_key] = cached
+    return {source: dict(datasets) for source, datasets in cached.items()}

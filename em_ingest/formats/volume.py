@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
 
+from em_ingest.errors import ValidationError
+
 Region = tuple[slice, slice, slice]
 VOXEL_SIZE_ORIGINS = ("source-metadata", "override", "documented-default")
+# Plausible voxel lengths: a picometre (below any EM pixel) to a metre. Anything outside is a typo or
+# a unit mix-up, and inf / NaN would be written into zarr.json as non-JSON.
+VOXEL_SIZE_RANGE_NM = (1e-3, 1e9)
 
 
 @dataclass(frozen=True)
@@ -22,8 +28,13 @@ class Geometry:
     def __post_init__(self) -> None:
         if self.voxel_size_origin not in VOXEL_SIZE_ORIGINS:
             raise ValueError(f"voxel_size_origin must be one of {VOXEL_SIZE_ORIGINS}")
-        if len(self.voxel_size_nm) != 3 or any(not v > 0 for v in self.voxel_size_nm):
-            raise ValueError(f"voxel size must be three positive lengths, got {self.voxel_size_nm}")
+        low, high = VOXEL_SIZE_RANGE_NM
+        if len(self.voxel_size_nm) != 3 or any(isinstance(v, bool) or not low <= v <= high for v in self.voxel_size_nm):
+            raise ValidationError(f"voxel size must be three lengths between {low:g} and {high:g} nm, "
+                                  f"got {self.voxel_size_nm}")
+        if self.translation_nm is not None and (
+                len(self.translation_nm) != 3 or not all(math.isfinite(t) for t in self.translation_nm)):
+            raise ValidationError(f"translation must be three finite lengths in nm, got {self.translation_nm}")
 
 
 class Volume(ABC):

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from em_ingest.errors import ValidationError
+from em_ingest.omezarr import integrity
 from em_ingest.raw import write_atomic
 
 CATALOG_VERSION = "1"
@@ -88,11 +89,29 @@ def write_catalog(table: pa.Table, path: Path) -> None:
 
 
 def read_catalog(path: Path) -> pa.Table:
-    return pq.read_table(path)
+    """The catalog at `path`; a ValidationError naming the path if it is not a readable catalog.
+
+    Only missing columns are refused here: a column of the wrong type still loads, so the schema
+    asset check can report the drift instead of failing to run.
+    """
+    if not path.exists():
+        raise ValidationError(f"no catalog at {path}")
+    if path.is_dir():
+        # pyarrow would read a directory as a (possibly empty) dataset and show "no rows".
+        raise ValidationError(f"catalog {path} is a directory, expected a Parquet file")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        # ArrowInvalid for a truncated or non-Parquet file, OSError for one we may not read.
+        raise ValidationError(f"catalog {path} cannot be read as Parquet: {exc}") from None
+    missing = [name for name in COLUMNS if name not in table.column_names]
+    if missing:
+        raise ValidationError(f"catalog {path} is not an em-ingest catalog: missing columns {', '.join(missing)}")
+    return table
 
 
 def catalog_problems(table: pa.Table) -> list[str]:
-    """Everything wrong with a catalog table: schema drift, duplicate keys, missing Zarrs."""
+    """Everything wrong with a catalog table: schema drift, duplicate keys, missing or damaged Zarrs."""
     problems = []
     if not table.schema.equals(SCHEMA, check_metadata=False):
         problems.append(f"schema differs from catalog v{CATALOG_VERSION}: {table.schema} != {SCHEMA}")
@@ -109,8 +128,35 @@ def catalog_problems(table: pa.Table) -> list[str]:
     for key, zarr_path in zip(keys, table.column("zarr_path").to_pylist()):
         if not zarr_path or not (Path(zarr_path) / ("zarr.json")).exists() and not (Path(zarr_path) / ".zattrs").exists():
             problems.append(f"{key[0]}/{key[1]}: Zarr missing at {zarr_path}")
-    return problems
+    return problems + damaged_images(table)
 
 
 def read_sidecar(zarr_dir: Path) -> dict[str, Any]:
     return json.loads((zarr_dir / SIDECAR_NAME).read_text())
+
+
+def record_image(zarr_dir: Path) -> dict[str, Any]:
+    """What the image at `zarr_dir` holds, for its sidecar (which is itself left out)."""
+    return integrity.record_written(zarr_dir, exclude=frozenset({SIDECAR_NAME}))
+
+
+def image_damage(zarr_dir: Path, sidecar: Mapping[str, Any]) -> list[str]:
+    """How the published image differs from the record in its sidecar (empty when intact)."""
+    return integrity.damage(zarr_dir, sidecar.get("written"), exclude=frozenset({SIDECAR_NAME}))
+
+
+def damaged_images(table: pa.Table) -> list[str]:
+    """Rows whose image no longer holds what was written (a chunk deleted, metadata edited)."""
+    problems = []
+    rows = zip(table.column("source").to_pylist(), table.column("dataset_key").to_pylist(),
+               table.column("zarr_path").to_pylist())
+    for source, key, zarr_path in rows:
+        if not zarr_path or not Path(zarr_path).is_dir():
+            continue  # reported as missing by catalog_problems
+        try:
+            sidecar = read_sidecar(Path(zarr_path))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{source}/{key}: sidecar {Path(zarr_path) / SIDECAR_NAME} unreadable ({exc})")
+            continue
+        problems += [f"{source}/{key}: {problem}" for problem in image_damage(Path(zarr_path), sidecar)]
+    return problems

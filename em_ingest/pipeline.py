@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from em_ingest import catalog, storage
+import numpy as np
+
+from em_ingest import catalog, limits, storage
 from em_ingest.errors import EmIngestError, SelectionError
 from em_ingest.formats.volume import Geometry, Volume
 from em_ingest.omezarr.writer import WriteResult, ZarrLayout, write_ome_zarr
@@ -23,6 +26,7 @@ from em_ingest.selection import DatasetRequest, Selection, load_selection
 from em_ingest.settings import Settings
 from em_ingest.sources import Description, Source, option_models, source_classes
 
+log = logging.getLogger(__name__)
 # Bump when the conversion's output for the same input changes, so existing Zarrs are rewritten.
 CONVERTER_VERSION = "1"
 
@@ -114,14 +118,21 @@ class Pipeline:
             except (OSError, ValueError):
                 sidecar = {}
             if sidecar.get("inputs_digest") == digest:
-                return Conversion(sidecar["catalog_row"], sidecar["levels"], final,
-                                  final / "thumbnail.png", True, digest)
+                # Same inputs; trusted only if the image still holds exactly what was written.
+                damage = catalog.image_damage(final, sidecar)
+                if not damage:
+                    return Conversion(sidecar["catalog_row"], sidecar["levels"], final,
+                                      final / "thumbnail.png", True, digest)
+                log.warning("%s/%s: the published image differs from what was written, so it is written "
+                            "again: %s", request.source, request.key, "; ".join(damage[:5]))
         if raw.interrupted:
             raise EmIngestError(f"{raw.dir}: the last fetch of {request.source}/{request.key} did not finish, so its "
                                 f"files may not match {raw.manifest_path.name}; materialize {request.source}/raw "
                                 "for this partition again before converting")
         description = source.describe(request, raw)
         with source.open_volume(request, raw) as volume:
+            limits.check_volume(volume.shape, np.dtype(volume.dtype).itemsize, self.settings.limits,
+                                f"{request.source}/{request.key} ({volume.name})", raw_bytes=manifest.total_bytes)
             geometry = resolve_geometry(volume, request)
             with storage.staged_directory(final, exclusive=True) as staging:
                 result = write_ome_zarr(volume, geometry, staging, name=f"{request.source}/{request.key}",
@@ -130,7 +141,8 @@ class Pipeline:
                 levels = [{"path": lv.path, "shape": list(lv.shape), "scale_nm": list(lv.scale_nm),
                            "translation_nm": list(lv.translation_nm)} for lv in result.levels]
                 sidecar = {"inputs_digest": digest, "catalog_row": row, "levels": levels,
-                           "request": request.options_dict(), "raw_manifest_sha256": manifest.digest}
+                           "request": request.options_dict(), "raw_manifest_sha256": manifest.digest,
+                           "written": catalog.record_image(staging)}
                 (staging / catalog.SIDECAR_NAME).write_text(json.dumps(sidecar, indent=1, default=str))
         return Conversion(row, levels, final, final / "thumbnail.png", False, digest)
 

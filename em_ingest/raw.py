@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -24,6 +26,8 @@ MANIFEST_VERSION = 1
 _SAFE_PART = re.compile(r"^[A-Za-z0-9._ ()+,=@~-]+$")
 # Zarr v2 metadata objects are dot-files by specification: data to mirror, not hidden files.
 _ZARR_DOTNAMES = frozenset({".zarray", ".zattrs", ".zgroup", ".zmetadata"})
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,10 @@ class RawStore:
     """raw/<source>/<dataset_key>/: downloads with skip-if-unchanged against the last manifest."""
 
     def __init__(self, root: Path, source: str, dataset_key: str, http: HttpClient | None = None):
+        for what, name in (("source", source), ("dataset key", dataset_key)):
+            # One plain folder name each, so the store can only ever be raw/<source>/<key> itself.
+            if not _FOLDER_NAME.fullmatch(name):
+                raise UnsafePathError(f"refusing {what} {name!r} as a raw store folder name")
         self.dir = Path(root) / "raw" / source / dataset_key
         self.source = source
         self.dataset_key = dataset_key
@@ -163,16 +171,36 @@ class RawStore:
         # A fetch that died before its commit may have replaced files the old manifest describes.
         self.interrupted = self.marker_path.exists()
         self._pending_documents: dict[str, bytes] = {}
+        self._journal_lock = threading.Lock()
 
     @property
     def marker_path(self) -> Path:
         return self.dir / UNCOMMITTED_MARKER
 
     def begin(self) -> None:
-        """Mark the folder as being changed, so a run that dies before `commit` is detectable."""
+        """Mark the folder as being changed, so a run that dies before `commit` is detectable.
+
+        The mark is also the journal of every path written since the last commit (see `target`), so
+        the commit can remove what a dead run wrote and nothing it did not write.
+        """
         if not self.marker_path.exists():
             stamp = datetime.now(timezone.utc).isoformat()
-            write_atomic(self.marker_path, f"fetch started {stamp} by pid {os.getpid()}\n".encode())
+            write_atomic(self.marker_path, f"# fetch started {stamp} by pid {os.getpid()}\n".encode())
+
+    def target(self, relpath: str) -> Path:
+        """The local path to write object `relpath` to, journalled before any byte is written."""
+        relpath = safe_relative_path(relpath)
+        self.begin()
+        with self._journal_lock, open(self.marker_path, "a", encoding="utf-8") as journal:
+            journal.write(relpath + "\n")
+        return self.dir / relpath
+
+    def _journalled(self) -> set[str]:
+        try:
+            lines = self.marker_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return set()
+        return {line for line in lines if line and not line.startswith("#")}
 
     @property
     def manifest_path(self) -> Path:
@@ -182,6 +210,20 @@ class RawStore:
         if not self.manifest_path.exists():
             return None
         return Manifest.from_json(self.manifest_path.read_text(), origin=str(self.manifest_path))
+
+    def _remove_owned(self, relpath: str) -> None:
+        """Delete one file of this store, after proving it lies inside the store's own folder."""
+        try:
+            path = self.dir / safe_relative_path(relpath)
+        except UnsafePathError:
+            log.warning("%s: not removing %r: not a safe relative path", self.dir, relpath)
+            return
+        # The folder holding it must resolve inside the store (no symlinked folder leads out).
+        if not path.parent.resolve().is_relative_to(self.dir.resolve()):
+            log.warning("%s: not removing %s: its folder resolves outside the raw store", self.dir, path)
+            return
+        if path.is_symlink() or path.is_file():
+            path.unlink()  # a symlink itself goes, never what it points to
 
     def path(self, relpath: str) -> Path:
         """Local path of an object; `relpath` is checked so it stays inside this folder."""
@@ -214,8 +256,7 @@ class RawStore:
         current = self.is_current(relpath, remote)
         if current is not None:
             return current, TransferStats(skipped_objects=1, skipped_bytes=current.size)
-        self.begin()
-        download = self.http.download(url, self.path(relpath), expected=remote)
+        download = self.http.download(url, self.target(relpath), expected=remote)
         entry = ManifestEntry(
             path=safe_relative_path(relpath), url=url, size=download.size, sha256=download.sha256,
             etag=download.etag, last_modified=download.last_modified,
@@ -259,14 +300,12 @@ class RawStore:
         for entry in entries:
             data = self._pending_documents.get(entry.path)
             if data is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
-                write_atomic(self.path(entry.path), data)
+                write_atomic(self.target(entry.path), data)
         write_atomic(self.manifest_path, manifest.to_json().encode())
-        keep = {e.path for e in entries} | {MANIFEST_NAME, UNCOMMITTED_MARKER}
-        for path in self.dir.rglob("*"):
-            rel = path.relative_to(self.dir).as_posix()
-            in_progress = path.name.endswith((".part", ".part.validator"))  # resumable partial downloads
-            if path.is_file() and rel not in keep and not in_progress:
-                path.unlink()
+        # Only what this store wrote or listed may go: the old manifest's objects and the journal.
+        listed = {e.path for e in self.previous.entries} if self.previous else set()
+        for relpath in sorted((listed | self._journalled()) - {e.path for e in entries}):
+            self._remove_owned(relpath)
         self.marker_path.unlink(missing_ok=True)
         self._pending_documents.clear()
         self.previous = manifest

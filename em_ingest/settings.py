@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from em_ingest.limits import Limits
+
 # Contract: environment variable -> Settings field, with the real public services as defaults.
 ENVIRONMENT: dict[str, tuple[str, str | None]] = {
     "EM_INGEST_DATA_ROOT": ("data_root", "./data"),
@@ -47,6 +49,12 @@ class TransferSettings:
     # Concurrent requests inside one run (per dataset); a Dagster pool bounds runs per archive.
     max_in_flight: int = 8
     user_agent: str = "em-ingest/0.1 (+https://github.com/em-ingest)"
+    # A download whose size nobody announced (no HEAD/SIZE, no Content-Length or Content-Range) stops
+    # here, so a body that never ends cannot fill the disk; above any file the archives serve unsized.
+    max_unannounced_bytes: int = 64 << 30
+    # Whole-body reads (JSON documents, chunks, listings) are held in memory: a hostile or broken
+    # server must not be able to exhaust it.
+    max_body_bytes: int = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class Settings:
     empiar_files_url: str = "https://ftp.ebi.ac.uk/empiar/world_availability"
     epfl_url: str = ENVIRONMENT["EM_INGEST_EPFL_URL"][1]  # type: ignore[assignment]
     transfer: TransferSettings = field(default_factory=TransferSettings)
+    limits: Limits = field(default_factory=Limits)
     # OME-Zarr output: "0.5" (Zarr v3, sharded) or "0.4" (Zarr v2).
     ngff_version: str = "0.5"
 
@@ -90,7 +99,7 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in SECRET_FIELDS:
                 value = "(set)" if value else "(not set)"
-            elif f.name == "transfer":
+            elif f.name in ("transfer", "limits"):
                 value = vars(value)
             out[f.name] = value
         return out

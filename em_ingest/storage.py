@@ -21,13 +21,47 @@ log = logging.getLogger(__name__)
 
 
 def local_root(data_root: str) -> Path:
-    """The data root as a local path; other fsspec protocols are not supported yet."""
-    if "://" in data_root and not data_root.startswith("file://"):
+    """The data root as an absolute local folder: a path, or a file:// URL naming this machine.
+
+    The one place a data root is interpreted, so the CLI and the pipeline agree on what it means.
+    Other URL schemes (s3://, https://, ...) are refused: fsspec protocols are not supported yet.
+    """
+    if not data_root.strip():
+        # An empty root would silently mean the current directory.
+        raise ConfigurationError("EM_INGEST_DATA_ROOT / --data-root is empty")
+    scheme, sep, _ = data_root.partition("://")
+    is_url = bool(sep) and scheme[:1].isalpha() and all(c.isalnum() or c in "+-." for c in scheme)
+    if is_url and scheme.lower() != "file":
         raise ConfigurationError(
-            f"EM_INGEST_DATA_ROOT={data_root!r}: only local paths (or file://) are supported as the data root; "
+            f"data root {data_root!r}: only local paths and file:// URLs are supported as the data root for now; "
             "mount object storage (e.g. with a CSI driver or s3fs-fuse) to use it"
         )
-    return Path(data_root.removeprefix("file://")).expanduser().resolve()
+    path = _file_url_path(data_root) if is_url else data_root
+    if "\x00" in path:
+        raise ConfigurationError(f"data root {data_root!r} contains a NUL character")
+    root = Path(path).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise ConfigurationError(f"data root {root} exists and is not a directory")
+    return root
+
+
+def _file_url_path(url: str) -> str:
+    """The local path a file:// URL names (RFC 8089), percent-decoded; only this host is accepted."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.netloc.lower() not in ("", "localhost"):
+        raise ConfigurationError(
+            f"data root {url!r}: a file:// URL must name this machine (file:///path or file://localhost/path), "
+            f"not host {parts.netloc!r}"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"data root {url!r}: a file:// URL takes no '?' or '#' part; "
+                                 "percent-encode them (%3F, %23) if they belong to a folder name")
+    path = unquote(parts.path)
+    if not path:
+        raise ConfigurationError(f"data root {url!r}: the file:// URL has no path")
+    return path
 
 
 def raw_dir(root: Path, source: str, key: str) -> Path:
@@ -63,13 +97,17 @@ def staged_directory(final: Path, *, exclusive: bool = False) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     previous = current_target(final)
+    if final.exists() and not final.is_symlink():
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConfigurationError(f"{final} exists and is not managed by em-ingest; move it away first")
     link_tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.link"
     os.symlink(os.path.relpath(staging, final.parent), link_tmp)
-    if final.exists() and not final.is_symlink():
-        raise ConfigurationError(f"{final} exists and is not managed by em-ingest; move it away first")
     os.replace(link_tmp, final)
-    if previous is not None and previous != staging:
-        shutil.rmtree(previous, ignore_errors=True)
+    if previous is not None and previous != staging.resolve():
+        if _is_version_of(previous, versions):
+            shutil.rmtree(previous, ignore_errors=True)
+        else:  # moved, restored or edited by hand: not ours to delete
+            log.warning("%s pointed to %s, outside %s; left in place", final, previous, versions)
     _remove_abandoned(versions, keep=staging, max_age_s=0.0 if exclusive else STALE_STAGING_S)
 
 
@@ -80,11 +118,18 @@ def current_target(final: Path) -> Path | None:
     return (final.parent / os.readlink(final)).resolve()
 
 
+def _is_version_of(path: Path, versions: Path) -> bool:
+    """True only for a real folder directly inside the image's own `.versions/` folder: the only
+    places publishing ever removes."""
+    return (not path.is_symlink() and path.is_dir()
+            and path.resolve().parent == versions.resolve())
+
+
 def _remove_abandoned(versions: Path, keep: Path, max_age_s: float) -> None:
     # Without the lock only old ones: a younger folder may belong to a concurrent run still writing.
     now = time.time()
     for entry in versions.iterdir():
-        if entry != keep and now - entry.stat().st_mtime >= max_age_s:
+        if entry != keep and _is_version_of(entry, versions) and now - entry.stat().st_mtime >= max_age_s:
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -29,7 +29,7 @@ def checks(result) -> dict[str, bool]:
 
 def test_catalog_has_one_row_per_dataset_in_the_schema(ingested):
     result = ingested.materialize_catalog()
-    assert checks(result) == {"schema": True, "unique_keys": True, "zarrs_exist": True}
+    assert checks(result) == {"schema": True, "unique_keys": True, "zarrs_exist": True, "zarrs_intact": True}
     table = catalog.read_catalog(ingested.data_root / "catalog" / "metadata_catalog.parquet")
     assert table.schema.equals(catalog.SCHEMA, check_metadata=False)
     assert table.column_names == catalog.COLUMNS

@@ -16,6 +16,7 @@ import numpy as np
 
 from em_ingest.errors import SourceResponseError, UnsupportedDataError
 from em_ingest.formats.n5 import N5_DTYPES
+from em_ingest.limits import check_chunk
 
 Vec3 = tuple[float, float, float]
 Index3 = tuple[int, int, int]
@@ -102,6 +103,9 @@ def zarr_grid(zarray: dict[str, Any], where: str) -> ChunkGrid:
         raise SourceResponseError(f"{where}: not a valid Zarr v2 .zarray ({exc!r})") from None
     if len(shape) != 3 or len(chunks) != 3:
         raise UnsupportedDataError(f"{where}: expected a 3-D (z, y, x) array, got shape {list(shape)}")
+    if any(n < 0 for n in shape):
+        raise SourceResponseError(f"{where}: negative array shape {list(shape)}")
+    check_chunk(chunks, dtype.itemsize, where)
     separator = zarray.get("dimension_separator") or "."
     if separator not in (".", "/"):
         raise SourceResponseError(f"{where}: dimension_separator {separator!r} is neither '.' nor '/'")
@@ -120,6 +124,9 @@ def n5_grid(attributes: dict[str, Any], where: str) -> ChunkGrid:
         raise UnsupportedDataError(f"{where}: expected a 3-D dataset, got dimensions {list(shape[::-1])}")
     if data_type not in N5_DTYPES:
         raise UnsupportedDataError(f"{where}: N5 dataType {data_type!r} is not supported")
+    if any(n < 0 for n in shape):
+        raise SourceResponseError(f"{where}: negative dimensions {list(shape[::-1])}")
+    check_chunk(chunks, np.dtype(data_type).itemsize, where, "block")
     return ChunkGrid("n5", shape, chunks, np.dtype(data_type), "/")  # type: ignore[arg-type]
 
 

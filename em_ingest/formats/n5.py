@@ -6,6 +6,7 @@ import bz2
 import gzip
 import json
 import lzma
+import math
 import struct
 import zlib
 from itertools import product
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from em_ingest.errors import FormatError, UnsupportedDataError
+from em_ingest.limits import check_chunk
 
 # N5 data types; the payload is always big-endian.
 N5_DTYPES = {name: np.dtype(name).newbyteorder(">") for name in (
@@ -22,27 +24,54 @@ N5_DTYPES = {name: np.dtype(name).newbyteorder(">") for name in (
 _MODE_DEFAULT, _MODE_VARLENGTH = 0, 1
 
 
-def _decompress(payload: bytes, compression: dict[str, Any], where: str) -> bytes:
+def _decompress(payload: bytes, compression: dict[str, Any], where: str, limit: int) -> bytes:
+    """The decompressed payload, never more than `limit` bytes of it (a compression bomb stops there)."""
     kind = compression.get("type", "raw")
     try:
         if kind == "raw":
-            return payload
+            return payload[:limit]
         if kind == "gzip":
             # N5's gzip codec writes a gzip stream, or a bare zlib stream when "useZlib" is set.
-            return zlib.decompress(payload) if compression.get("useZlib") else gzip.decompress(payload)
+            stream = zlib.decompressobj(zlib.MAX_WBITS if compression.get("useZlib") else 16 + zlib.MAX_WBITS)
+            return stream.decompress(payload, limit)
         if kind == "bzip2":
-            return bz2.decompress(payload)
+            return bz2.BZ2Decompressor().decompress(payload, limit)
         if kind == "xz":
-            return lzma.decompress(payload)
+            return lzma.LZMADecompressor().decompress(payload, limit)
         if kind in ("blosc", "zstd"):
             import numcodecs
 
             codec = numcodecs.Blosc() if kind == "blosc" else numcodecs.Zstd()
-            return bytes(codec.decode(payload))
+            declared = _declared_size(kind, payload)
+            if declared is not None and declared > limit:
+                raise FormatError(f"{where}: the {kind} block would decompress to {declared} bytes, "
+                                  f"more than the {limit} its header allows")
+            # Decoding into a buffer of the declared (or largest allowed) size never grows past it.
+            out = bytes(codec.decode(payload, out=bytearray(declared if declared is not None else limit)))
+            return out
     except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, RuntimeError) as exc:
         raise FormatError(f"{where}: cannot decompress the {kind} block ({exc})") from None
     raise UnsupportedDataError(f"{where}: N5 compression {kind!r} is not supported "
                                "(supported: raw, gzip, bzip2, xz, blosc, zstd)")
+
+
+def _declared_size(kind: str, payload: bytes) -> int | None:
+    """The decompressed size a blosc or zstd frame states in its header, if it states one."""
+    if kind == "blosc":
+        return struct.unpack("<I", payload[4:8])[0] if len(payload) >= 16 else None
+    # Zstandard frame header (RFC 8878, 3.1.1.1): magic, descriptor, [window], [dictionary id], [content size].
+    if len(payload) < 5 or payload[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = payload[4]
+    size_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    field = (1 if single_segment else 0) if size_flag == 0 else (1, 2, 4, 8)[size_flag]
+    if field == 0:
+        return None  # streamed frame: size unknown, bounded by the output buffer instead
+    start = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    if len(payload) < start + field:
+        return None
+    value = int.from_bytes(payload[start:start + field], "little")
+    return value + 256 if field == 2 else value
 
 
 def _compress(data: bytes, compression: dict[str, Any]) -> bytes:
@@ -60,8 +89,10 @@ def _compress(data: bytes, compression: dict[str, Any]) -> bytes:
     raise UnsupportedDataError(f"writing N5 compression {kind!r} is not supported")
 
 
-def decode_block(data: bytes, dtype: np.dtype, compression: dict[str, Any], where: str) -> np.ndarray:
-    """One N5 block file as a (z, y, x) array; the header states the block's own (possibly cut) size."""
+def decode_block(data: bytes, dtype: np.dtype, compression: dict[str, Any], where: str,
+                 block_zyx: tuple[int, ...] | None = None) -> np.ndarray:
+    """One N5 block file as a (z, y, x) array; the header states the block's own (possibly cut) size,
+    which may not exceed the dataset's `block_zyx` (nor MAX_CHUNK_BYTES)."""
     if len(data) < 4:
         raise FormatError(f"{where}: N5 block of {len(data)} bytes has no header")
     mode, ndim = struct.unpack(">HH", data[:4])
@@ -71,8 +102,13 @@ def decode_block(data: bytes, dtype: np.dtype, compression: dict[str, Any], wher
     if len(data) < header:
         raise FormatError(f"{where}: N5 block header cut short")
     size_xyz = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    raw = _decompress(data[header:], compression, where)
-    count = int(np.prod(size_xyz))
+    if block_zyx is not None and any(n > b for n, b in zip(size_xyz[::-1], block_zyx)):
+        raise FormatError(f"{where}: N5 block header announces {list(size_xyz)} (x, y, z) voxels, more than "
+                          f"the dataset's blockSize {list(block_zyx[::-1])}")
+    check_chunk(size_xyz, dtype.itemsize, where, "N5 block")
+    count = math.prod(size_xyz)
+    # One byte more than needed tells "complete" from "the payload goes on" without inflating the rest.
+    raw = _decompress(data[header:], compression, where, count * dtype.itemsize + 1)
     if len(raw) < count * dtype.itemsize:
         raise FormatError(f"{where}: N5 block holds {len(raw)} bytes, its header announces {count} "
                           f"{dtype.name} values ({count * dtype.itemsize} bytes)")
@@ -132,7 +168,7 @@ class N5Array:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        return decode_block(data, self._stored_dtype, self.compression, str(path))
+        return decode_block(data, self._stored_dtype, self.compression, str(path), self.chunks)
 
     def __getitem__(self, region: tuple[slice, slice, slice]) -> np.ndarray:
         bounds = [s.indices(n) for s, n in zip(region, self.shape)]

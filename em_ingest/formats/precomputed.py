@@ -16,6 +16,7 @@ import numpy as np
 
 from em_ingest.errors import FormatError, SourceResponseError, UnsupportedDataError
 from em_ingest.formats.volume import Geometry, Region, Volume
+from em_ingest.limits import check_chunk
 
 # Axis order in this module: precomputed documents are (x, y, z); arrays we return are (z, y, x).
 XYZ = tuple[int, int, int]
@@ -254,6 +255,8 @@ def _scale(doc: Any, where: str) -> Scale:
     if len(resolution) != 3 or min(resolution) <= 0:
         raise SourceResponseError(f"{where}: resolution must be three positive lengths, got {doc['resolution']!r}")
     sharding = doc.get("sharding")
+    # Decoded whole per chunk (and at most 8 bytes a voxel): refuse an implausible chunk before any read.
+    check_chunk(_xyz(chunk_sizes[0], "chunk_sizes[0]", where, positive=True), 8, where)
     return Scale(
         key=str(doc["key"]).strip("/"),
         size=_xyz(doc["size"], "size", where, positive=True),

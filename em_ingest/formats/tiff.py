@@ -13,6 +13,7 @@ import zarr
 
 from em_ingest.errors import FormatError, UnsupportedDataError
 from em_ingest.formats.volume import Geometry, Region, Volume
+from em_ingest.limits import check_chunk
 
 _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
 
@@ -46,6 +47,8 @@ class TiffStack(Volume):
         if len(squeezed) != 3:
             raise UnsupportedDataError(f"{self.path}: expected a 3-D stack, got axes {axes} with shape {shape}")
         self.shape = tuple(n for n, _ in squeezed)  # type: ignore[assignment]
+        # A strip or tile is decoded whole: refuse one no real file has before it is decompressed.
+        check_chunk(self._tif.pages.first.chunks, self.dtype.itemsize, str(self.path), "TIFF strip or tile")
         self._check_page_count()
         self._array = self._open_array(series)
 

@@ -4,6 +4,7 @@
 import dagster as dg
 
 from em_ingest import catalog
+from em_ingest.errors import ValidationError
 from em_ingest.orchestration.factory import ome_zarr_key
 from em_ingest.orchestration.resources import EmIngestResource
 
@@ -48,7 +49,10 @@ def build_catalog_assets(source_names: list[str]) -> list:
     @dg.asset_check(asset=CATALOG_KEY, name="schema", blocking=True,
                     description="Columns, types and version equal the catalog schema.")
     def schema_check(em_ingest: EmIngestResource) -> dg.AssetCheckResult:
-        table = _load(em_ingest)
+        try:
+            table = _load(em_ingest)
+        except ValidationError as exc:  # not Parquet, or columns missing: a failed check, not a crash
+            return dg.AssetCheckResult(passed=False, metadata={"error": str(exc)})
         equal = table.schema.equals(catalog.SCHEMA, check_metadata=False)
         return dg.AssetCheckResult(passed=equal, metadata={"columns": len(table.schema),
                                                            "expected_columns": len(catalog.SCHEMA)})
@@ -69,4 +73,14 @@ def build_catalog_assets(source_names: list[str]) -> list:
         return dg.AssetCheckResult(passed=not missing, metadata={"missing": "; ".join(missing) or "none",
                                                                  "rows": table.num_rows})
 
-    return [metadata_catalog, schema_check, unique_keys_check, zarrs_exist_check]
+    @dg.asset_check(asset=CATALOG_KEY, name="zarrs_intact", blocking=True,
+                    description="Every row's image still holds what was written: the metadata documents' "
+                                "sha256 and each level's count and size of chunk files, as recorded in its "
+                                "sidecar at publish time (a deleted chunk or an edited zarr.json fails).")
+    def zarrs_intact_check(em_ingest: EmIngestResource) -> dg.AssetCheckResult:
+        table = _load(em_ingest)
+        damaged = catalog.damaged_images(table)
+        return dg.AssetCheckResult(passed=not damaged, metadata={"damaged": "; ".join(damaged[:20]) or "none",
+                                                                 "rows": table.num_rows})
+
+    return [metadata_catalog, schema_check, unique_keys_check, zarrs_exist_check, zarrs_intact_check]

@@ -7,6 +7,9 @@ import os
 from collections.abc import Mapping
 
 import dagster as dg
+from pydantic import Field
+
+from em_ingest.limits import Limits
 
 from em_ingest.pipeline import Pipeline
 from em_ingest.settings import ENVIRONMENT, Settings, TransferSettings
@@ -35,15 +38,21 @@ class EmIngestResource(dg.ConfigurableResource):
     max_attempts: int = 6
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
+    max_volume_bytes: int = Field(default=Limits.max_volume_bytes, description=(
+        "Largest volume (uncompressed bytes) a dataset may declare; larger ones fail before any work."))
+    max_expansion: float = Field(default=Limits.max_expansion, description=(
+        "Largest ratio of a volume's uncompressed bytes to its raw download; guards against corrupt "
+        "or hostile metadata. Raise it for very sparse data."))
 
     def settings(self) -> Settings:
         transfer = TransferSettings(
             max_in_flight=self.max_in_flight, max_attempts=self.max_attempts,
             connect_timeout_s=self.connect_timeout_s, read_timeout_s=self.read_timeout_s,
         )
+        limits = Limits(max_volume_bytes=self.max_volume_bytes, max_expansion=self.max_expansion)
         names = {name for name, _ in ENVIRONMENT.values()}
         values = {name: getattr(self, name) for name in names}
-        return Settings(**values, transfer=transfer, ngff_version=self.ngff_version)
+        return Settings(**values, transfer=transfer, limits=limits, ngff_version=self.ngff_version)
 
     def pipeline(self) -> Pipeline:
         return Pipeline(self.settings())
@@ -63,4 +72,6 @@ class EmIngestResource(dg.ConfigurableResource):
         t = settings.transfer
         return cls(**{n: getattr(settings, n) for n in names}, ngff_version=settings.ngff_version,
                    max_in_flight=t.max_in_flight, max_attempts=t.max_attempts,
-                   connect_timeout_s=t.connect_timeout_s, read_timeout_s=t.read_timeout_s)
+                   connect_timeout_s=t.connect_timeout_s, read_timeout_s=t.read_timeout_s,
+                   max_volume_bytes=settings.limits.max_volume_bytes,
+                   max_expansion=settings.limits.max_expansion)

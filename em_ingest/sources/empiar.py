@@ -245,7 +245,7 @@ class EmpiarSource(Source):
         current = raw.is_current(relpath, remote)
         if current is not None:
             return current, TransferStats(skipped_objects=1, skipped_bytes=current.size)
-        download = self.ftp.download(url, raw.path(relpath), expected=remote)
+        download = self.ftp.download(url, raw.target(relpath), expected=remote)
         entry = ManifestEntry(path=safe_relative_path(relpath), url=url, size=download.size, sha256=download.sha256,
                               last_modified=download.last_modified)
         return entry, TransferStats(fetched_objects=1, fetched_bytes=download.size)

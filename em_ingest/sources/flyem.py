@@ -452,7 +452,7 @@ class FlyemSource(Source):
             grid, chunk_id, start, size = item
             data = self._get_range(url, start, start + size, remote)
             relpath = relpaths[chunk_id]
-            write_atomic(raw.path(relpath), data)
+            write_atomic(raw.target(relpath), data)
             return ManifestEntry(path=relpath, url=url, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
                                  etag=remote.etag, last_modified=remote.last_modified,
                                  version=f"bytes={start}-{start + size - 1}")
@@ -538,7 +538,7 @@ class FlyemSource(Source):
             if locked and previous is not None and previous.url == url and local.exists() \
                     and local.stat().st_size == previous.size and _sha256(local) == previous.sha256:
                 return previous, TransferStats(skipped_objects=1, skipped_bytes=previous.size)
-            download = self.http.download(url, local)
+            download = self.http.download(url, raw.target(tile.relpath))
             if download.size != tile.nbytes:
                 local.unlink(missing_ok=True)
                 raise IntegrityError(f"{url}: got {download.size} bytes, expected {tile.nbytes} "

@@ -16,6 +16,7 @@ import numpy as np
 import zarr
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from em_ingest import limits
 from em_ingest.errors import FormatError, SelectionError, SourceResponseError, UnsafePathError
 from em_ingest.formats import cosem
 from em_ingest.formats.n5 import N5Array
@@ -270,8 +271,15 @@ class OpenOrganelleSource(Source):
                                  f"{self.s3.url(resolved.prefix)} (levels: {', '.join(levels) or 'none'})")
         grid = cosem.grid(resolved.layout, array_doc, self.s3.url(level_prefix))
         region = (options.roi or Roi()).bounds(grid.shape, where)
+        region_shape = [b - a for a, b in region]
+        where_level = f"{where} ({self.s3.url(level_prefix)})"
+        # Before listing: a declared shape can ask for more chunk listings than memory or time allow.
+        limits.check_volume(region_shape, grid.dtype.itemsize, self.settings.limits, where_level)
 
         chunks = self._chunk_objects(grid, level_prefix, region)
+        # Before downloading: the bytes the bucket holds for the region must be plausible for its size.
+        limits.check_volume(region_shape, grid.dtype.itemsize, self.settings.limits, where_level,
+                            raw_bytes=sum(o.size for o in chunks))
         results = self.s3.map_bounded(self._mirror(raw), chunks)
         stats = TransferStats()
         entries = []
@@ -290,15 +298,15 @@ class OpenOrganelleSource(Source):
                        region: tuple[tuple[int, int], ...]) -> list[S3Object]:
         """The chunk objects of the level that the region touches, from listings (absent = fill value)."""
         ranges = grid.index_ranges(region)
-        wanted = set(grid.chunk_indices(region))
-        # One listing per value of the first component of chunk names keeps listings to the region.
+        # One listing per value of the first component of chunk names keeps listings to the region;
+        # membership is tested per listed object, never by enumerating the region's whole chunk grid.
         prefixes = [level_prefix + grid.prefix_for_first_index(i) for i in ranges[grid.first_axis]]
         listed = self.s3.map_bounded(self.s3.list_objects, prefixes)
         chunks = []
         for objects in listed:
             for obj in objects:
                 index = grid.parse_key(obj.key[len(level_prefix):])
-                if index is not None and index in wanted:
+                if index is not None and all(i in r for i, r in zip(index, ranges)):
                     chunks.append(obj)
         return chunks
 
@@ -312,7 +320,7 @@ class OpenOrganelleSource(Source):
                     and local.is_file() and local.stat().st_size == obj.size):
                 return previous, TransferStats(skipped_objects=1, skipped_bytes=obj.size)
             body = self.s3.get(obj.key, expected=obj)
-            write_atomic(local, body)
+            write_atomic(raw.target(relpath), body)
             entry = ManifestEntry(path=relpath, url=self.s3.url(obj.key), size=len(body),
                                   sha256=hashlib.sha256(body).hexdigest(), etag=obj.etag,
                                   last_modified=obj.last_modified)

@@ -10,7 +10,10 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, NoReturn
 
 from em_ingest.errors import EmIngestError
 
@@ -24,8 +27,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     from em_ingest.orchestration import build_definitions
     from em_ingest.replicas import ReplicaSet
+    from em_ingest.storage import local_root
 
-    data_root = Path(args.data_root).resolve()
+    data_root = local_root(args.data_root)
     data_root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with ReplicaSet(args.source or None) as replicas:
@@ -103,24 +107,119 @@ def _replicas_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# The `status` values pipeline.py writes into the catalog.
+CATALOG_STATUSES = ("ok", "unselected")
+NULL_VALUE = "null"  # in --where, matches a missing value
+
+
+@dataclass(frozen=True)
+class _Filter:
+    """One parsed `--where` clause: keep rows whose `column` equals `value` (None: is missing), or not."""
+
+    column: str
+    value: Any
+    negate: bool
+
+    def keeps(self, cell: Any) -> bool:
+        # Python equality on the Arrow values is typed: 5 == 5.0, and a list equals a list.
+        equal = cell is None if self.value is None else cell is not None and cell == self.value
+        return equal != self.negate
+
+
+def _closed_vocabulary(column: str) -> tuple[str, ...] | None:
+    """The only values a column can hold, for the columns that have such a list."""
+    if column == "source":
+        from em_ingest.sources import source_classes
+
+        return tuple(source_classes())
+    if column == "voxel_size_origin":
+        from em_ingest.formats.volume import VOXEL_SIZE_ORIGINS
+
+        return VOXEL_SIZE_ORIGINS
+    if column == "status":
+        return CATALOG_STATUSES
+    return None
+
+
+def _parse_filter(clause: str, label: str) -> _Filter:
+    """`COLUMN=VALUE` or `COLUMN!=VALUE`, with VALUE read as the column's catalog type."""
+    import pyarrow as pa
+
+    from em_ingest.catalog import SCHEMA
+
+    column, sep, text = clause.partition("=")
+    negate = column.endswith("!")
+    column = column.removesuffix("!").strip()
+    if not sep or not column:
+        raise EmIngestError(f"{label}: expected COLUMN=VALUE or COLUMN!=VALUE")
+    if column not in SCHEMA.names:
+        raise EmIngestError(f"{label}: unknown column {column!r}; catalog columns: {', '.join(SCHEMA.names)}")
+    if text == NULL_VALUE:
+        return _Filter(column, None, negate)
+    type_ = SCHEMA.field(column).type
+    if pa.types.is_integer(type_) or pa.types.is_floating(type_):
+        value: Any = _parse_number(text, f"{label}: {column} is a number column ({type_})")
+    elif pa.types.is_boolean(type_):
+        if text.lower() not in ("true", "false"):
+            raise EmIngestError(f"{label}: {column} is a boolean column; expected true, false or {NULL_VALUE}")
+        value = text.lower() == "true"
+    elif pa.types.is_timestamp(type_):
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise EmIngestError(f"{label}: {column} is a timestamp column; {text!r} is not an ISO 8601 "
+                                "date-time (e.g. 2025-01-31T12:00:00Z)") from None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)  # the catalog stores UTC
+    elif pa.types.is_list(type_) and pa.types.is_integer(type_.value_type):
+        items = text.strip().removeprefix("[").removesuffix("]").split(",")
+        value = [_parse_number(item, f"{label}: {column} is a list of integers (e.g. 64,128,128)") for item in items]
+    elif pa.types.is_string(type_):
+        value = text
+        allowed = _closed_vocabulary(column)
+        if allowed is not None and value not in allowed:
+            raise EmIngestError(f"{label}: {value!r} is not a valid {column}; "
+                                f"allowed: {', '.join(allowed)} (or {NULL_VALUE})")
+    else:
+        raise EmIngestError(f"{label}: column {column} ({type_}) cannot be filtered")
+    return _Filter(column, value, negate)
+
+
+def _parse_number(text: str, what: str) -> int | float:
+    # int first, so that large integers (byte counts) compare exactly rather than through a float.
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        raise EmIngestError(f"{what}; {text!r} is not a number") from None
+    if number != number:  # NaN equals nothing, so it could only ever silently match no row
+        raise EmIngestError(f"{what}; {text!r} is not a number (use {NULL_VALUE} for missing values)")
+    return number
+
+
 def _print_catalog(data_root: Path, source: str | None, where: list[str], columns: list[str] | None,
                    fmt: str) -> None:
     import pandas as pd
+    import pyarrow as pa
 
     from em_ingest.catalog import read_catalog
     from em_ingest.storage import catalog_path
 
+    # Parse every filter before touching the catalog, so a mistyped clause is reported as such.
+    filters = [_parse_filter(clause, f"--where {clause!r}") for clause in where]
+    if source:
+        filters.insert(0, _parse_filter(f"source={source}", f"--source {source!r}"))
     path = catalog_path(data_root)
     if not path.exists():
         raise EmIngestError(f"no catalog at {path}; materialize catalog/metadata_catalog first")
-    frame = read_catalog(path).to_pandas()
-    if source:
-        frame = frame[frame["source"] == source]
-    for clause in where:
-        column, sep, value = clause.partition("=")
-        if not sep or column not in frame.columns:
-            raise EmIngestError(f"--where {clause!r}: expected COLUMN=VALUE with a catalog column")
-        frame = frame[frame[column].astype(str) == value]
+    table = read_catalog(path)
+    for where_filter in filters:
+        cells = table.column(where_filter.column).to_pylist()
+        table = table.filter(pa.array([where_filter.keeps(cell) for cell in cells], pa.bool_()))
+    frame = table.to_pandas()
     if columns:
         unknown = [c for c in columns if c not in frame.columns]
         if unknown:
@@ -139,7 +238,8 @@ def _catalog(args: argparse.Namespace) -> int:
     from em_ingest.settings import Settings
     from em_ingest.storage import local_root
 
-    data_root = local_root(args.data_root or Settings.from_env().data_root)
+    # An explicit --data-root "" is an error (local_root), not a fallback to the environment.
+    data_root = local_root(args.data_root if args.data_root is not None else Settings.from_env().data_root)
     columns = args.columns.split(",") if args.columns else None
     _print_catalog(data_root, args.source, args.where, columns, args.format)
     return 0
@@ -161,8 +261,15 @@ def _discover(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line, in the same form as every other em-ingest error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"em-ingest: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="em-ingest", description=__doc__)
+    p = _Parser(prog="em-ingest", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="start the replicas, ingest every dataset they serve, print the catalog")
@@ -185,7 +292,11 @@ def parser() -> argparse.ArgumentParser:
     cat = sub.add_parser("catalog", help="print the catalog, optionally filtered")
     cat.add_argument("--data-root", help="default: $EM_INGEST_DATA_ROOT or ./data")
     cat.add_argument("--source", help="only rows of this source")
-    cat.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="filter (repeatable)")
+    cat.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                     help="keep rows where COLUMN equals VALUE, or with COLUMN!=VALUE where it does not "
+                          "(repeatable; all must hold). VALUE is read as the column's type: numbers compare "
+                          "by value (5 matches 5.0); the value null matches a missing value; source, "
+                          "voxel_size_origin and status accept only their known values")
     cat.add_argument("--columns", help="comma-separated columns to show")
     cat.add_argument("--format", choices=["table", "csv", "json"], default="table")
     cat.set_defaults(func=_catalog)
@@ -207,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except EmIngestError as exc:
-        print(f"em-ingest: error: {exc}", file=sys.stderr)
+    except (EmIngestError, OSError) as exc:
+        # User errors (bad input, a path we may not write, ...): one line, no traceback.
+        # OSError's message names the path (e.g. "[Errno 13] Permission denied: '/data'").
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"em-ingest: error: {message}", file=sys.stderr)
         return 2
 
 

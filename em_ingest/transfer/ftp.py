@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
-from em_ingest.errors import ConfigurationError, IntegrityError, TransferError
+from em_ingest.errors import ConfigurationError, EmIngestError, IntegrityError, TransferError
 from em_ingest.settings import TransferSettings
 from em_ingest.transfer.autoindex import ListingEntry
 from em_ingest.transfer.http import Download, RemoteObject, sha256_file
@@ -72,6 +72,10 @@ class FtpClient:
             try:
                 ftp = self._connect(address)
                 return fn(ftp, address)
+            except EmIngestError:
+                # Our own verdicts (e.g. IntegrityError) are final; TransferError is an OSError, so
+                # without this the transient clause below would turn them into retries.
+                raise
             except ftplib.error_perm as exc:  # 5xx: missing file, no permission — retrying will not help
                 raise TransferError(f"{describe}: server refused: {exc}", url=url) from None
             except _TRANSIENT as exc:
@@ -123,19 +127,30 @@ class FtpClient:
                 stale.unlink(missing_ok=True)
         first_offset = part.stat().st_size if part.exists() else 0
 
+        # SIZE's answer bounds the file; without one, the ceiling keeps an endless transfer off the disk.
+        cap = expected.size if expected.size is not None else self.settings.max_unannounced_bytes
+
         def retrieve(ftp: ftplib.FTP, address: FtpAddress) -> int:
             offset = part.stat().st_size if part.exists() else 0
-            if expected.size is not None and offset > expected.size:
+            if offset > cap:
                 offset = 0  # cannot be a prefix of this version: start over
             received = offset
+            overflow = False
             with open(part, "ab" if offset else "wb") as fh:
                 conn = ftp.transfercmd(f"RETR {address.path}", rest=offset or None)
                 with conn:
                     while block := conn.recv(_BLOCK):
+                        self._count(len(block))
+                        if received + len(block) > cap:
+                            overflow = True  # not written: the partial never holds more than the cap
+                            break
                         fh.write(block)
                         received += len(block)
-                        self._count(len(block))
-                ftp.voidresp()  # "426 transfer aborted" raises error_temp here -> retried from `received`
+                if not overflow:  # after an abandoned transfer the server's final reply may never come
+                    ftp.voidresp()  # "426 transfer aborted" raises error_temp here -> retried from `received`
+            if overflow:
+                part.unlink(missing_ok=True)  # not a prefix of the announced file: nothing to resume
+                raise IntegrityError(_overflow_message(url, cap, expected.size is not None), url=url)
             if expected.size is not None and received != expected.size:
                 raise EOFError(f"got {received} of {expected.size} bytes")
             return received
@@ -151,6 +166,13 @@ class FtpClient:
     def _count(self, n: int) -> None:
         with self._lock:
             self.bytes_received += n
+
+
+def _overflow_message(url: str, cap: int, announced: bool) -> str:
+    if announced:
+        return f"{url}: the server sent more than the {cap} bytes announced for it (SIZE); download discarded"
+    return (f"{url}: the server sent more than max_unannounced_bytes={cap} with no size announced (SIZE gave "
+            "none); download discarded (raise max_unannounced_bytes if the file is really that large)")
 
 
 def _parse_list(path: str, ftp: ftplib.FTP) -> list[ListingEntry]:

@@ -144,14 +144,31 @@ class HttpClient:
     def _body(self, method: str, url: str, **kwargs: Any) -> bytes:
         """The whole body of a small response, under the retry policy; a cut body is retried."""
 
+        limit = self.settings.max_body_bytes
+
         def attempt() -> bytes:
-            response = self._request(method, url, **kwargs)
-            try:
-                body = response.content
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-                raise RetryableError(f"{method} {url}: body cut short: {exc}", url=url) from None
-            self._count(len(body))
-            return body
+            # Streamed, so a body without end (or far larger than any document) is refused after at
+            # most `limit` bytes instead of being held in memory whole.
+            response = self._request(method, url, stream=True, **kwargs)
+            with response:
+                announced = _unencoded_length(response)
+                if announced is not None and announced > limit:
+                    raise IntegrityError(f"{method} {url}: the response announces {announced} bytes, more than "
+                                         f"max_body_bytes={limit}; not read", url=url)
+                cap = limit if announced is None else announced
+                blocks: list[bytes] = []
+                received = 0
+                try:
+                    for block in response.iter_content(_STREAM_BLOCK):
+                        self._count(len(block))
+                        received += len(block)
+                        if received > cap:
+                            raise IntegrityError(_body_overflow_message(method, url, cap, announced), url=url)
+                        blocks.append(block)
+                except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                        requests.Timeout) as exc:
+                    raise RetryableError(f"{method} {url}: body cut short: {exc}", url=url) from None
+            return b"".join(blocks)
 
         return self._retrying(attempt, f"{method} {url}", url)
 
@@ -192,28 +209,41 @@ class HttpClient:
             with response:
                 etag = response.headers.get("ETag") or (expected.etag if expected else None)
                 last_modified = response.headers.get("Last-Modified") or (expected.last_modified if expected else None)
-                if response.status_code == 206 and validator:
+                resumed = response.status_code == 206 and bool(validator)
+                if resumed:
                     total = _total_from_content_range(response.headers.get("Content-Range"), url)
                     mode = "ab"
                 else:  # 200: a fresh start (no usable partial, or the object changed)
                     offset, mode = 0, "wb"
-                    length = response.headers.get("Content-Length")
-                    total = int(length) if length is not None else None
+                    total = _int_header(response.headers.get("Content-Length"))
                     new_validator = etag or last_modified
                     if new_validator:
                         validator_file.write_text(new_validator)
                     else:
                         validator_file.unlink(missing_ok=True)
+                cap = _download_cap(expected, total, resumed, self.settings)
                 received = offset
+                overflow = False
                 try:
                     with open(part, mode) as fh:
                         for block in response.iter_content(_STREAM_BLOCK):
+                            self._count(len(block))
+                            if received + len(block) > cap.limit:
+                                # Not written: the file on disk never holds more than the cap.
+                                overflow = True
+                                break
                             fh.write(block)
                             received += len(block)
-                            self._count(len(block))
                 except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                         requests.Timeout) as exc:
                     raise RetryableError(f"GET {url}: connection lost at byte {received}: {exc}", url=url) from None
+            # Leaving `with response` closed the connection, so the rest of an overlong body is never read.
+            if overflow:
+                # A longer body than announced is not this object (or not a sane server): keep nothing,
+                # not even a partial to resume from, and do not retry.
+                part.unlink(missing_ok=True)
+                validator_file.unlink(missing_ok=True)
+                raise IntegrityError(cap.overflow_message(url), url=url)
             if total is not None and received != total:
                 raise RetryableError(f"GET {url}: got {received} of {total} bytes", url=url)
             return Download(part, url, received, "", etag, last_modified, offset)
@@ -242,8 +272,68 @@ def _total_from_content_range(value: str | None, url: str) -> int | None:
     # "bytes 100-199/2000" -> 2000 ("*" when unknown)
     if not value or "/" not in value:
         raise RetryableError(f"GET {url}: 206 without a usable Content-Range ({value!r})", url=url)
-    total = value.rsplit("/", 1)[1]
-    return None if total == "*" else int(total)
+    total = value.rsplit("/", 1)[1].strip()
+    if total == "*":
+        return None
+    parsed = _int_header(total)
+    if parsed is None:
+        raise RetryableError(f"GET {url}: 206 without a usable Content-Range ({value!r})", url=url)
+    return parsed
+
+
+def _int_header(value: str | None) -> int | None:
+    """A byte count from a header; None when absent or not a non-negative integer (then nothing was announced)."""
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if value.isdigit() else None
+
+
+def _unencoded_length(response: requests.Response) -> int | None:
+    # Content-Length counts the bytes on the wire; once a gzip/br body is decoded it is legitimately
+    # longer, so the header bounds the decoded body only when nothing was content-encoded.
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return None
+    return _int_header(response.headers.get("Content-Length"))
+
+
+def _body_overflow_message(method: str, url: str, cap: int, announced: int | None) -> str:
+    if announced is not None:
+        return f"{method} {url}: the body is longer than the {cap} bytes its Content-Length announced; stopped reading"
+    return (f"{method} {url}: the body is larger than max_body_bytes={cap}; stopped reading "
+            "(raise max_body_bytes if such a response is expected)")
+
+
+@dataclass(frozen=True)
+class _DownloadCap:
+    """The most bytes a download may hold, and who set that number (for the error message)."""
+
+    limit: int
+    announced_by: str | None  # "its HEAD", "its Content-Length", ...; None: the unannounced ceiling
+
+    def overflow_message(self, url: str) -> str:
+        if self.announced_by is not None:
+            return (f"{url}: the server sent more than the {self.limit} bytes {self.announced_by} announced; "
+                    "download discarded")
+        return (f"{url}: the server sent more than max_unannounced_bytes={self.limit} with no size announced; "
+                "download discarded (raise max_unannounced_bytes if the file is really that large)")
+
+
+def _download_cap(expected: RemoteObject | None, total: int | None, resumed: bool,
+                  settings: TransferSettings) -> _DownloadCap:
+    """The cap for one GET: the smallest size anyone announced, else the ceiling for unsized bodies."""
+    # Smallest wins: a body longer than either announcement is already wrong (the object changed
+    # between HEAD and GET, or the server lies), and the download would fail its size check anyway.
+    candidates: list[_DownloadCap] = []
+    if expected is not None and expected.size is not None:
+        candidates.append(_DownloadCap(expected.size, "its HEAD"))
+    if total is not None:
+        # A resumed 206 states the whole object's size in Content-Range; `received` counts from 0 too.
+        candidates.append(_DownloadCap(total, "its Content-Range" if resumed else "its Content-Length"))
+    if candidates:
+        return min(candidates, key=lambda cap: cap.limit)
+    return _DownloadCap(settings.max_unannounced_bytes, None)
 
 
 def sha256_file(path: Path) -> str:

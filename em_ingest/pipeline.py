@@ -82,7 +82,8 @@ class Pipeline:
         return datasets[key]
 
     def raw_store(self, request: DatasetRequest, source: Source) -> RawStore:
-        return RawStore(self.root, request.source, request.key, source.http)
+        return RawStore(self.root, request.source, request.key, source.transports,
+                        max_in_flight=self.settings.transfer.max_in_flight)
 
     # ---- steps ------------------------------------------------------------------------------
     def fetch_raw(self, request: DatasetRequest) -> Manifest:

@@ -7,17 +7,18 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from em_ingest.errors import SourceResponseError, UnsafePathError
-from em_ingest.transfer.http import HttpClient, RemoteObject, sha256_file
+from em_ingest.errors import SourceResponseError, TransferError, UnsafePathError
+from em_ingest.storage import write_atomic
+from em_ingest.transfer.base import RemoteObject, Transport, Transports, is_absent, map_bounded
+from em_ingest.transfer.http import HttpClient, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 # Present while a fetch is changing the folder; removed by commit. Hidden, so no remote name can clash.
@@ -57,6 +58,26 @@ class TransferStats:
         return TransferStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """One object a source wants in its raw store: where it is, and where it goes (relative path)."""
+
+    url: str
+    relpath: str
+    # What a listing already said about it (size, ETag, ...); None: the transport is asked (HEAD, SIZE).
+    remote: RemoteObject | None = None
+    # Absent at the source is allowed (an unwritten chunk, an optional document): recorded, not an error.
+    optional: bool = False
+    # [start, stop) of the object when only a byte range of it is wanted (a chunk inside a shard).
+    byte_range: tuple[int, int] | None = None
+    # Extra version text for the manifest entry (e.g. an immutable DVID node).
+    version: str | None = None
+
+
+def _range_version(byte_range: tuple[int, int]) -> str:
+    return f"bytes={byte_range[0]}-{byte_range[1] - 1}"
+
+
 def astuple(stats: TransferStats) -> tuple[int, int, int, int]:
     return (stats.fetched_objects, stats.fetched_bytes, stats.skipped_objects, stats.skipped_bytes)
 
@@ -88,11 +109,13 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(e.size for e in self.entries)
 
+    @cached_property
+    def _by_path(self) -> dict[str, ManifestEntry]:
+        return {e.path: e for e in self.entries}
+
     def entry(self, path: str) -> ManifestEntry:
-        for e in self.entries:
-            if e.path == path:
-                return e
-        raise KeyError(path)
+        """The entry of `path` (KeyError if none): a dict lookup, so a refresh is linear in its objects."""
+        return self._by_path[path]
 
     def to_json(self) -> str:
         return json.dumps(
@@ -139,26 +162,14 @@ def safe_relative_path(name: str) -> str:
     return "/".join(parts)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a reader sees the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; published files are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class RawStore:
-    """raw/<source>/<dataset_key>/: downloads with skip-if-unchanged against the last manifest."""
+    """raw/<source>/<dataset_key>/: the one mirror. Every source brings its objects up to date through
+    `mirror` (one skip rule, one interrupted-fetch rule, one bounded pool) and keeps its metadata
+    responses with `store_document`; the store counts what was fetched and skipped, and `commit`
+    writes the manifest."""
 
-    def __init__(self, root: Path, source: str, dataset_key: str, http: HttpClient | None = None):
+    def __init__(self, root: Path, source: str, dataset_key: str,
+                 transports: Transports | Transport | None = None, *, max_in_flight: int = 8):
         for what, name in (("source", source), ("dataset key", dataset_key)):
             # One plain folder name each, so the store can only ever be raw/<source>/<key> itself.
             if not _FOLDER_NAME.fullmatch(name):
@@ -166,12 +177,17 @@ class RawStore:
         self.dir = Path(root) / "raw" / source / dataset_key
         self.source = source
         self.dataset_key = dataset_key
-        self.http = http or HttpClient()
+        if transports is None:
+            transports = HttpClient()
+        self.transports = transports if isinstance(transports, Transports) else Transports(transports)
+        self.max_in_flight = max_in_flight
         self.previous = self.load_manifest()
         # A fetch that died before its commit may have replaced files the old manifest describes.
         self.interrupted = self.marker_path.exists()
         self._pending_documents: dict[str, bytes] = {}
         self._journal_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self.stats = TransferStats()
 
     @property
     def marker_path(self) -> Path:
@@ -237,52 +253,82 @@ class RawStore:
         except KeyError:
             return None
 
-    def is_current(self, relpath: str, remote: RemoteObject) -> ManifestEntry | None:
-        """The previous entry if the local copy is still the remote's version, else None."""
+    def count(self, stats: TransferStats) -> None:
+        """Add to what this fetch transferred (e.g. a shard index read outside `mirror`)."""
+        with self._stats_lock:
+            self.stats = self.stats + stats
+
+    def is_current(self, relpath: str, remote: RemoteObject,
+                   byte_range: tuple[int, int] | None = None) -> ManifestEntry | None:
+        """The previous entry if the local copy is still the remote's version, else None (the skip rule)."""
         entry = self.previous_entry(relpath)
-        local = self.path(relpath)
-        if entry is None or entry.url != remote.url or not local.exists() or local.stat().st_size != entry.size:
+        local = self.dir / relpath
+        if entry is None or entry.url != remote.url or not local.is_file() or local.stat().st_size != entry.size:
             return None
-        if not remote.same_version_as(entry.as_dict()):
+        if byte_range is not None and entry.version != _range_version(byte_range):
+            return None
+        if not remote.same_version_as(entry.as_dict(), compare_size=byte_range is None):
             return None
         # After an interrupted fetch the file may be a newer download than the manifest says: check it.
         if self.interrupted and sha256_file(local) != entry.sha256:
             return None
         return entry
 
-    def fetch_http(self, url: str, relpath: str) -> tuple[ManifestEntry, TransferStats]:
-        """Bring one HTTP object up to date: HEAD, compare with the manifest, download if changed."""
-        remote = self.http.head(url)
-        current = self.is_current(relpath, remote)
-        if current is not None:
-            return current, TransferStats(skipped_objects=1, skipped_bytes=current.size)
-        download = self.http.download(url, self.target(relpath), expected=remote)
-        entry = ManifestEntry(
-            path=safe_relative_path(relpath), url=url, size=download.size, sha256=download.sha256,
-            etag=download.etag, last_modified=download.last_modified,
-        )
-        return entry, TransferStats(fetched_objects=1, fetched_bytes=download.size)
+    def mirror(self, items: Iterable[Wanted], *, max_in_flight: int | None = None) -> list[ManifestEntry | None]:
+        """Bring every wanted object up to date, at most `max_in_flight` at once (never more than the
+        store's own limit); returns each item's manifest entry, or None for an optional absent one."""
+        limit = min(self.max_in_flight, max_in_flight or self.max_in_flight)
+        return map_bounded(self._bring, items, limit, name=f"raw-{self.source}")
 
-    def fetch_http_many(self, items: Iterable[tuple[str, str]], max_in_flight: int) -> tuple[list[ManifestEntry], TransferStats]:
-        """fetch_http for many (url, relpath) pairs with bounded concurrency."""
-        items = list(items)
-        with ThreadPoolExecutor(max_workers=max(1, min(max_in_flight, len(items) or 1))) as pool:
-            results = list(pool.map(lambda item: self.fetch_http(*item), items))
-        stats = TransferStats()
-        for _, s in results:
-            stats = stats + s
-        return [entry for entry, _ in results], stats
+    def fetch(self, url: str, relpath: str, *, optional: bool = False) -> ManifestEntry | None:
+        """`mirror` of one object."""
+        return self.mirror([Wanted(url, relpath, optional=optional)])[0]
+
+    def _bring(self, item: Wanted) -> ManifestEntry | None:
+        relpath = safe_relative_path(item.relpath)
+        transport = self.transports.for_url(item.url)
+        try:
+            remote = item.remote or transport.stat(item.url)
+            current = self.is_current(relpath, remote, item.byte_range)
+            if current is not None:
+                self.count(TransferStats(skipped_objects=1, skipped_bytes=current.size))
+                return current
+            if item.byte_range is not None:
+                start, stop = item.byte_range
+                data = transport.read_range(item.url, start, stop, expected=remote)
+                write_atomic(self.target(relpath), data)
+                size, digest = len(data), hashlib.sha256(data).hexdigest()
+                etag, last_modified = remote.etag, remote.last_modified
+                version = _range_version(item.byte_range)
+            else:
+                download = transport.fetch(item.url, self.target(relpath), expected=remote)
+                size, digest = download.size, download.sha256
+                etag, last_modified = download.etag or remote.etag, download.last_modified or remote.last_modified
+                version = item.version
+        except TransferError as exc:
+            if item.optional and is_absent(exc):
+                return None
+            raise
+        self.count(TransferStats(fetched_objects=1, fetched_bytes=size))
+        return ManifestEntry(path=relpath, url=item.url, size=size, sha256=digest, etag=etag,
+                             last_modified=last_modified, version=version)
 
     def store_document(self, relpath: str, url: str, document: Any) -> ManifestEntry:
         """Keep a metadata response (JSON) untouched for provenance, as part of the raw download.
 
         The document is held until `commit`, so a run that fails before it leaves the previous
-        documents next to the previous manifest, never new ones next to an old manifest.
+        documents next to the previous manifest, never new ones next to an old manifest. One identical
+        to last time counts as skipped, a new or changed one as fetched.
         """
         data = json.dumps(document, indent=1, sort_keys=True).encode()
         relpath = safe_relative_path(relpath)
         self._pending_documents[relpath] = data
-        return ManifestEntry(path=relpath, url=url, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        entry = ManifestEntry(path=relpath, url=url, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        previous = self.previous_entry(relpath)
+        unchanged = previous is not None and previous.sha256 == entry.sha256
+        self.count(TransferStats(skipped_objects=1, skipped_bytes=entry.size) if unchanged
+                   else TransferStats(fetched_objects=1, fetched_bytes=entry.size))
+        return entry
 
     def read_document(self, relpath: str) -> Any:
         """A stored document: the one this run is about to commit if any, else the committed one."""
@@ -291,11 +337,12 @@ class RawStore:
             return json.loads(pending)
         return json.loads(self.path(relpath).read_text())
 
-    def commit(self, entries: Iterable[ManifestEntry], request: Mapping[str, Any], stats: TransferStats,
+    def commit(self, entries: Iterable[ManifestEntry | None], request: Mapping[str, Any], *,
                source_version: str | None = None) -> Manifest:
-        """Write the manifest (atomically) and drop files no entry refers to any more."""
-        entries = tuple(sorted(entries, key=lambda e: e.path))
-        manifest = Manifest(self.source, self.dataset_key, dict(request), entries, source_version, stats=stats)
+        """Write the manifest (atomically) with what this fetch counted, and drop files no entry refers
+        to any more (None entries, absent optional objects, are left out)."""
+        entries = tuple(sorted((e for e in entries if e is not None), key=lambda e: e.path))
+        manifest = Manifest(self.source, self.dataset_key, dict(request), entries, source_version, stats=self.stats)
         self.begin()  # documents and manifest are written one after the other: a kill between shows
         for entry in entries:
             data = self._pending_documents.get(entry.path)
@@ -310,4 +357,5 @@ class RawStore:
         self._pending_documents.clear()
         self.previous = manifest
         self.interrupted = False
+        self.stats = TransferStats()
         return manifest

@@ -24,7 +24,7 @@ from em_ingest.formats import n5
 from em_ingest.formats.volume import Geometry
 from em_ingest.limits import MAX_CHUNK_BYTES, Limits
 from em_ingest.orchestration.resources import EmIngestResource
-from em_ingest.raw import MANIFEST_NAME, ManifestEntry, RawStore, TransferStats
+from em_ingest.raw import MANIFEST_NAME, ManifestEntry, RawStore
 from em_ingest.transfer.s3 import S3Client
 from em_ingest_tests.harness import failure_text, workspace_for
 
@@ -52,7 +52,7 @@ def test_raw_commit_removes_only_what_the_store_listed_or_wrote(tmp_path):
     outside.mkdir()
     (outside / "precious.txt").write_text("not em-ingest's")
     first = RawStore(tmp_path / "root", "epfl", "k")
-    first.commit([_entry(first, "a.bin", b"a"), _entry(first, "sub/b.bin", b"b")], {}, TransferStats())
+    first.commit([_entry(first, "a.bin", b"a"), _entry(first, "sub/b.bin", b"b")], {})
     (first.dir / "notes.txt").write_text("a curator's note")  # never listed, never written by a run
 
     crashed = RawStore(tmp_path / "root", "epfl", "k")  # a run that wrote a file and died
@@ -60,7 +60,7 @@ def test_raw_commit_removes_only_what_the_store_listed_or_wrote(tmp_path):
 
     run = RawStore(tmp_path / "root", "epfl", "k")
     assert run.interrupted
-    run.commit([_entry(run, "d.bin", b"d")], {}, TransferStats())
+    run.commit([_entry(run, "d.bin", b"d")], {})
     left = sorted(p.relative_to(run.dir).as_posix() for p in run.dir.rglob("*") if p.is_file())
     assert left == sorted([MANIFEST_NAME, "d.bin", "notes.txt"])  # a (listed), sub/b (listed), c (journal) went
     assert (outside / "precious.txt").exists()
@@ -72,7 +72,7 @@ def test_raw_commit_never_follows_a_hand_edited_manifest_or_a_symlinked_folder_o
     (outside / "x.bin").write_bytes(b"x")
     (outside / "y.bin").write_bytes(b"y")
     store = RawStore(tmp_path / "root", "epfl", "k")
-    store.commit([_entry(store, "keep.bin", b"k")], {}, TransferStats())
+    store.commit([_entry(store, "keep.bin", b"k")], {})
     (store.dir / "linked").symlink_to(outside, target_is_directory=True)
     manifest = json.loads(store.manifest_path.read_text())
     manifest["objects"] += [{"path": "../../../../outside/x.bin", "url": "u", "size": 1, "sha256": "0"},
@@ -80,7 +80,7 @@ def test_raw_commit_never_follows_a_hand_edited_manifest_or_a_symlinked_folder_o
     store.manifest_path.write_text(json.dumps(manifest))
 
     again = RawStore(tmp_path / "root", "epfl", "k")
-    again.commit([_entry(again, "keep.bin", b"k")], {}, TransferStats())
+    again.commit([_entry(again, "keep.bin", b"k")], {})
     assert (outside / "x.bin").exists() and (outside / "y.bin").exists()
 
 

@@ -120,16 +120,16 @@ def test_non_json_body_is_a_clear_error(server):
 def test_raw_store_skips_unchanged_and_refetches_changed(server, tmp_path):
     url = server.url + "/files/a%20b.bin"
     store = RawStore(tmp_path, "test", "k", HttpClient(FAST))
-    entry, stats = store.fetch_http(url, "a b.bin")
-    store.commit([entry], {}, stats)
-    assert stats.fetched_bytes == len(DATA)
+    entry = store.fetch(url, "a b.bin")
+    manifest = store.commit([entry], {})
+    assert manifest.stats.fetched_bytes == len(DATA)
 
     server.traffic.reset()
     store = RawStore(tmp_path, "test", "k", HttpClient(FAST))
-    entry2, stats2 = store.fetch_http(url, "a b.bin")
-    assert stats2.fetched_bytes == 0 and stats2.skipped_objects == 1 and entry2 == entry
+    entry2 = store.fetch(url, "a b.bin")
+    assert store.stats.fetched_bytes == 0 and store.stats.skipped_objects == 1 and entry2 == entry
     assert server.traffic.body_bytes == 0
 
     server.add_file("/files/a b.bin", DATA[::-1])
-    entry3, stats3 = store.fetch_http(url, "a b.bin")
-    assert stats3.fetched_bytes == len(DATA) and entry3.sha256 != entry.sha256
+    entry3 = store.fetch(url, "a b.bin")
+    assert store.stats.fetched_bytes == len(DATA) and entry3.sha256 != entry.sha256

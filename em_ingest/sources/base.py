@@ -11,6 +11,8 @@ from em_ingest.formats.volume import Volume
 from em_ingest.raw import Manifest, RawStore
 from em_ingest.selection import DatasetOptions, DatasetRequest
 from em_ingest.settings import Settings
+from em_ingest.transfer.base import Transports
+from em_ingest.transfer.ftp import FtpClient
 from em_ingest.transfer.http import HttpClient
 
 
@@ -61,6 +63,9 @@ class Source(ABC):
     def __init__(self, settings: Settings, http: HttpClient | None = None):
         self.settings = settings
         self.http = http or HttpClient(settings.transfer)
+        # What the raw store may fetch through, by URL scheme; a source adds its own (e.g. its bucket).
+        self.transports = Transports(self.http)
+        self.transports.add(lambda: FtpClient(settings.transfer), schemes=("ftp",))
 
     @abstractmethod
     def discover(self) -> Iterable[InventoryItem]:

@@ -64,8 +64,9 @@ class EpflSource(Source):
 
     def fetch_raw(self, request: DatasetRequest, raw: RawStore) -> Manifest:
         options: EpflOptions = request.options  # type: ignore[assignment]
-        entry, stats = raw.fetch_http(self.file_url(options.file), options.file)
-        return raw.commit([entry], request.options_dict(), stats, source_version=entry.etag or entry.last_modified)
+        entry = raw.fetch(self.file_url(options.file), options.file)
+        assert entry is not None  # not optional: an absent file raised
+        return raw.commit([entry], request.options_dict(), source_version=entry.etag or entry.last_modified)
 
     def describe(self, request: DatasetRequest, raw: RawStore) -> Description:
         options: EpflOptions = request.options  # type: ignore[assignment]

@@ -15,7 +15,8 @@ from urllib.parse import unquote, urlsplit
 from em_ingest.errors import ConfigurationError, EmIngestError, IntegrityError, TransferError
 from em_ingest.settings import TransferSettings
 from em_ingest.transfer.autoindex import ListingEntry
-from em_ingest.transfer.http import Download, RemoteObject, sha256_file
+from em_ingest.transfer.base import Download, RemoteObject, Transport
+from em_ingest.transfer.http import sha256_file
 from em_ingest.transfer.retry import RetryableError, call_with_retries
 
 T = TypeVar("T")
@@ -48,8 +49,10 @@ def part_path_for(dest: Path, remote: RemoteObject) -> Path:
     return dest.with_name(f".{dest.name}.{version}.part")
 
 
-class FtpClient:
+class FtpClient(Transport):
     """One short-lived connection per operation (ftplib is not thread-safe), under the project's retry policy."""
+
+    schemes = ("ftp",)
 
     def __init__(self, settings: TransferSettings | None = None):
         self.settings = settings or TransferSettings()
@@ -77,7 +80,9 @@ class FtpClient:
                 # without this the transient clause below would turn them into retries.
                 raise
             except ftplib.error_perm as exc:  # 5xx: missing file, no permission — retrying will not help
-                raise TransferError(f"{describe}: server refused: {exc}", url=url) from None
+                # 550 is FTP's "no such file": reported with HTTP's 404 so `is_absent` has one rule.
+                status = 404 if str(exc).startswith("550") else None
+                raise TransferError(f"{describe}: server refused: {exc}", url=url, status=status) from None
             except _TRANSIENT as exc:
                 raise RetryableError(f"{describe}: {type(exc).__name__}: {exc}", url=url) from None
             finally:
@@ -117,6 +122,9 @@ class FtpClient:
             return RemoteObject(url=url, size=int(size) if size is not None else None, last_modified=modified)
 
         return self._call(url, f"SIZE {url}", stat)
+
+    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
+        return self.download(url, dest, expected=expected if expected is not None else self.stat(url))
 
     def download(self, url: str, dest: Path, *, expected: RemoteObject) -> Download:
         """Fetch `url` to `dest` atomically, continuing a partial copy with REST; the size is verified."""

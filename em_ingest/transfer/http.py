@@ -15,7 +15,10 @@ import requests
 
 from em_ingest.errors import IntegrityError, SourceResponseError, TransferError
 from em_ingest.settings import TransferSettings
+from em_ingest.transfer.base import Download, RemoteObject, Transport
 from em_ingest.transfer.retry import RetryableError, call_with_retries, parse_retry_after
+
+__all__ = ["Download", "HttpClient", "RemoteObject", "sha256_file", "temp_path_for"]
 
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _BLOCK = 1 << 20
@@ -24,39 +27,6 @@ _STREAM_BLOCK = 64 << 10
 # Object bytes exactly as stored: a server that keeps an object gzip-encoded (GCS does for some
 # precomputed chunks) must not make the body differ from the announced Content-Length.
 _IDENTITY = {"Accept-Encoding": "identity"}
-
-
-@dataclass(frozen=True)
-class RemoteObject:
-    """What a server says about an object before we fetch it."""
-
-    url: str
-    size: int | None
-    etag: str | None = None
-    last_modified: str | None = None
-
-    def same_version_as(self, other: Mapping[str, Any]) -> bool:
-        """True when a manifest entry describes this very object version."""
-        if self.size is not None and other.get("size") != self.size:
-            return False
-        if self.etag and other.get("etag"):
-            return self.etag == other["etag"]
-        if self.last_modified and other.get("last_modified"):
-            return self.last_modified == other["last_modified"]
-        return False  # nothing to compare: fetch again rather than trust a guess
-
-
-@dataclass(frozen=True)
-class Download:
-    """A finished download: where it is and what it was."""
-
-    path: Path
-    url: str
-    size: int
-    sha256: str
-    etag: str | None
-    last_modified: str | None
-    resumed_from: int
 
 
 def temp_path_for(dest: Path) -> Path:
@@ -69,8 +39,10 @@ def _validator_path(part: Path) -> Path:
     return part.with_name(part.name + ".validator")
 
 
-class HttpClient:
+class HttpClient(Transport):
     """A requests session with the project's retry policy; thread-safe for concurrent downloads."""
+
+    schemes = ("http", "https")
 
     def __init__(self, settings: TransferSettings | None = None, *, headers: Mapping[str, str] | None = None):
         self.settings = settings or TransferSettings()
@@ -126,6 +98,27 @@ class HttpClient:
 
         return call_with_retries(fn, self.settings, describe=describe, on_give_up=give_up)
 
+    # ---- the Transport interface ----------------------------------------------------------------
+    def stat(self, url: str) -> RemoteObject:
+        return self.head(url)
+
+    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
+        return self.download(url, dest, expected=expected)
+
+    def read_range(self, url: str, start: int, stop: int, *, expected: RemoteObject) -> bytes:
+        """Bytes [start, stop) of `url`, pinned with If-Match to the version `expected` (a changed
+        object answers 412, which is not retried)."""
+        headers = {"Range": f"bytes={start}-{stop - 1}", **_IDENTITY}
+        if expected.etag:
+            headers["If-Match"] = expected.etag
+        data = self.get_bytes(url, headers=headers)
+        if len(data) == stop - start:
+            return data
+        if expected.size is not None and len(data) == expected.size and stop <= len(data):
+            return data[start:stop]  # the server ignored Range and sent the whole object
+        raise IntegrityError(f"{url}: asked for bytes {start}-{stop - 1}, got {len(data)} bytes", url=url)
+
+    # ---- HTTP --------------------------------------------------------------------------------------
     def head(self, url: str) -> RemoteObject:
         """Size, ETag and Last-Modified of `url` without fetching its body."""
 

@@ -7,9 +7,9 @@ import hashlib
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -19,6 +19,8 @@ import s3fs
 
 from em_ingest.errors import ConfigurationError, IntegrityError, TransferError
 from em_ingest.settings import TransferSettings
+from em_ingest.storage import write_atomic
+from em_ingest.transfer.base import Download, RemoteObject, Transport, map_bounded
 from em_ingest.transfer.retry import RetryableError, call_with_retries, parse_retry_after
 
 T = TypeVar("T")
@@ -64,12 +66,15 @@ def _status_of(exc: botocore.exceptions.ClientError) -> tuple[int | None, str, d
     return status, code, {k.lower(): v for k, v in (meta.get("HTTPHeaders") or {}).items()}
 
 
-class S3Client:
+class S3Client(Transport):
     """A public bucket read anonymously. Every call retries transient failures with the project
     policy; `map_bounded` runs many calls with at most `max_in_flight` requests outstanding.
 
-    Thread-safe: calls from several threads are multiplexed on s3fs's event loop.
+    Thread-safe: calls from several threads are multiplexed on s3fs's event loop. As a Transport it
+    answers `s3://<its bucket>/<key>` URLs.
     """
+
+    schemes = ("s3",)
 
     def __init__(self, endpoint_url: str, bucket: str, settings: TransferSettings | None = None,
                  *, page_size: int = 1000):
@@ -101,6 +106,43 @@ class S3Client:
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def key_of(self, url: str) -> str:
+        """The object key of an `s3://` URL of this client's bucket."""
+        prefix = f"s3://{self.bucket}/"
+        if not url.startswith(prefix):
+            raise ConfigurationError(f"{url}: not an object of bucket {self.bucket!r}")
+        return url[len(prefix):]
+
+    # ---- the Transport interface ----------------------------------------------------------------
+    def stat(self, url: str) -> RemoteObject:
+        key = self.key_of(url)
+        head = self._retrying("HEAD", url, self._head, key)
+        modified = head.get("LastModified")
+        return RemoteObject(url, int(head.get("ContentLength", 0)), head.get("ETag"),
+                            modified.isoformat() if isinstance(modified, datetime) else modified)
+
+    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
+        """The object into `dest` atomically; with `expected`, pinned to that version (If-Match) and
+        checked against its size and MD5 ETag. Objects here are chunks and metadata: read whole."""
+        key = self.key_of(url)
+        listed = S3Object(key, expected.size, expected.etag, expected.last_modified) \
+            if expected is not None and expected.size is not None else None
+        body = self.get(key, expected=listed)
+        write_atomic(dest, body)
+        etag = expected.etag if expected else None
+        last_modified = expected.last_modified if expected else None
+        return Download(dest, url, len(body), hashlib.sha256(body).hexdigest(), etag, last_modified, 0)
+
+    def list(self, url: str) -> list[RemoteObject]:
+        listing = self.list_level(self.key_of(url))
+        return [RemoteObject(self.url(o.key), o.size, o.etag, o.last_modified) for o in listing.objects]
+
+    async def _head(self, key: str) -> dict[str, Any]:
+        s3 = await self._s3()
+        response = await s3.head_object(Bucket=self.bucket, Key=key)
+        self._count(1)
+        return response
 
     # ---- plumbing -----------------------------------------------------------------------------
     def _run(self, coroutine_fn: Callable[..., Any], *args: Any) -> Any:
@@ -233,30 +275,8 @@ class S3Client:
         return call_with_retries(attempt, self.settings, describe=f"GET {url}", on_give_up=give_up)
 
     def map_bounded(self, fn: Callable[[T], R], items: Iterable[T], max_in_flight: int | None = None) -> list[R]:
-        """`[fn(item) for item in items]` on up to `max_in_flight` threads, submitting lazily so only
-        that many items (e.g. chunk bodies) are ever held at once; the first failure cancels the rest."""
-        workers = max(1, max_in_flight or self.settings.max_in_flight)
-        results: dict[int, R] = {}
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3") as pool:
-            pending: dict[Future, int] = {}
-            try:
-                for position, item in enumerate(items):
-                    if len(pending) >= workers:
-                        self._collect(pending, results, wait(pending, return_when=FIRST_COMPLETED).done)
-                    pending[pool.submit(fn, item)] = position
-                while pending:
-                    self._collect(pending, results, wait(pending, return_when=FIRST_COMPLETED).done)
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
-        return [results[i] for i in range(len(results))]
-
-    @staticmethod
-    def _collect(pending: dict[Future, int], results: dict[int, Any], done: set[Future]) -> None:
-        for future in done:
-            position = pending.pop(future)
-            results[position] = future.result()
+        """`[fn(item) for item in items]` with at most `max_in_flight` (default: the setting) at once."""
+        return map_bounded(fn, items, max_in_flight or self.settings.max_in_flight, name="s3")
 
 
 def content_md5_hex(etag: str | None) -> str | None:

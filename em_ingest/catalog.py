@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,57 +20,73 @@ from em_ingest.raw import write_atomic
 CATALOG_VERSION = "1"
 SIDECAR_NAME = "em_ingest.json"
 
-_FIELDS: list[tuple[str, pa.DataType, str]] = [
-    ("source", pa.string(), "archive plugin name, e.g. epfl"),
-    ("dataset_key", pa.string(), "partition key from the selection file"),
-    ("title", pa.string(), ""),
-    ("description", pa.string(), ""),
-    ("organism", pa.string(), ""),
-    ("sample", pa.string(), ""),
-    ("imaging_method", pa.string(), ""),
-    ("shape_z", pa.int64(), "voxels of s0"),
-    ("shape_y", pa.int64(), ""),
-    ("shape_x", pa.int64(), ""),
-    ("dtype", pa.string(), "numpy dtype name as stored"),
-    ("voxel_size_z_nm", pa.float64(), ""),
-    ("voxel_size_y_nm", pa.float64(), ""),
-    ("voxel_size_x_nm", pa.float64(), ""),
-    ("voxel_size_origin", pa.string(), "source-metadata | override | documented-default"),
-    ("translation_z_nm", pa.float64(), "null when the source gives no position"),
-    ("translation_y_nm", pa.float64(), ""),
-    ("translation_x_nm", pa.float64(), ""),
-    ("n_scales", pa.int32(), ""),
-    ("chunk_shape", pa.list_(pa.int32()), "chunk (z, y, x) of s0"),
-    ("compression", pa.string(), ""),
-    ("raw_bytes", pa.int64(), "bytes in the raw download"),
-    ("stored_bytes", pa.int64(), "bytes of the OME-Zarr on disk"),
-    ("source_url", pa.string(), ""),
-    ("doi", pa.string(), ""),
-    ("license", pa.string(), ""),
-    ("authors", pa.string(), "'; '-separated"),
-    ("source_version", pa.string(), "ETag, last-modified or release the source reports"),
-    ("raw_manifest_sha256", pa.string(), "digest of the raw manifest the Zarr was made from"),
-    ("zarr_path", pa.string(), ""),
-    ("thumbnail_path", pa.string(), ""),
-    ("intensity_min", pa.float64(), ""),
-    ("intensity_max", pa.float64(), ""),
-    ("intensity_mean", pa.float64(), ""),
-    ("ingested_at", pa.timestamp("us", tz="UTC"), ""),
-    ("status", pa.string(), "ok, or unselected when no longer in the selection file"),
-    ("extra_json", pa.string(), "source-specific fields and the untouched source record, as JSON"),
-]
+def _column(arrow_type: pa.DataType, doc: str = "") -> Any:
+    return field(default=None, metadata={"arrow": arrow_type, "doc": doc})
+
+
+@dataclass(frozen=True)
+class CatalogRow:
+    """One ingested dataset, as a catalog row: the record the Parquet schema is derived from.
+
+    Unknown is None, never invented; lengths are nanometres; axes (z, y, x).
+    """
+
+    source: str = _column(pa.string(), "archive plugin name, e.g. epfl")
+    dataset_key: str = _column(pa.string(), "partition key from the selection file")
+    title: str | None = _column(pa.string())
+    description: str | None = _column(pa.string())
+    organism: str | None = _column(pa.string())
+    sample: str | None = _column(pa.string())
+    imaging_method: str | None = _column(pa.string())
+    shape_z: int | None = _column(pa.int64(), "voxels of s0")
+    shape_y: int | None = _column(pa.int64())
+    shape_x: int | None = _column(pa.int64())
+    dtype: str | None = _column(pa.string(), "numpy dtype name as stored")
+    voxel_size_z_nm: float | None = _column(pa.float64())
+    voxel_size_y_nm: float | None = _column(pa.float64())
+    voxel_size_x_nm: float | None = _column(pa.float64())
+    voxel_size_origin: str | None = _column(pa.string(), "source-metadata | override | documented-default")
+    translation_z_nm: float | None = _column(pa.float64(), "null when the source gives no position")
+    translation_y_nm: float | None = _column(pa.float64())
+    translation_x_nm: float | None = _column(pa.float64())
+    n_scales: int | None = _column(pa.int32())
+    chunk_shape: list[int] | None = _column(pa.list_(pa.int32()), "chunk (z, y, x) of s0")
+    compression: str | None = _column(pa.string())
+    raw_bytes: int | None = _column(pa.int64(), "bytes in the raw download")
+    stored_bytes: int | None = _column(pa.int64(), "bytes of the OME-Zarr on disk")
+    source_url: str | None = _column(pa.string())
+    doi: str | None = _column(pa.string())
+    license: str | None = _column(pa.string())
+    authors: str | None = _column(pa.string(), "'; '-separated")
+    source_version: str | None = _column(pa.string(), "ETag, last-modified or release the source reports")
+    raw_manifest_sha256: str | None = _column(pa.string(), "digest of the raw manifest the Zarr was made from")
+    zarr_path: str | None = _column(pa.string())
+    thumbnail_path: str | None = _column(pa.string())
+    intensity_min: float | None = _column(pa.float64())
+    intensity_max: float | None = _column(pa.float64())
+    intensity_mean: float | None = _column(pa.float64())
+    ingested_at: datetime | None = _column(pa.timestamp("us", tz="UTC"))
+    status: str | None = _column(pa.string(), "ok, or unselected when no longer in the selection file")
+    extra_json: str | None = _column(pa.string(), "source-specific fields and the untouched source record, as JSON")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 SCHEMA = pa.schema(
-    [pa.field(name, type_, metadata={"description": doc} if doc else None) for name, type_, doc in _FIELDS],
+    [pa.field(f.name, f.metadata["arrow"], metadata={"description": f.metadata["doc"]} if f.metadata["doc"] else None)
+     for f in fields(CatalogRow)],
     metadata={"em_ingest.catalog_version": CATALOG_VERSION},
 )
-COLUMNS = [name for name, _, _ in _FIELDS]
+COLUMNS = [f.name for f in fields(CatalogRow)]
 KEY_COLUMNS = ("source", "dataset_key")
+CATALOG_STATUSES = ("ok", "unselected")
 
 
-def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Rows (dicts with exactly the catalog's columns) as a table in the catalog schema, sorted by key."""
-    rows = sorted(rows, key=lambda r: (r["source"], r["dataset_key"]))
+def rows_to_table(rows: Iterable[CatalogRow | Mapping[str, Any]]) -> pa.Table:
+    """Rows (records, or dicts with exactly the catalog's columns) as a table in the catalog schema, by key."""
+    rows = sorted((r.as_dict() if isinstance(r, CatalogRow) else r for r in rows),
+                  key=lambda r: (r["source"], r["dataset_key"]))
     for row in rows:
         extra = set(row) - set(COLUMNS)
         missing = set(COLUMNS) - set(row)
@@ -110,25 +128,48 @@ def read_catalog(path: Path) -> pa.Table:
     return table
 
 
-def catalog_problems(table: pa.Table) -> list[str]:
+@dataclass(frozen=True)
+class CatalogProblem:
+    """One thing wrong with the catalog or with an image it lists."""
+
+    kind: str  # one of PROBLEM_KINDS
+    message: str
+    key: str | None = None  # "source/dataset_key", None for the table as a whole
+
+
+PROBLEM_KINDS = ("schema", "version", "duplicate", "missing_zarr", "damaged_zarr", "unreadable_sidecar")
+
+
+def catalog_problems(table: pa.Table) -> list[CatalogProblem]:
     """Everything wrong with a catalog table: schema drift, duplicate keys, missing or damaged Zarrs."""
-    problems = []
     if not table.schema.equals(SCHEMA, check_metadata=False):
-        problems.append(f"schema differs from catalog v{CATALOG_VERSION}: {table.schema} != {SCHEMA}")
-        return problems
+        return [CatalogProblem("schema", f"schema differs from catalog v{CATALOG_VERSION}: {table.schema} != {SCHEMA}")]
+    problems = []
     version = (table.schema.metadata or {}).get(b"em_ingest.catalog_version", b"?").decode()
     if version != CATALOG_VERSION:
-        problems.append(f"catalog version {version}, expected {CATALOG_VERSION}")
-    keys = list(zip(table.column("source").to_pylist(), table.column("dataset_key").to_pylist()))
-    seen: set = set()
-    for key in keys:
+        problems.append(CatalogProblem("version", f"catalog version {version}, expected {CATALOG_VERSION}"))
+    seen: set[str] = set()
+    rows = zip(table.column("source").to_pylist(), table.column("dataset_key").to_pylist(),
+               table.column("zarr_path").to_pylist())
+    for source, dataset_key, zarr_path in rows:
+        key = f"{source}/{dataset_key}"
         if key in seen:
-            problems.append(f"duplicate row for {key[0]}/{key[1]}")
+            problems.append(CatalogProblem("duplicate", f"duplicate row for {key}", key))
         seen.add(key)
-    for key, zarr_path in zip(keys, table.column("zarr_path").to_pylist()):
-        if not zarr_path or not (Path(zarr_path) / ("zarr.json")).exists() and not (Path(zarr_path) / ".zattrs").exists():
-            problems.append(f"{key[0]}/{key[1]}: Zarr missing at {zarr_path}")
-    return problems + damaged_images(table)
+        image = Path(zarr_path) if zarr_path else None
+        if image is None or not ((image / "zarr.json").exists() or (image / ".zattrs").exists()):
+            problems.append(CatalogProblem("missing_zarr", f"{key}: Zarr missing at {zarr_path}", key))
+            continue
+        problems += _image_problems(image, key)
+    return problems
+
+
+def _image_problems(image: Path, key: str) -> list[CatalogProblem]:
+    try:
+        sidecar = read_sidecar(image)
+    except (OSError, ValueError) as exc:
+        return [CatalogProblem("unreadable_sidecar", f"{key}: sidecar {image / SIDECAR_NAME} unreadable ({exc})", key)]
+    return [CatalogProblem("damaged_zarr", f"{key}: {problem}", key) for problem in image_damage(image, sidecar)]
 
 
 def read_sidecar(zarr_dir: Path) -> dict[str, Any]:
@@ -143,20 +184,3 @@ def record_image(zarr_dir: Path) -> dict[str, Any]:
 def image_damage(zarr_dir: Path, sidecar: Mapping[str, Any]) -> list[str]:
     """How the published image differs from the record in its sidecar (empty when intact)."""
     return integrity.damage(zarr_dir, sidecar.get("written"), exclude=frozenset({SIDECAR_NAME}))
-
-
-def damaged_images(table: pa.Table) -> list[str]:
-    """Rows whose image no longer holds what was written (a chunk deleted, metadata edited)."""
-    problems = []
-    rows = zip(table.column("source").to_pylist(), table.column("dataset_key").to_pylist(),
-               table.column("zarr_path").to_pylist())
-    for source, key, zarr_path in rows:
-        if not zarr_path or not Path(zarr_path).is_dir():
-            continue  # reported as missing by catalog_problems
-        try:
-            sidecar = read_sidecar(Path(zarr_path))
-        except (OSError, ValueError) as exc:
-            problems.append(f"{source}/{key}: sidecar {Path(zarr_path) / SIDECAR_NAME} unreadable ({exc})")
-            continue
-        problems += [f"{source}/{key}: {problem}" for problem in image_damage(Path(zarr_path), sidecar)]
-    return problems

@@ -18,8 +18,9 @@ import pyarrow as pa
 import numpy as np
 
 from em_ingest import catalog, limits, storage
-from em_ingest.errors import EmIngestError, SelectionError
+from em_ingest.errors import EmIngestError, SelectionError, ValidationError
 from em_ingest.formats.volume import Geometry, Volume
+from em_ingest.omezarr.validate import validate_ome_zarr
 from em_ingest.omezarr.writer import WriteResult, ZarrLayout, write_ome_zarr
 from em_ingest.raw import Manifest, RawStore
 from em_ingest.selection import DatasetRequest, Selection, load_selection
@@ -29,6 +30,26 @@ from em_ingest.sources import Description, Source, option_models, source_classes
 log = logging.getLogger(__name__)
 # Bump when the conversion's output for the same input changes, so existing Zarrs are rewritten.
 CONVERTER_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """An independent re-read of a published image, compared with its source."""
+
+    ngff_version: str | None
+    levels: int
+    problem: str | None  # why the image is not valid OME-NGFF, if it is not
+    expected: dict[str, Any]
+    found: dict[str, Any]
+    mismatched: tuple[str, ...]
+
+    @property
+    def ngff_valid(self) -> bool:
+        return self.problem is None
+
+    @property
+    def matches_source(self) -> bool:
+        return self.ngff_valid and not self.mismatched
 
 
 @dataclass(frozen=True)
@@ -151,46 +172,73 @@ class Pipeline:
              result: WriteResult, final: Path) -> dict[str, Any]:
         shape = result.levels[0].shape
         translation = geometry.translation_nm or (None, None, None)
-        return {
-            "source": request.source, "dataset_key": request.key,
-            "title": d.title, "description": d.description, "organism": d.organism, "sample": d.sample,
-            "imaging_method": d.imaging_method,
-            "shape_z": shape[0], "shape_y": shape[1], "shape_x": shape[2], "dtype": result.dtype,
-            "voxel_size_z_nm": geometry.voxel_size_nm[0], "voxel_size_y_nm": geometry.voxel_size_nm[1],
-            "voxel_size_x_nm": geometry.voxel_size_nm[2], "voxel_size_origin": geometry.voxel_size_origin,
-            "translation_z_nm": translation[0], "translation_y_nm": translation[1],
-            "translation_x_nm": translation[2],
-            "n_scales": len(result.levels), "chunk_shape": list(result.chunks), "compression": result.compression,
-            "raw_bytes": manifest.total_bytes, "stored_bytes": result.stored_bytes,
-            "source_url": d.source_url or (manifest.entries[0].url if manifest.entries else None),
-            "doi": d.doi, "license": d.license, "authors": "; ".join(d.authors) or None,
-            "source_version": d.source_version or manifest.source_version,
-            "raw_manifest_sha256": manifest.digest,
-            "zarr_path": str(final), "thumbnail_path": str(final / "thumbnail.png") if result.thumbnail else None,
-            "intensity_min": result.intensity_min, "intensity_max": result.intensity_max,
-            "intensity_mean": result.intensity_mean,
-            "ingested_at": datetime.now(timezone.utc).isoformat(),
-            "extra_json": json.dumps({"ngff_version": result.ngff_version, "shards": result.shards,
-                                      **d.extra}, sort_keys=True, default=str),
-        }
+        row = catalog.CatalogRow(
+            source=request.source, dataset_key=request.key,
+            title=d.title, description=d.description, organism=d.organism, sample=d.sample,
+            imaging_method=d.imaging_method,
+            shape_z=shape[0], shape_y=shape[1], shape_x=shape[2], dtype=result.dtype,
+            voxel_size_z_nm=geometry.voxel_size_nm[0], voxel_size_y_nm=geometry.voxel_size_nm[1],
+            voxel_size_x_nm=geometry.voxel_size_nm[2], voxel_size_origin=geometry.voxel_size_origin,
+            translation_z_nm=translation[0], translation_y_nm=translation[1], translation_x_nm=translation[2],
+            n_scales=len(result.levels), chunk_shape=list(result.chunks), compression=result.compression,
+            raw_bytes=manifest.total_bytes, stored_bytes=result.stored_bytes,
+            source_url=d.source_url or (manifest.entries[0].url if manifest.entries else None),
+            doi=d.doi, license=d.license, authors="; ".join(d.authors) or None,
+            source_version=d.source_version or manifest.source_version,
+            raw_manifest_sha256=manifest.digest,
+            zarr_path=str(final), thumbnail_path=str(final / "thumbnail.png") if result.thumbnail else None,
+            intensity_min=result.intensity_min, intensity_max=result.intensity_max,
+            intensity_mean=result.intensity_mean,
+            extra_json=json.dumps({"ngff_version": result.ngff_version, "shards": result.shards, **d.extra},
+                                  sort_keys=True, default=str),
+        )
+        # The sidecar keeps the row as JSON: the timestamp as ISO text, the status set when the catalog is built.
+        return {**row.as_dict(), "ingested_at": datetime.now(timezone.utc).isoformat()}
 
-    def build_catalog(self) -> tuple[pa.Table, Path]:
-        """One row per published OME-Zarr under the data root, written to catalog/metadata_catalog.parquet."""
+    def verify_conversion(self, request: DatasetRequest, conversion: Conversion) -> Verification:
+        """Re-read the published image independently of the writer (OME-NGFF spec models) and compare
+        s0 with the source volume as the raw store presents it: shape, dtype, voxel size."""
+        try:
+            summary = validate_ome_zarr(conversion.zarr_path)
+        except ValidationError as exc:
+            return Verification(ngff_version=None, levels=0, problem=str(exc), expected={}, found={}, mismatched=())
+        source = self.source(request.source)
+        with source.open_volume(request, self.raw_store(request, source)) as volume:
+            geometry = resolve_geometry(volume, request)
+            expected = {"shape": list(volume.shape), "dtype": str(np.dtype(volume.dtype).newbyteorder("=")),
+                        "voxel_size_nm": [float(v) for v in geometry.voxel_size_nm]}
+        found = {"shape": list(summary.shapes[0]), "dtype": summary.dtype,
+                 "voxel_size_nm": [float(v) for v in summary.scales_nm[0]]}
+        mismatched = tuple(k for k in expected if expected[k] != found[k])
+        return Verification(summary.ngff_version, len(summary.paths), None, expected, found, mismatched)
+
+    def catalog_rows(self) -> tuple[list[dict[str, Any]], list[catalog.CatalogProblem]]:
+        """A row for every image em-ingest published under the data root, and the images whose sidecar
+        cannot be read (reported, never silently left out)."""
         selection = self.selection()
-        rows = []
+        rows, problems = [], []
         for zarr_dir in sorted((self.root / "zarr").glob("*/*.ome.zarr")):
-            if not zarr_dir.exists():
-                continue
+            key = f"{zarr_dir.parent.name}/{zarr_dir.name.removesuffix('.ome.zarr')}"
+            if not zarr_dir.is_symlink() and not (zarr_dir / catalog.SIDECAR_NAME).exists():
+                continue  # a folder em-ingest did not publish (ours are links into .versions/)
             try:
                 row = dict(catalog.read_sidecar(zarr_dir)["catalog_row"])
-            except (OSError, ValueError, KeyError):
-                continue  # not ours (no sidecar): the catalog lists what em-ingest ingested
-            row["ingested_at"] = datetime.fromisoformat(row["ingested_at"])
-            selected = row["dataset_key"] in selection.get(row["source"], {})
-            row["status"] = "ok" if selected else "unselected"
+                row["ingested_at"] = datetime.fromisoformat(row["ingested_at"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                problems.append(catalog.CatalogProblem(
+                    "unreadable_sidecar", f"{key}: {zarr_dir / catalog.SIDECAR_NAME} cannot be read ({exc}); "
+                    "materialize its ome_zarr partition again", key))
+                continue
+            row["status"] = "ok" if row["dataset_key"] in selection.get(row["source"], {}) else "unselected"
             rows.append(row)
+        return rows, problems
+
+    def build_catalog(self) -> tuple[pa.Table, Path, list[catalog.CatalogProblem]]:
+        """One row per published OME-Zarr under the data root, written to catalog/metadata_catalog.parquet;
+        also returns the published images that could not be listed."""
+        rows, problems = self.catalog_rows()
         table = catalog.rows_to_table(rows)
         path = storage.catalog_path(self.root)
         with storage.partition_lock(self.root, "catalog", path.stem):
             catalog.write_catalog(table, path)
-        return table, path
+        return table, path, problems

@@ -29,7 +29,8 @@ def checks(result) -> dict[str, bool]:
 
 def test_catalog_has_one_row_per_dataset_in_the_schema(ingested):
     result = ingested.materialize_catalog()
-    assert checks(result) == {"schema": True, "unique_keys": True, "zarrs_exist": True, "zarrs_intact": True}
+    assert checks(result) == {"schema": True, "unique_keys": True, "zarrs_exist": True, "zarrs_intact": True,
+                             "sidecars_readable": True}
     table = catalog.read_catalog(ingested.data_root / "catalog" / "metadata_catalog.parquet")
     assert table.schema.equals(catalog.SCHEMA, check_metadata=False)
     assert table.column_names == catalog.COLUMNS
@@ -57,14 +58,35 @@ def test_zarrs_exist_check_fails_when_a_zarr_disappears(ingested):
     assert checks(result)["schema"] is True
 
 
+def test_an_unreadable_sidecar_is_reported_not_dropped(ingested):
+    sidecar = ingested.data_root / "zarr" / "epfl" / f"{KEYS[1]}.ome.zarr" / catalog.SIDECAR_NAME
+    sidecar.write_text("{not json")
+    defs = ingested.definitions()
+    result = dg.materialize([*defs.assets, *(defs.asset_checks or [])], selection=dg.AssetSelection.groups("catalog"),
+                            instance=ingested.instance, resources=defs.resources, raise_on_error=False)
+    assert checks(result)["sidecars_readable"] is False
+    event = result.get_asset_materialization_events()[0].materialization
+    assert KEYS[1] in str(event.metadata["unlisted_images"].value)
+    table = catalog.read_catalog(ingested.data_root / "catalog" / "metadata_catalog.parquet")
+    assert table.column("dataset_key").to_pylist() == [KEYS[0]]
+
+
+def test_catalog_row_record_is_the_schema():
+    assert catalog.COLUMNS == [f.name for f in catalog.SCHEMA]
+    row = catalog.CatalogRow(source="epfl", dataset_key="k", shape_z=3, chunk_shape=[1, 2, 3])
+    table = catalog.rows_to_table([row])
+    assert table.schema.equals(catalog.SCHEMA) and table.to_pylist()[0]["chunk_shape"] == [1, 2, 3]
+
+
 def test_schema_and_duplicate_problems_are_detected():
     row = {c: None for c in catalog.COLUMNS} | {"source": "epfl", "dataset_key": "k", "zarr_path": "/nonexistent"}
     table = catalog.rows_to_table([row, row])
     problems = catalog.catalog_problems(table)
-    assert "duplicate row for epfl/k" in problems
-    assert any("Zarr missing" in p for p in problems)
+    assert catalog.CatalogProblem("duplicate", "duplicate row for epfl/k", "epfl/k") in problems
+    assert [p.kind for p in problems].count("missing_zarr") == 2
+    assert all(p.kind in catalog.PROBLEM_KINDS for p in problems)
     drifted = table.drop(["extra_json"]).append_column("extra_json", pa.array([1, 2], pa.int64()))
-    assert any("schema differs" in p for p in catalog.catalog_problems(drifted))
+    assert [p.kind for p in catalog.catalog_problems(drifted)] == ["schema"]
     with pytest.raises(Exception, match="unknown columns"):
         catalog.rows_to_table([row | {"colour": "red"}])
 

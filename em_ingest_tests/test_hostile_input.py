@@ -253,7 +253,7 @@ def test_a_deleted_chunk_or_edited_metadata_is_rewritten_and_flagged_by_the_cata
     chunk = sorted(p for p in (image / "s0" / "c").rglob("*") if p.is_file())[0]
     chunk.unlink()
     checks = _catalog_checks(ws)
-    assert checks["zarrs_intact"].passed is False and "s0" in checks["zarrs_intact"].metadata["damaged"].value
+    assert checks["zarrs_intact"].passed is False and "s0" in checks["zarrs_intact"].metadata["problems"].value
     assert checks["zarrs_exist"].passed is True
 
     result = ws.materialize("epfl", EPFL_KEY)
@@ -265,7 +265,7 @@ def test_a_deleted_chunk_or_edited_metadata_is_rewritten_and_flagged_by_the_cata
     document = json.loads(metadata.read_text())
     document["fill_value"] = 7  # same inputs, edited output: s0 would read 7 where chunks are absent
     metadata.write_text(json.dumps(document))
-    assert "s0/zarr.json: changed" in _catalog_checks(ws)["zarrs_intact"].metadata["damaged"].value
+    assert "s0/zarr.json: changed" in _catalog_checks(ws)["zarrs_intact"].metadata["problems"].value
     assert _zarr_meta(ws.materialize("epfl", EPFL_KEY))["skipped_unchanged"].value is False
     assert _zarr_meta(ws.materialize("epfl", EPFL_KEY))["skipped_unchanged"].value is True  # intact: skipped
 

@@ -29,9 +29,11 @@ def build_catalog_assets(source_names: list[str]) -> list:
         ),
     )
     def metadata_catalog(context: dg.AssetExecutionContext, em_ingest: EmIngestResource) -> dg.MaterializeResult:
-        table, path = em_ingest.pipeline().build_catalog()
+        table, path, unlisted = em_ingest.pipeline().build_catalog()
         preview = table.select(PREVIEW_COLUMNS).to_pandas()
         context.log.info(f"catalog: {table.num_rows} rows written to {path}")
+        for problem in unlisted:
+            context.log.warning(f"catalog: not listed: {problem.message}")
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(path)),
@@ -39,6 +41,7 @@ def build_catalog_assets(source_names: list[str]) -> list:
                 "sources": dg.MetadataValue.json(sorted(set(table.column("source").to_pylist()))),
                 "preview": dg.MetadataValue.md(preview.to_markdown(index=False) if len(preview) else "(empty)"),
                 "catalog_version": catalog.CATALOG_VERSION,
+                "unlisted_images": dg.MetadataValue.json([p.message for p in unlisted]),
             }
         )
 
@@ -57,30 +60,29 @@ def build_catalog_assets(source_names: list[str]) -> list:
         return dg.AssetCheckResult(passed=equal, metadata={"columns": len(table.schema),
                                                            "expected_columns": len(catalog.SCHEMA)})
 
-    @dg.asset_check(asset=CATALOG_KEY, name="unique_keys", blocking=True,
-                    description="No two rows share (source, dataset_key).")
-    def unique_keys_check(em_ingest: EmIngestResource) -> dg.AssetCheckResult:
-        table = _load(em_ingest)
-        keys = list(zip(table.column("source").to_pylist(), table.column("dataset_key").to_pylist()))
-        duplicates = sorted({f"{s}/{k}" for s, k in keys if keys.count((s, k)) > 1})
-        return dg.AssetCheckResult(passed=not duplicates, metadata={"duplicates": ", ".join(duplicates) or "none"})
+    def _problem_check(name: str, kinds: tuple[str, ...], description: str) -> dg.AssetChecksDefinition:
+        @dg.asset_check(asset=CATALOG_KEY, name=name, blocking=True, description=description)
+        def check(em_ingest: EmIngestResource) -> dg.AssetCheckResult:
+            pipeline = em_ingest.pipeline()
+            if "unreadable_sidecar" in kinds:  # images that could not even become a row
+                problems = pipeline.catalog_rows()[1]
+            else:
+                problems = catalog.catalog_problems(_load(em_ingest))
+            found = [p.message for p in problems if p.kind in kinds]
+            return dg.AssetCheckResult(passed=not found, metadata={"problems": "; ".join(found[:20]) or "none",
+                                                                   "count": len(found)})
 
-    @dg.asset_check(asset=CATALOG_KEY, name="zarrs_exist", blocking=True,
-                    description="Every row's zarr_path holds a Zarr group.")
-    def zarrs_exist_check(em_ingest: EmIngestResource) -> dg.AssetCheckResult:
-        table = _load(em_ingest)
-        missing = [p for p in catalog.catalog_problems(table) if "Zarr missing" in p]
-        return dg.AssetCheckResult(passed=not missing, metadata={"missing": "; ".join(missing) or "none",
-                                                                 "rows": table.num_rows})
+        return check
 
-    @dg.asset_check(asset=CATALOG_KEY, name="zarrs_intact", blocking=True,
-                    description="Every row's image still holds what was written: the metadata documents' "
-                                "sha256 and each level's count and size of chunk files, as recorded in its "
-                                "sidecar at publish time (a deleted chunk or an edited zarr.json fails).")
-    def zarrs_intact_check(em_ingest: EmIngestResource) -> dg.AssetCheckResult:
-        table = _load(em_ingest)
-        damaged = catalog.damaged_images(table)
-        return dg.AssetCheckResult(passed=not damaged, metadata={"damaged": "; ".join(damaged[:20]) or "none",
-                                                                 "rows": table.num_rows})
-
-    return [metadata_catalog, schema_check, unique_keys_check, zarrs_exist_check, zarrs_intact_check]
+    checks = [
+        _problem_check("unique_keys", ("duplicate",), "No two rows share (source, dataset_key)."),
+        _problem_check("zarrs_exist", ("missing_zarr",), "Every row's zarr_path holds a Zarr group."),
+        _problem_check("zarrs_intact", ("damaged_zarr",),
+                       "Every row's image still holds what was written: the metadata documents' sha256 and each "
+                       "level's count and size of chunk files, as recorded in its sidecar at publish time (a "
+                       "deleted chunk or an edited zarr.json fails)."),
+        _problem_check("sidecars_readable", ("unreadable_sidecar",),
+                       "Every image em-ingest published under zarr/ has a readable sidecar, so it is in the "
+                       "catalog rather than silently left out."),
+    ]
+    return [metadata_catalog, schema_check, *checks]

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from em_ingest.errors import ValidationError
-from em_ingest.omezarr.validate import validate_ome_zarr
-from em_ingest.pipeline import CONVERTER_VERSION, resolve_geometry
+from collections.abc import Iterator
+
+from em_ingest.pipeline import CONVERTER_VERSION, Conversion, Pipeline
+from em_ingest.selection import DatasetRequest
 from em_ingest.sources import Source
 from em_ingest.orchestration.resources import EmIngestResource
 
@@ -168,32 +169,23 @@ def _levels_table(levels: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _check_results(pipeline, request, conversion, zarr_key):
-    """Re-read what was published, independently of the writer, and compare with the source."""
-    try:
-        summary = validate_ome_zarr(conversion.zarr_path)
-        yield dg.AssetCheckResult(check_name="ome_ngff_valid", asset_key=zarr_key, passed=True,
-                                  metadata={"ngff_version": summary.ngff_version, "levels": len(summary.paths)})
-    except ValidationError as exc:
+def _check_results(pipeline: Pipeline, request: DatasetRequest, conversion: Conversion,
+                   zarr_key: dg.AssetKey) -> Iterator[dg.AssetCheckResult]:
+    """The core's independent re-read of what was published, as the two blocking checks."""
+    verification = pipeline.verify_conversion(request, conversion)
+    if not verification.ngff_valid:
         yield dg.AssetCheckResult(check_name="ome_ngff_valid", asset_key=zarr_key, passed=False,
-                                  severity=dg.AssetCheckSeverity.ERROR, metadata={"error": str(exc)})
+                                  severity=dg.AssetCheckSeverity.ERROR, metadata={"error": verification.problem})
         yield dg.AssetCheckResult(check_name="matches_source", asset_key=zarr_key, passed=False,
                                   severity=dg.AssetCheckSeverity.ERROR,
                                   metadata={"error": "image is not valid OME-NGFF"})
         return
-    source = pipeline.source(request.source)
-    raw = pipeline.raw_store(request, source)
-    with source.open_volume(request, raw) as volume:
-        geometry = resolve_geometry(volume, request)
-        expected = {"shape": list(volume.shape), "dtype": str(volume.dtype.newbyteorder("=")),
-                    "voxel_size_nm": [float(v) for v in geometry.voxel_size_nm]}
-    found = {"shape": list(summary.shapes[0]), "dtype": summary.dtype,
-             "voxel_size_nm": [float(v) for v in summary.scales_nm[0]]}
-    mismatches = [k for k in expected if expected[k] != found[k]]
+    yield dg.AssetCheckResult(check_name="ome_ngff_valid", asset_key=zarr_key, passed=True,
+                              metadata={"ngff_version": verification.ngff_version, "levels": verification.levels})
     yield dg.AssetCheckResult(
-        check_name="matches_source", asset_key=zarr_key, passed=not mismatches,
+        check_name="matches_source", asset_key=zarr_key, passed=verification.matches_source,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"expected": dg.MetadataValue.json(expected), "found": dg.MetadataValue.json(found),
-                  "mismatched": ", ".join(mismatches) or "none"},
+        metadata={"expected": dg.MetadataValue.json(verification.expected),
+                  "found": dg.MetadataValue.json(verification.found),
+                  "mismatched": ", ".join(verification.mismatched) or "none"},
     )
-

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from em_ingest.errors import SourceResponseError, UnsupportedDataError
+from em_ingest.formats import units
 from em_ingest.formats.n5 import N5_DTYPES
 from em_ingest.limits import check_chunk
 
@@ -23,21 +24,14 @@ Index3 = tuple[int, int, int]
 LAYOUTS = ("zarr", "n5")
 # The metadata objects of each layout; everything else below an array is a chunk.
 METADATA_NAMES = {"zarr": (".zgroup", ".zattrs", ".zarray"), "n5": ("attributes.json",)}
-_NM_PER_UNIT = {
-    "nm": 1.0, "nanometer": 1.0, "nanometers": 1.0, "nanometre": 1.0,
-    "um": 1e3, "µm": 1e3, "micrometer": 1e3, "micrometers": 1e3, "micron": 1e3, "micrometre": 1e3,
-    "angstrom": 0.1, "å": 0.1, "pm": 1e-3, "picometer": 1e-3, "mm": 1e6, "millimeter": 1e6,
-}
 ZYX = ("z", "y", "x")
 
 
 def nm_per_unit(unit: Any, where: str) -> float:
+    """Nanometres in one `unit`; a missing unit means nm."""
     if unit is None:
         return 1.0  # COSEM and OME-NGFF files from CellMap always say nm; absent means the default
-    factor = _NM_PER_UNIT.get(str(unit).strip().lower())
-    if factor is None:
-        raise SourceResponseError(f"{where}: unknown length unit {unit!r}")
-    return factor
+    return units.nm_per_unit(str(unit), where=where)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from em_ingest.errors import FormatError, UnsupportedDataError
+from em_ingest.formats.box import copy_overlap
 from em_ingest.limits import check_chunk
 
 # N5 data types; the payload is always big-endian.
@@ -182,15 +183,7 @@ class N5Array:
         index_ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(starts, stops, self.chunks)]
         for index in product(*index_ranges):
             block = self.read_block(index)  # type: ignore[arg-type]
-            if block is None:
-                continue
-            origin = [i * c for i, c in zip(index, self.chunks)]
-            # Intersection of the block (clipped to what it holds) with the requested region.
-            lo = [max(a, o) for a, o in zip(starts, origin)]
-            hi = [min(b, o + n) for b, o, n in zip(stops, origin, block.shape)]
-            if any(h <= l for l, h in zip(lo, hi)):
-                continue
-            src = tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, origin))
-            dst = tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, starts))
-            out[dst] = block[src]
+            if block is not None:
+                # A block at the array's far edge may be cut: its own shape says how much it holds.
+                copy_overlap(out, starts, block, [i * c for i, c in zip(index, self.chunks)])
         return out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import logging
 import re
@@ -12,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zarr
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
@@ -20,10 +17,14 @@ from em_ingest import limits
 from em_ingest.errors import FormatError, SelectionError, SourceResponseError, UnsafePathError
 from em_ingest.formats import cosem
 from em_ingest.formats.n5 import N5Array
-from em_ingest.formats.volume import Geometry, Region, Volume
-from em_ingest.raw import ManifestEntry, Manifest, RawStore, TransferStats, safe_relative_path, write_atomic
+from em_ingest.formats.volume import Geometry, Volume
+from em_ingest.formats.window import WindowVolume
+from em_ingest.raw import Manifest, RawStore, Wanted, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest
+from em_ingest.settings import Settings
 from em_ingest.sources.base import Description, InventoryItem, Source
+from em_ingest.transfer.base import RemoteObject
+from em_ingest.transfer.http import HttpClient
 from em_ingest.transfer.s3 import S3Client, S3Object
 
 log = logging.getLogger(__name__)
@@ -134,50 +135,17 @@ def imaging_method(image: str) -> str | None:
     return MODALITIES.get(name.split("-", 1)[0].split("_", 1)[0])
 
 
-class WindowVolume(Volume):
-    """A (z, y, x) window of a larger sliceable array, read lazily region by region."""
-
-    def __init__(self, array: Any, window: tuple[tuple[int, int], ...], geometry: Geometry | None, name: str):
-        self._array = array
-        self._origin = tuple(a for a, _ in window)
-        self.shape = tuple(b - a for a, b in window)  # type: ignore[assignment]
-        self.dtype = np.dtype(array.dtype).newbyteorder("=")
-        self.geometry = geometry
-        self.name = name
-
-    def read(self, region: Region) -> np.ndarray:
-        shifted = tuple(slice(s.start + o, s.stop + o) for s, o in zip(region, self._origin))
-        try:
-            data = np.asarray(self._array[shifted])
-        except (RuntimeError, ValueError, OSError) as exc:  # what codecs raise for damaged bytes
-            raise FormatError(f"{self.name}: {self._damaged_chunk(shifted)} cannot be decoded "
-                              f"({type(exc).__name__}: {exc})") from None
-        return np.ascontiguousarray(data.astype(self.dtype, copy=False))
-
-    def _damaged_chunk(self, shifted: tuple[slice, ...]) -> str:
-        """Which chunk of `shifted` fails on its own (only run after a failure, to name it)."""
-        chunks = getattr(self._array, "chunks", None)
-        if chunks is None:
-            return f"a chunk of region {[(s.start, s.stop) for s in shifted]}"
-        ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(shifted, chunks)]
-        separator = getattr(getattr(self._array, "metadata", None), "dimension_separator", ".") or "."
-        for index in itertools.product(*ranges):
-            try:
-                self._array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))]
-            except (RuntimeError, ValueError, OSError):
-                return f"chunk {separator.join(map(str, index))}"
-        return f"a chunk of region {[(s.start, s.stop) for s in shifted]}"
-
-
 class OpenOrganelleSource(Source):
     name = "openorganelle"
     title = "Janelia OpenOrganelle / CellMap (janelia-cosem-datasets on S3)"
     Options = OpenOrganelleOptions
     max_concurrent_runs = 2  # per-run concurrency is max_in_flight requests; keep runs few
 
-    def __init__(self, settings, http=None):
+    def __init__(self, settings: Settings, http: HttpClient | None = None):
         super().__init__(settings, http)
         self._s3: S3Client | None = None
+        # The raw store fetches the bucket's s3:// URLs through the same (lazily made) client that lists it.
+        self.transports.add(lambda: self.s3, schemes=("s3",))
 
     @property
     def s3(self) -> S3Client:
@@ -260,8 +228,8 @@ class OpenOrganelleSource(Source):
         groups = [resolved.container] + [f"{resolved.container}/{'/'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
         listings = self.s3.map_bounded(lambda g: self.s3.list_level(f"{g}/").objects, groups)
         metadata = [o for objects in listings for o in objects if o.key.rsplit("/", 1)[-1] in names]
-        fetched = dict(zip([o.key for o in metadata], self.s3.map_bounded(self._mirror(raw), metadata)))
-        documents = {key: self._json(raw, key) for key in (o.key for o in metadata)}
+        metadata_entries = raw.mirror(self._wanted(o) for o in metadata)
+        documents = {o.key: self._json(raw, o.key) for o in metadata}
 
         group_attrs = self._group_attrs(resolved, documents)
         array_doc = documents.get(level_prefix + ("attributes.json" if resolved.layout == "n5" else ".zarray"))
@@ -280,18 +248,13 @@ class OpenOrganelleSource(Source):
         # Before downloading: the bytes the bucket holds for the region must be plausible for its size.
         limits.check_volume(region_shape, grid.dtype.itemsize, self.settings.limits, where_level,
                             raw_bytes=sum(o.size for o in chunks))
-        results = self.s3.map_bounded(self._mirror(raw), chunks)
-        stats = TransferStats()
-        entries = []
-        for entry, s in [*fetched.values(), *results]:
-            entries.append(entry)
-            stats = stats + s
+        chunk_entries = raw.mirror(self._wanted(o) for o in chunks)
         info = {"dataset": resolved.dataset, "layout": resolved.layout, "container": resolved.container,
                 "image": resolved.image, "level": options.level, "region": [list(r) for r in region],
                 "chunk_objects": len(chunks)}
-        entries.append(raw.store_document(_RAW_INFO, self.s3.url(resolved.prefix), info))
+        info_entry = raw.store_document(_RAW_INFO, self.s3.url(resolved.prefix), info)
         versions = sorted(o.last_modified for o in [*metadata, *chunks] if o.last_modified)
-        return raw.commit(entries, {**request.options_dict(), "resolved": info}, stats,
+        return raw.commit([*metadata_entries, *chunk_entries, info_entry], {**request.options_dict(), "resolved": info},
                           source_version=versions[-1] if versions else None)
 
     def _chunk_objects(self, grid: cosem.ChunkGrid, level_prefix: str,
@@ -310,26 +273,13 @@ class OpenOrganelleSource(Source):
                     chunks.append(obj)
         return chunks
 
-    def _mirror(self, raw: RawStore):
-        """Bring one object up to date in the raw store; skip it if the manifest has this ETag and size."""
-        def mirror(obj: S3Object) -> tuple[ManifestEntry, TransferStats]:
-            relpath = raw_relpath(obj.key)
-            local = raw.dir / relpath
-            previous = raw.previous_entry(relpath)
-            if (previous is not None and previous.etag and previous.etag == obj.etag and previous.size == obj.size
-                    and local.is_file() and local.stat().st_size == obj.size):
-                return previous, TransferStats(skipped_objects=1, skipped_bytes=obj.size)
-            body = self.s3.get(obj.key, expected=obj)
-            write_atomic(raw.target(relpath), body)
-            entry = ManifestEntry(path=relpath, url=self.s3.url(obj.key), size=len(body),
-                                  sha256=hashlib.sha256(body).hexdigest(), etag=obj.etag,
-                                  last_modified=obj.last_modified)
-            return entry, TransferStats(fetched_objects=1, fetched_bytes=len(body))
-
-        return mirror
+    def _wanted(self, obj: S3Object) -> Wanted:
+        """A listed object for the mirror: the listing's size and ETag pin the read and decide the skip."""
+        url = self.s3.url(obj.key)
+        return Wanted(url, raw_relpath(obj.key), remote=RemoteObject(url, obj.size, obj.etag, obj.last_modified))
 
     def _json(self, raw: RawStore, key: str) -> Any:
-        path = raw.dir / raw_relpath(key)
+        path = raw.path(raw_relpath(key))
         try:
             return json.loads(path.read_bytes())
         except (ValueError, UnicodeDecodeError) as exc:
@@ -352,7 +302,7 @@ class OpenOrganelleSource(Source):
                               f"{request.key} first") from None
 
     def _local_document(self, raw: RawStore, key: str) -> dict[str, Any]:
-        path = raw.dir / raw_relpath(key)
+        path = raw.path(raw_relpath(key))
         if not path.is_file():
             return {}
         try:

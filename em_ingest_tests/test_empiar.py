@@ -158,13 +158,17 @@ def test_a_changed_slice_alone_is_fetched_again(tmp_path, fresh_replica, ftp):
     if ftp:
         ws.env = {**ws.env, **replica.ftp_env}
     request = ws.pipeline.request("empiar", key)
-    assert ws.pipeline.fetch_raw(request).stats.fetched_objects == 16
+    # The store counts the entry document (entry.json) as one object beside the 16 slices.
+    assert ws.pipeline.fetch_raw(request).stats.fetched_objects == 16 + 1
     new_plane = np.full((100, 120), 7, np.uint8)  # same size in bytes: only the version tells it apart
     changed = dm_bytes(new_plane, pixel_size=PIXEL_UM_11759, slice_spacing_nm=50.0, name="3VBSED_slice_0005")
     assert len(changed) == len(replica.entries[key].files[relpath])
     replica.set_file(key, relpath, changed)
-    stats = ws.pipeline.fetch_raw(request).stats
-    assert (stats.fetched_objects, stats.skipped_objects) == (1, 15)
+    manifest = ws.pipeline.fetch_raw(request)
+    stats = manifest.stats
+    assert (stats.fetched_objects, stats.skipped_objects) == (1, 15 + 1)  # the changed slice; 15 + entry.json
+    assert stats.fetched_bytes == len(changed)  # the one fetched object is that slice, not the document
+    assert manifest.entry("files/F57-8_test1_3VBSED_slice_0005.dm3").sha256 == hashlib.sha256(changed).hexdigest()
     ws.pipeline.convert(request)
     np.testing.assert_array_equal(_s0(ws, key)[5], new_plane)
 
@@ -236,6 +240,19 @@ def test_ftp_download_resumes_after_cut_connection(tmp_path, empiar):
     assert [p.name for p in tmp_path.iterdir()] == ["tomo_01.rec"]  # no partial file left behind
     offsets = empiar.ftp_faults.rest_offsets
     assert len(offsets) == 2 and all(0 < o <= 200_000 for o in offsets), offsets  # REST from what had arrived
+
+
+def test_ftp_fetch_raw_resumes_after_cut_connection(workspace, empiar):
+    key, relpath = "EMPIAR-90001", "data/tomograms/tomo_01.rec"
+    ws = _workspace(workspace, empiar, key, ftp=True)
+    empiar.ftp_faults.cut_after_bytes, empiar.ftp_faults.cuts = 100_000, 1
+    manifest = ws.pipeline.fetch_raw(ws.pipeline.request("empiar", key))
+    entry = manifest.entry("files/tomo_01.rec")
+    assert entry.url.startswith("ftp://") and entry.sha256 == _file_sha(empiar, key, relpath)
+    offsets = empiar.ftp_faults.rest_offsets
+    assert len(offsets) == 1 and 0 < offsets[0] <= 100_000, offsets  # REST from what had arrived
+    raw_dir = ws.data_root / "raw" / "empiar" / key
+    assert not [p for p in raw_dir.rglob("*") if p.name.endswith(".part")]  # no partial file left behind
 
 
 def test_listing_gap_is_filled_by_listing_again(workspace, empiar):

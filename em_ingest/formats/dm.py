@@ -12,28 +12,26 @@ import numpy as np
 from ncempy.io.dm import fileDM
 
 from em_ingest.errors import FormatError, UnsupportedDataError
+from em_ingest.formats.units import nm_per_unit
 
 log = logging.getLogger(__name__)
 
 # Gatan's image DataType codes -> numpy (little-endian on disk); 23 is packed RGBA (thumbnails).
 DM_DATA_TYPES: dict[int, str] = {1: "<i2", 2: "<f4", 6: "|u1", 7: "<i4", 9: "|i1", 10: "<u2", 11: "<u4", 12: "<f8"}
 RGBA = 23
-# Calibration units GMS writes, to nanometres ("µ" appears both as U+00B5 and U+03BC).
-_NM_PER_UNIT = {"nm": 1.0, "µm": 1e3, "μm": 1e3, "um": 1e3, "micron": 1e3, "mm": 1e6, "m": 1e9, "pm": 1e-3,
-                "å": 0.1, "a": 0.1, "angstrom": 0.1, "ang": 0.1}
 # ncempy names unnamed list entries 1, 2, ...; the slice spacing sits under "Dimension info" either as a
 # tag named "2" or as the third entry of a list (GMS has written both shapes).
 _Z_INFO = re.compile(r"\.ImageTags\.Meta Data\.Dimension info\.(\d+)\.Scale$")
 
 
 def length_to_nm(value: float, units: str, *, where: str) -> float | None:
-    """`value` `units` in nanometres; None when the file is uncalibrated (no unit, or a 1-pixel scale)."""
-    key = units.strip().lower().replace("\u00b5", "µ").replace("\u03bc", "µ")
-    if not key or value <= 0:
+    """`value` `units` in nanometres; None when the file is uncalibrated (no unit, or a non-positive scale).
+
+    GMS writes an empty unit with scale 1 for an uncalibrated axis: that is "unknown", not 1 nm.
+    """
+    if not units.strip() or value <= 0:
         return None
-    if key not in _NM_PER_UNIT:
-        raise UnsupportedDataError(f"{where}: unknown length unit {units!r} in the calibration")
-    return float(value) * _NM_PER_UNIT[key]
+    return float(value) * nm_per_unit(units, where=f"{where} (DM calibration)")
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ import mrcfile
 import numpy as np
 
 from em_ingest.errors import FormatError, UnsupportedDataError
+from em_ingest.formats.units import NM_PER_ANGSTROM
 from em_ingest.formats.volume import Geometry, Region, Volume
 
 MRC_SUFFIXES = (".mrc", ".rec", ".st", ".ali", ".mrcs", ".map")
-NM_PER_ANGSTROM = 0.1
 
 
 @dataclass(frozen=True)

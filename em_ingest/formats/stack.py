@@ -17,6 +17,7 @@ from natsort import natsorted
 from em_ingest.errors import FormatError, UnsupportedDataError
 from em_ingest.formats.dm import read_dm
 from em_ingest.formats.mrc import MRC_SUFFIXES, read_mrc_header
+from em_ingest.formats.units import nm_per_unit
 from em_ingest.formats.volume import Geometry, Region, Volume
 
 DM_SUFFIXES = (".dm3", ".dm4")
@@ -125,7 +126,8 @@ def _fei_pixel_size_nm(page) -> tuple[float, float] | None:
     else:
         return None
     try:
-        found = {axis: float(value) * 1e9 for axis, value in pairs if value is not None}  # metres -> nm
+        nm_per_metre = nm_per_unit("m", where="FEI tag 34682")  # FEI writes PixelWidth/PixelHeight in metres
+        found = {axis: float(value) * nm_per_metre for axis, value in pairs if value is not None}
     except (TypeError, ValueError):
         return None
     if found.get("Width", 0) > 0 and found.get("Height", 0) > 0:

@@ -6,7 +6,6 @@ import fnmatch
 import logging
 import re
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
@@ -18,8 +17,9 @@ from em_ingest.formats.dm import read_dm
 from em_ingest.formats.mrc import MRC_SUFFIXES, MrcVolume, read_mrc_header
 from em_ingest.formats.stack import DM_SUFFIXES, IMAGE_SUFFIXES, TIFF_SUFFIXES, PlaneStack, natural_order
 from em_ingest.formats.tiff import TiffStack
+from em_ingest.formats.units import NM_PER_ANGSTROM
 from em_ingest.formats.volume import ArrayVolume, Geometry, Volume
-from em_ingest.raw import Manifest, ManifestEntry, RawStore, TransferStats, safe_relative_path
+from em_ingest.raw import Manifest, RawStore, Wanted, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest
 from em_ingest.settings import Settings
 from em_ingest.sources.base import Description, InventoryItem, Source
@@ -34,7 +34,6 @@ ENTRY_DOCUMENT = "entry.json"
 FILES_DIR = "files"  # raw/<key>/files/<path inside the imageset directory>
 # EMPIAR's data policy: "All data in EMPIAR is freely and publicly available ... under the CC0 license".
 LICENSE = "CC0"
-NM_PER_ANGSTROM = 0.1
 # Words in an imageset's data/header format that mean "files we can read as images".
 _IMAGE_FORMATS = ("DM3", "DM4", "DM", "MRC", "MRCS", "TIFF", "TIF", "REC", "ST", "ALI")
 # experiment_type values that name a related archive rather than how the data were imaged.
@@ -136,7 +135,9 @@ class EmpiarSource(Source):
 
     def __init__(self, settings: Settings, http: HttpClient | None = None):
         super().__init__(settings, http)
+        # One FTP client for listings and downloads alike, so both share its settings and byte count.
         self.ftp = FtpClient(settings.transfer)
+        self.transports.add(self.ftp)
 
     # ---- addresses ---------------------------------------------------------------------------
     def entry_url(self, accession: str) -> str:
@@ -202,53 +203,33 @@ class EmpiarSource(Source):
         entry_url = self.entry_url(request.key)
         document = self.http.get_json(entry_url)
         record = entry_record(document, request.key, entry_url)
-        imageset = choose_imageset(record, options.imageset, f"{entry_url}")
+        imageset = choose_imageset(record, options.imageset, entry_url)
         directory_url = self.directory_url(number, imageset_directory(imageset, entry_url))
-        files = self.list_files(directory_url, options.files)
+        files = self.imageset_files(directory_url, imageset, options.files)
+        # The store picks HTTP or FTP by each URL's scheme: one path for both file trees.
+        entries = raw.mirror([Wanted(url, f"{FILES_DIR}/{relpath}") for relpath, url in files])
+        entries.append(raw.store_document(ENTRY_DOCUMENT, entry_url, document))
+        version = record.get("update_date") or record.get("release_date")
+        return raw.commit(entries, request.options_dict(), source_version=str(version) if version else None)
+
+    def imageset_files(self, directory_url: str, imageset: dict[str, Any],
+                       pattern: str | None) -> list[tuple[str, str]]:
+        """(relative path, URL) of the imageset's wanted image files; refuses an imageset with none."""
+        files = self.list_files(directory_url, pattern)
         announced = imageset.get("num_images_or_tilt_series")
-        if options.files is None and isinstance(announced, int) and 0 < len(files) < announced:
+        if pattern is None and isinstance(announced, int) and 0 < len(files) < announced:
             # The HTTPS front end is load-balanced and one backend was seen to omit files from its
             # listing: ask again and take the union before settling for fewer files than announced.
-            files = self._union(files, self.list_files(directory_url, options.files))
+            files = _union(files, self.list_files(directory_url, pattern))
             if len(files) < announced:
                 log.warning("%s: the API announces %d images for imageset %r but the listing has %d image files",
                             directory_url, announced, imageset.get("name"), len(files))
         if not files:
             raise SourceResponseError(
                 f"{directory_url}: no image files ({', '.join(IMAGE_SUFFIXES)})"
-                + (f" matching {options.files!r}" if options.files else "")
+                + (f" matching {pattern!r}" if pattern else "")
                 + f" in imageset {imageset.get('name')!r}; choose another with `imageset` or `files`")
-        items = [(url, f"{FILES_DIR}/{relpath}") for relpath, url in files]
-        entries, stats = self._fetch_files(items, raw)
-        entries.append(raw.store_document(ENTRY_DOCUMENT, entry_url, document))
-        version = record.get("update_date") or record.get("release_date")
-        return raw.commit(entries, request.options_dict(), stats, source_version=str(version) if version else None)
-
-    @staticmethod
-    def _union(first: list[tuple[str, str]], second: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        merged = dict(first) | dict(second)
-        return [(relpath, merged[relpath]) for relpath in map(str, natural_order(merged))]
-
-    def _fetch_files(self, items: list[tuple[str, str]], raw: RawStore) -> tuple[list[ManifestEntry], TransferStats]:
-        limit = self.settings.transfer.max_in_flight
-        if not self.over_ftp:
-            return raw.fetch_http_many(items, limit)
-        with ThreadPoolExecutor(max_workers=max(1, min(limit, len(items)))) as pool:
-            results = list(pool.map(lambda item: self._fetch_ftp(raw, *item), items))
-        stats = TransferStats()
-        for _, s in results:
-            stats = stats + s
-        return [e for e, _ in results], stats
-
-    def _fetch_ftp(self, raw: RawStore, url: str, relpath: str) -> tuple[ManifestEntry, TransferStats]:
-        remote = self.ftp.stat(url)
-        current = raw.is_current(relpath, remote)
-        if current is not None:
-            return current, TransferStats(skipped_objects=1, skipped_bytes=current.size)
-        download = self.ftp.download(url, raw.target(relpath), expected=remote)
-        entry = ManifestEntry(path=safe_relative_path(relpath), url=url, size=download.size, sha256=download.sha256,
-                              last_modified=download.last_modified)
-        return entry, TransferStats(fetched_objects=1, fetched_bytes=download.size)
+        return files
 
     def describe(self, request: DatasetRequest, raw: RawStore) -> Description:
         options: EmpiarOptions = request.options  # type: ignore[assignment]
@@ -312,6 +293,12 @@ def _authors(record: dict[str, Any]) -> tuple[str, ...]:
         return tuple(str(a["name"]) for a in sorted(authors, key=lambda a: a.get("order_id", 0)))
     people = [p for p in record.get("principal_investigator") or [] if isinstance(p, dict)]
     return tuple(" ".join(filter(None, (p.get("first_name"), p.get("last_name")))) for p in people)
+
+
+def _union(first: list[tuple[str, str]], second: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Two listings of one directory as one, in natural order (a file either names counts)."""
+    merged = dict(first) | dict(second)
+    return [(relpath, merged[relpath]) for relpath in map(str, natural_order(merged))]
 
 
 def _voxel_size_sources(volume: Volume) -> dict[str, str | None]:

@@ -265,9 +265,9 @@ def test_failed_fetch_keeps_documents_and_an_interrupted_one_is_verified(replica
     server = replicas["epfl"].http
     url = replicas["epfl"].env["EM_INGEST_EPFL_URL"] + "/training.tif"
     store = RawStore(tmp_path, "test", "k", HttpClient(FAST_TRANSFER))
-    entry, stats = store.fetch_http(url, "training.tif")
+    entry = store.fetch(url, "training.tif")
     doc = store.store_document("meta.json", "http://example/meta", {"version": 1})
-    store.commit([entry, doc], {}, stats)
+    store.commit([entry, doc], {})
 
     # A run stores a new document, then fails before its commit: the old document stays.
     store = RawStore(tmp_path, "test", "k", HttpClient(FAST_TRANSFER))
@@ -282,10 +282,11 @@ def test_failed_fetch_keeps_documents_and_an_interrupted_one_is_verified(replica
     server.traffic.reset()
     store = RawStore(tmp_path, "test", "k", HttpClient(FAST_TRANSFER))
     assert store.interrupted
-    entry2, stats2 = store.fetch_http(url, "training.tif")  # the server's version is unchanged ...
-    assert stats2.fetched_objects == 1 and entry2.sha256 == entry.sha256  # ... but the bytes were not
-    store.commit([entry2, doc], {}, stats2)
+    entry2 = store.fetch(url, "training.tif")  # the server's version is unchanged ...
+    assert store.stats.fetched_objects == 1 and entry2.sha256 == entry.sha256  # ... but the bytes were not
+    store.commit([entry2, doc], {})
     assert not store.interrupted and not store.marker_path.exists()
     # Once committed, an unchanged object is skipped on trust of its version again.
-    entry3, stats3 = RawStore(tmp_path, "test", "k", HttpClient(FAST_TRANSFER)).fetch_http(url, "training.tif")
-    assert stats3.skipped_objects == 1
+    again = RawStore(tmp_path, "test", "k", HttpClient(FAST_TRANSFER))
+    again.fetch(url, "training.tif")
+    assert again.stats.skipped_objects == 1 and again.stats.fetched_objects == 0

@@ -4,36 +4,70 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 from em_ingest.limits import Limits
 
-# Contract: environment variable -> Settings field, with the real public services as defaults.
-ENVIRONMENT: dict[str, tuple[str, str | None]] = {
-    "EM_INGEST_DATA_ROOT": ("data_root", "./data"),
-    "EM_INGEST_DATASETS": ("datasets_file", "./datasets.yaml"),
-    "EM_INGEST_OPENORGANELLE_ENDPOINT": ("openorganelle_endpoint", "https://s3.us-east-1.amazonaws.com"),
-    "EM_INGEST_OPENORGANELLE_BUCKET": ("openorganelle_bucket", "janelia-cosem-datasets"),
-    "NEUPRINT_SERVER": ("neuprint_server", "https://neuprint.janelia.org"),
-    "NEUPRINT_TOKEN": ("neuprint_token", None),
-    "EM_INGEST_FLYEM_PRECOMPUTED_URL": (
-        "flyem_precomputed_url",
-        "https://storage.googleapis.com/neuroglancer-janelia-flyem-hemibrain/emdata/clahe_yz/jpeg",
-    ),
-    "EM_INGEST_FLYEM_DVID_URL": ("flyem_dvid_url", "https://hemibrain-dvid.janelia.org"),
-    "EM_INGEST_FLYEM_DVID_UUID": ("flyem_dvid_uuid", "a89eb3af216a46cdba81204d8f954786"),
-    "EM_INGEST_IDR_URL": ("idr_url", "https://idr.openmicroscopy.org"),
-    "EM_INGEST_IDR_FILES_URL": ("idr_files_url", "https://ftp.ebi.ac.uk/pub/databases/IDR"),
-    "EM_INGEST_IDR_ZARR_URL": ("idr_zarr_url", "https://uk1s3.embassy.ebi.ac.uk/idr/zarr/v0.4"),
-    "EM_INGEST_EMPIAR_API_URL": ("empiar_api_url", "https://www.ebi.ac.uk/empiar/api"),
-    "EM_INGEST_EMPIAR_FILES_URL": ("empiar_files_url", "https://ftp.ebi.ac.uk/empiar/world_availability"),
-    "EM_INGEST_EPFL_URL": (
-        "epfl_url",
-        "https://documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus",
-    ),
-}
-SECRET_FIELDS = frozenset({"neuprint_token"})
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: a Settings attribute, a field of the `em_ingest` resource and an
+    environment variable at once. Core settings are declared here; each source declares its own
+    beside its code (`Source.configuration`), so adding an archive touches nothing shared."""
+
+    field: str
+    env: str
+    default: str | None
+    description: str
+    secret: bool = False
+
+
+CORE_SETTINGS = (
+    Setting("data_root", "EM_INGEST_DATA_ROOT", "./data", "root of raw/, zarr/ and catalog/ (a local path or file:// URL)"),
+    Setting("datasets_file", "EM_INGEST_DATASETS", "./datasets.yaml", "the selection file"),
+)
+
+
+def declared_settings() -> tuple[Setting, ...]:
+    """Every setting: the core's, then each source's in source order."""
+    from em_ingest.sources import source_classes  # here, not at import: sources import this module
+
+    declared = list(CORE_SETTINGS)
+    for cls in source_classes().values():
+        declared += cls.configuration
+    known = {s.field for s in declared}
+    declared += [s for s in _PENDING if s.field not in known]
+    return tuple(declared)
+
+
+_PENDING = (
+    Setting("neuprint_server", "NEUPRINT_SERVER", "https://neuprint.janelia.org", "neuPrint base URL"),
+    Setting("neuprint_token", "NEUPRINT_TOKEN", None, "neuPrint bearer token", secret=True),
+    Setting("flyem_precomputed_url", "EM_INGEST_FLYEM_PRECOMPUTED_URL",
+            "https://storage.googleapis.com/neuroglancer-janelia-flyem-hemibrain/emdata/clahe_yz/jpeg",
+            "hemibrain grayscale (Neuroglancer precomputed)"),
+    Setting("flyem_dvid_url", "EM_INGEST_FLYEM_DVID_URL", "https://hemibrain-dvid.janelia.org", "DVID server"),
+    Setting("flyem_dvid_uuid", "EM_INGEST_FLYEM_DVID_UUID", "a89eb3af216a46cdba81204d8f954786", "DVID node"),
+    Setting("idr_url", "EM_INGEST_IDR_URL", "https://idr.openmicroscopy.org", "OMERO.web base"),
+    Setting("idr_files_url", "EM_INGEST_IDR_FILES_URL", "https://ftp.ebi.ac.uk/pub/databases/IDR", "IDR file mirror"),
+    Setting("idr_zarr_url", "EM_INGEST_IDR_ZARR_URL", "https://uk1s3.embassy.ebi.ac.uk/idr/zarr/v0.4",
+            "IDR OME-Zarr copies"),
+)
+
+
+def _by_field() -> dict[str, Setting]:
+    return {s.field: s for s in declared_settings()}
+
+
+def __getattr__(name: str) -> Any:
+    # Derived views kept for callers that want a mapping (PEP 562: computed on use, after sources load).
+    if name == "ENVIRONMENT":  # environment variable -> (field, default)
+        return {s.env: (s.field, s.default) for s in declared_settings()}
+    if name == "SECRET_FIELDS":
+        return frozenset(s.field for s in declared_settings() if s.secret)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -57,49 +91,79 @@ class TransferSettings:
     max_body_bytes: int = 512 << 20
 
 
-@dataclass(frozen=True)
 class Settings:
-    """Everything a source or the pipeline needs to know about the outside world."""
+    """Everything a source or the pipeline needs to know about the outside world.
 
-    data_root: str = "./data"
-    datasets_file: str = "./datasets.yaml"
-    openorganelle_endpoint: str = "https://s3.us-east-1.amazonaws.com"
-    openorganelle_bucket: str = "janelia-cosem-datasets"
-    neuprint_server: str = "https://neuprint.janelia.org"
-    neuprint_token: str | None = field(default=None, repr=False)
-    flyem_precomputed_url: str = ENVIRONMENT["EM_INGEST_FLYEM_PRECOMPUTED_URL"][1]  # type: ignore[assignment]
-    flyem_dvid_url: str = "https://hemibrain-dvid.janelia.org"
-    flyem_dvid_uuid: str = "a89eb3af216a46cdba81204d8f954786"
-    idr_url: str = "https://idr.openmicroscopy.org"
-    idr_files_url: str = "https://ftp.ebi.ac.uk/pub/databases/IDR"
-    idr_zarr_url: str = "https://uk1s3.embassy.ebi.ac.uk/idr/zarr/v0.4"
-    empiar_api_url: str = "https://www.ebi.ac.uk/empiar/api"
-    empiar_files_url: str = "https://ftp.ebi.ac.uk/empiar/world_availability"
-    epfl_url: str = ENVIRONMENT["EM_INGEST_EPFL_URL"][1]  # type: ignore[assignment]
-    transfer: TransferSettings = field(default_factory=TransferSettings)
-    limits: Limits = field(default_factory=Limits)
-    # OME-Zarr output: "0.5" (Zarr v3, sharded) or "0.4" (Zarr v2).
-    ngff_version: str = "0.5"
+    The core fields are attributes; every declared setting (see `Setting`) is an attribute too, its
+    value or its declared default. Immutable and comparable.
+    """
+
+    _CORE = ("data_root", "datasets_file", "transfer", "limits", "ngff_version")
+
+    def __init__(self, *, data_root: str = "./data", datasets_file: str = "./datasets.yaml",
+                 transfer: TransferSettings | None = None, limits: Limits | None = None,
+                 ngff_version: str = "0.5", **values: str | None):
+        declared = _by_field()
+        unknown = sorted(set(values) - set(declared))
+        if unknown:
+            raise TypeError(f"unknown settings {unknown}; declared: {sorted(declared)}")
+        object.__setattr__(self, "data_root", data_root)
+        object.__setattr__(self, "datasets_file", datasets_file)
+        object.__setattr__(self, "transfer", transfer or TransferSettings())
+        object.__setattr__(self, "limits", limits or Limits())
+        # OME-Zarr output: "0.5" (Zarr v3, sharded) or "0.4" (Zarr v2).
+        object.__setattr__(self, "ngff_version", ngff_version)
+        object.__setattr__(self, "_values", {k: v for k, v in values.items() if k not in self._CORE})
+
+    data_root: str
+    datasets_file: str
+    transfer: TransferSettings
+    limits: Limits
+    ngff_version: str
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not core attributes: a source's declared setting.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        setting = _by_field().get(name)
+        if setting is None:
+            raise AttributeError(f"no setting {name!r}")
+        return self._values.get(name, setting.default)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Settings are immutable; use with_overrides()")
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.data_root, self.datasets_file, self.transfer, self.limits, self.ngff_version,
+                tuple(sorted(self._values.items())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Settings({self.public_dict()!r})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Settings from the contract's environment variables; unset ones keep their defaults."""
+        """Settings from the declared environment variables; unset ones keep their defaults."""
         environ = os.environ if environ is None else environ
-        values = {name: environ[var] for var, (name, _) in ENVIRONMENT.items() if environ.get(var)}
+        values = {s.field: environ[s.env] for s in declared_settings() if environ.get(s.env)}
         values.update(overrides)
         return cls(**values)
 
     def with_overrides(self, **overrides: Any) -> Settings:
-        return replace(self, **overrides)
+        current = {"data_root": self.data_root, "datasets_file": self.datasets_file, "transfer": self.transfer,
+                   "limits": self.limits, "ngff_version": self.ngff_version, **self._values}
+        return Settings(**{**current, **overrides})
 
     def public_dict(self) -> dict[str, Any]:
         """The settings safe to show: secrets are reported only as set / not set."""
         out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in SECRET_FIELDS:
-                value = "(set)" if value else "(not set)"
-            elif f.name in ("transfer", "limits"):
-                value = vars(value)
-            out[f.name] = value
+        for setting in declared_settings():
+            value = getattr(self, setting.field)
+            out[setting.field] = ("(set)" if value else "(not set)") if setting.secret else value
+        out.update(transfer=vars(self.transfer), limits=vars(self.limits), ngff_version=self.ngff_version)
         return out

@@ -1,38 +1,26 @@
-"""The one resource: em-ingest's settings, filled from the contract's environment variables via EnvVar."""
+"""The one resource: em-ingest's settings, its fields made from the declared settings and bound to their
+environment variables through EnvVar."""
 
 from __future__ import annotations
 
-
 import os
 from collections.abc import Mapping
+from typing import Any, Optional
 
 import dagster as dg
 from pydantic import Field
 
 from em_ingest.limits import Limits
-
 from em_ingest.pipeline import Pipeline
-from em_ingest.settings import ENVIRONMENT, Settings, TransferSettings
+from em_ingest.settings import CORE_SETTINGS, Settings, TransferSettings, declared_settings
 
 
-class EmIngestResource(dg.ConfigurableResource):
-    """Where the archives are, where data goes, and how hard transfers try."""
+class _EmIngestResourceBase(dg.ConfigurableResource):
+    """Where data goes, how hard transfers try, and what a dataset may ask for; the archives' own
+    settings are added as fields by `_resource_class` from what each source declares."""
 
     data_root: str = "./data"
     datasets_file: str = "./datasets.yaml"
-    openorganelle_endpoint: str = Settings.openorganelle_endpoint
-    openorganelle_bucket: str = Settings.openorganelle_bucket
-    neuprint_server: str = Settings.neuprint_server
-    neuprint_token: str | None = None
-    flyem_precomputed_url: str = Settings.flyem_precomputed_url
-    flyem_dvid_url: str = Settings.flyem_dvid_url
-    flyem_dvid_uuid: str = Settings.flyem_dvid_uuid
-    idr_url: str = Settings.idr_url
-    idr_files_url: str = Settings.idr_files_url
-    idr_zarr_url: str = Settings.idr_zarr_url
-    empiar_api_url: str = Settings.empiar_api_url
-    empiar_files_url: str = Settings.empiar_files_url
-    epfl_url: str = Settings.epfl_url
     ngff_version: str = "0.5"
     max_in_flight: int = 8
     max_attempts: int = 6
@@ -50,28 +38,41 @@ class EmIngestResource(dg.ConfigurableResource):
             connect_timeout_s=self.connect_timeout_s, read_timeout_s=self.read_timeout_s,
         )
         limits = Limits(max_volume_bytes=self.max_volume_bytes, max_expansion=self.max_expansion)
-        names = {name for name, _ in ENVIRONMENT.values()}
-        values = {name: getattr(self, name) for name in names}
+        values = {s.field: getattr(self, s.field) for s in declared_settings()}
         return Settings(**values, transfer=transfer, limits=limits, ngff_version=self.ngff_version)
 
     def pipeline(self) -> Pipeline:
         return Pipeline(self.settings())
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> EmIngestResource:
-        """Bind every contract variable that is set as an EnvVar (resolved at run time, and shown
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Any:
+        """Bind every declared variable that is set as an EnvVar (resolved at run time, and shown
         by name, never by value, in the UI); unset ones keep the real public services' defaults."""
         environ = os.environ if environ is None else environ
-        bound = {name: dg.EnvVar(var) for var, (name, _) in ENVIRONMENT.items() if environ.get(var)}
-        return cls(**bound)
+        return cls(**{s.field: dg.EnvVar(s.env) for s in declared_settings() if environ.get(s.env)})
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> EmIngestResource:
+    def from_settings(cls, settings: Settings) -> Any:
         """For tests and the CLI: explicit values instead of environment variables."""
-        names = {name for name, _ in ENVIRONMENT.values()}
         t = settings.transfer
-        return cls(**{n: getattr(settings, n) for n in names}, ngff_version=settings.ngff_version,
-                   max_in_flight=t.max_in_flight, max_attempts=t.max_attempts,
+        return cls(**{s.field: getattr(settings, s.field) for s in declared_settings()},
+                   ngff_version=settings.ngff_version, max_in_flight=t.max_in_flight, max_attempts=t.max_attempts,
                    connect_timeout_s=t.connect_timeout_s, read_timeout_s=t.read_timeout_s,
-                   max_volume_bytes=settings.limits.max_volume_bytes,
-                   max_expansion=settings.limits.max_expansion)
+                   max_volume_bytes=settings.limits.max_volume_bytes, max_expansion=settings.limits.max_expansion)
+
+
+def _resource_class() -> type[_EmIngestResourceBase]:
+    """The resource class with one optional string field per source setting (its default and description
+    shown in the UI's launchpad)."""
+    core = {s.field for s in CORE_SETTINGS}
+    sources = [s for s in declared_settings() if s.field not in core]
+    namespace: dict[str, Any] = {
+        "__module__": __name__, "__qualname__": "EmIngestResource",
+        "__doc__": "Where the archives are, where data goes, how hard transfers try, and what a dataset may ask for.",
+        "__annotations__": {s.field: Optional[str] for s in sources},  # noqa: UP045 - evaluated by pydantic
+        **{s.field: Field(default=s.default, description=f"{s.description} (${s.env})") for s in sources},
+    }
+    return type("EmIngestResource", (_EmIngestResourceBase,), namespace)
+
+
+EmIngestResource = _resource_class()

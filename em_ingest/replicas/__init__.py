@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from functools import cache
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import yaml
@@ -30,7 +31,12 @@ def replica_classes() -> dict[str, type[Replica]]:
         cls = getattr(importlib.import_module(f"{__name__}.{info.name}"), "REPLICA", None)
         if cls is not None:
             found[cls.source] = cls
-    return found
+    # Replicas of archives that live in other distributions (see em_ingest.sources).
+    for entry_point in sorted(entry_points(group="em_ingest.replicas"), key=lambda e: e.name):
+        cls = getattr(entry_point.load(), "REPLICA", None)
+        if cls is not None and cls.source not in found:
+            found[cls.source] = cls
+    return dict(sorted(found.items()))
 
 
 class ReplicaSet:

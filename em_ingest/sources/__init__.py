@@ -1,16 +1,22 @@
-"""Archive plugins. Each module here defines `SOURCE`, a Source subclass; adding one adds an archive."""
+"""Archive plugins. Each module here defines `SOURCE`, a Source subclass; adding one adds an archive.
+
+An archive can also live in another distribution: a module defining `SOURCE`, named by an entry point
+in the group `em_ingest.sources` (and its replica in `em_ingest.replicas`).
+"""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
 from functools import cache
+from importlib.metadata import entry_points
 
 from em_ingest.sources.base import Description, InventoryItem, Source
 
 __all__ = ["Description", "InventoryItem", "Source", "source_classes", "option_models"]
 
 _NOT_SOURCES = {"base"}
+ENTRY_POINT_GROUP = "em_ingest.sources"
 
 
 @cache
@@ -25,7 +31,11 @@ def source_classes() -> dict[str, type[Source]]:
         if cls is None:
             continue
         found[cls.name] = cls
-    return found
+    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        cls = getattr(entry_point.load(), "SOURCE", None)
+        if cls is not None and cls.name not in found:
+            found[cls.name] = cls
+    return dict(sorted(found.items()))
 
 
 def option_models() -> dict:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from em_ingest.formats.volume import Volume
 from em_ingest.raw import Manifest, RawStore
 from em_ingest.selection import DatasetOptions, DatasetRequest
-from em_ingest.settings import Settings
+from em_ingest.settings import Setting, Settings
 from em_ingest.transfer.base import Transports
 from em_ingest.transfer.ftp import FtpClient
 from em_ingest.transfer.http import HttpClient
@@ -57,8 +57,9 @@ class Source(ABC):
     Options: ClassVar[type[DatasetOptions]] = DatasetOptions
     #: One line for the UI.
     title: ClassVar[str] = ""
-    #: How many runs may talk to this archive at once (a Dagster pool limit).
-    max_concurrent_runs: ClassVar[int] = 2
+    #: The settings this archive needs (endpoints, tokens): each is a Settings attribute, a field of the
+    #: `em_ingest` resource and an environment variable, and is listed in the deployment files.
+    configuration: ClassVar[tuple[Setting, ...]] = ()
 
     def __init__(self, settings: Settings, http: HttpClient | None = None):
         self.settings = settings

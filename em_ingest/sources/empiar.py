@@ -21,7 +21,7 @@ from em_ingest.formats.units import NM_PER_ANGSTROM
 from em_ingest.formats.volume import ArrayVolume, Geometry, Volume
 from em_ingest.raw import Manifest, RawStore, Wanted, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest
-from em_ingest.settings import Settings
+from em_ingest.settings import Setting, Settings
 from em_ingest.sources.base import Description, InventoryItem, Source
 from em_ingest.transfer.autoindex import ListingEntry, parse_autoindex
 from em_ingest.transfer.ftp import FtpClient
@@ -130,8 +130,12 @@ class EmpiarSource(Source):
     name = "empiar"
     title = "EMPIAR, the Electron Microscopy Public Image Archive (EMBL-EBI)"
     Options = EmpiarOptions
+    configuration = (
+        Setting("empiar_api_url", "EM_INGEST_EMPIAR_API_URL", "https://www.ebi.ac.uk/empiar/api", "EMPIAR REST API"),
+        Setting("empiar_files_url", "EM_INGEST_EMPIAR_FILES_URL", "https://ftp.ebi.ac.uk/empiar/world_availability",
+                "EMPIAR file tree (https:// or ftp://)"),
+    )
     # A shared public service: a couple of runs at a time, each with bounded parallel transfers.
-    max_concurrent_runs = 2
 
     def __init__(self, settings: Settings, http: HttpClient | None = None):
         super().__init__(settings, http)

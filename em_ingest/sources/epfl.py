@@ -10,6 +10,7 @@ from em_ingest.formats.tiff import TiffStack
 from em_ingest.formats.volume import Geometry, Volume
 from em_ingest.raw import Manifest, RawStore, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest
+from em_ingest.settings import Setting
 from em_ingest.sources.base import Description, InventoryItem, Source
 
 LANDING_PAGE = "https://www.epfl.ch/labs/cvlab/data/data-em/"
@@ -51,7 +52,11 @@ class EpflSource(Source):
     name = "epfl"
     title = "EPFL CVLab electron microscopy dataset (CA1 hippocampus)"
     Options = EpflOptions
-    max_concurrent_runs = 2  # one static file server: be gentle
+    configuration = (
+        Setting("epfl_url", "EM_INGEST_EPFL_URL",
+                "https://documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus",
+                "EPFL folder"),
+    )
 
     def file_url(self, file: str) -> str:
         return f"{self.settings.epfl_url.rstrip('/')}/{file}"

@@ -21,7 +21,7 @@ from em_ingest.formats.volume import Geometry, Volume
 from em_ingest.formats.window import WindowVolume
 from em_ingest.raw import Manifest, RawStore, Wanted, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest
-from em_ingest.settings import Settings
+from em_ingest.settings import Setting, Settings
 from em_ingest.sources.base import Description, InventoryItem, Source
 from em_ingest.transfer.base import RemoteObject
 from em_ingest.transfer.http import HttpClient
@@ -139,7 +139,11 @@ class OpenOrganelleSource(Source):
     name = "openorganelle"
     title = "Janelia OpenOrganelle / CellMap (janelia-cosem-datasets on S3)"
     Options = OpenOrganelleOptions
-    max_concurrent_runs = 2  # per-run concurrency is max_in_flight requests; keep runs few
+    configuration = (
+        Setting("openorganelle_endpoint", "EM_INGEST_OPENORGANELLE_ENDPOINT", "https://s3.us-east-1.amazonaws.com",
+                "S3 endpoint URL (anonymous access)"),
+        Setting("openorganelle_bucket", "EM_INGEST_OPENORGANELLE_BUCKET", "janelia-cosem-datasets", "bucket"),
+    )
 
     def __init__(self, settings: Settings, http: HttpClient | None = None):
         super().__init__(settings, http)

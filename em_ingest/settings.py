@@ -50,10 +50,6 @@ _PENDING = (
             "hemibrain grayscale (Neuroglancer precomputed)"),
     Setting("flyem_dvid_url", "EM_INGEST_FLYEM_DVID_URL", "https://hemibrain-dvid.janelia.org", "DVID server"),
     Setting("flyem_dvid_uuid", "EM_INGEST_FLYEM_DVID_UUID", "a89eb3af216a46cdba81204d8f954786", "DVID node"),
-    Setting("idr_url", "EM_INGEST_IDR_URL", "https://idr.openmicroscopy.org", "OMERO.web base"),
-    Setting("idr_files_url", "EM_INGEST_IDR_FILES_URL", "https://ftp.ebi.ac.uk/pub/databases/IDR", "IDR file mirror"),
-    Setting("idr_zarr_url", "EM_INGEST_IDR_ZARR_URL", "https://uk1s3.embassy.ebi.ac.uk/idr/zarr/v0.4",
-            "IDR OME-Zarr copies"),
 )
 
 

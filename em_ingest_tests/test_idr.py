@@ -18,6 +18,7 @@ from em_ingest.formats.tiff import TiffStack
 from em_ingest.replicas.idr import IdrReplica, ReplicaImage, imagej_tiff
 from em_ingest.replicas.volumes import synthetic_em
 from em_ingest.sources.idr import IdrSource, Multiscale, bare_doi, map_values, multiscale_of, study_of
+from em_ingest_tests.contract import SourceContract
 
 DEFAULT, ZARR_IMAGE, TWO_CHANNELS = "9846137", "90000001", "90000002"
 
@@ -93,6 +94,37 @@ def test_zarr_copy_geometry_units():
     for axis in axes[2:]:
         del axis["unit"]
     assert multiscale_of(zattrs, where="z").voxel_size_nm(where="z") is None
+
+
+def test_ngff_versions_levels_and_refusals():
+    # 0.1-0.2 name no axes: the rank decides; 0.3 names them as strings; 0.4 as objects.
+    old = multiscale_of({"multiscales": [{"version": "0.1", "datasets": [{"path": "0"}, {"path": "1"}]}]}, where="o")
+    assert old.axes == [] and old.for_rank(5, where="o").axes == ["t", "c", "z", "y", "x"]
+    assert old.level_paths == ["0", "1"] and old.voxel_size_nm(where="o") is None  # no transforms at all
+    with pytest.raises(FormatError, match="rank 6"):
+        old.for_rank(6, where="o")
+    assert multiscale_of({"multiscales": [{"version": "0.3", "axes": ["Z", "y", "x"], "datasets": [{"path": "0"}]}]},
+                         where="o").axes == ["z", "y", "x"]
+    # Any level, not only the finest; a writer known to mean nanometres may pass its default unit.
+    levels = [{"path": f"s{i}", "coordinateTransformations": [{"type": "scale", "scale": [4.0 * 2**i] * 3},
+                                                              {"type": "translation", "translation": [i, 0, 0]}]}
+              for i in range(2)]
+    cellmap = multiscale_of({"multiscales": [{"version": "0.4", "axes": [{"name": a, "type": "space"} for a in "zyx"],
+                                              "datasets": levels}]}, where="c")
+    assert cellmap.voxel_size_nm("s1", where="c") is None  # no unit: unknown
+    assert cellmap.voxel_size_nm("s1", where="c", default_unit="nanometer") == (8.0, 8.0, 8.0)
+    assert cellmap.translation_nm("s1", where="c", default_unit="nanometer") == (1.0, 0.0, 0.0)
+    with pytest.raises(FormatError, match="no level 's9'"):
+        cellmap.voxel_size_nm("s9", where="c")
+    with pytest.raises(UnsupportedDataError, match="version '0.5'"):
+        multiscale_of({"multiscales": [{"version": "0.5", "datasets": [{"path": "0"}]}]}, where="v")
+    affine = {"multiscales": [{"version": "0.4", "axes": ["z", "y", "x"], "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "affine", "affine": [1, 2, 3]}]}]}]}
+    with pytest.raises(UnsupportedDataError, match="affine"):
+        multiscale_of(affine, where="a").voxel_size_nm(where="a")
+    with pytest.raises(FormatError, match="one finite number per axis"):
+        Multiscale({"datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 2]}]}]},
+                   ["z", "y", "x"], {}, "0").voxel_size_nm(where="s")
 
 
 def test_zarr_copy_with_several_channels_is_refused():
@@ -375,3 +407,12 @@ def test_discovery_pages_through_the_json_api(workspace, replicas):
     assert len(pages) == 2  # offset 0 and offset 1, then totalCount says stop
     # discover() starts from the project of each selected image and walks its datasets.
     assert {i.dataset_key for i in source.discover()} == {"9846133", DEFAULT}
+
+
+class TestIdrContract(SourceContract):
+    source, key = "idr", DEFAULT  # the original-TIFF path (the Zarr-copy path is covered above)
+
+    def change_one_object(self, replica) -> None:
+        changed = synthetic_em(replica.U2OS.size_tczyx[2:], "uint8", seed=7)
+        replica.set_original(replica.U2OS, imagej_tiff(changed, 0.02, 0.02))
+        replica.expected[self.key].volume = changed

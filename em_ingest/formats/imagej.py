@@ -10,36 +10,16 @@ from pathlib import Path
 
 import tifffile
 
-from em_ingest.errors import FormatError, UnsupportedDataError
+from em_ingest.errors import FormatError
+from em_ingest.formats.units import nm_per_unit  # the one unit table; it also reads ImageJ's literal \u00B5m
 
 _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
 
-# Length units as ImageJ spells them (its `unit=` line, free text typed by users) and as OME-NGFF
-# (UDUNITS names) and OMERO spell them, in nanometres per unit.
-_NM_PER_UNIT = {
-    "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0, "nanometers": 1.0, "nanometres": 1.0,
-    "um": 1e3, "µm": 1e3, "μm": 1e3, "micron": 1e3, "microns": 1e3, "micrometer": 1e3, "micrometre": 1e3,
-    "micrometers": 1e3, "micrometres": 1e3,
-    "mm": 1e6, "millimeter": 1e6, "millimetre": 1e6,
-    "cm": 1e7, "centimeter": 1e7, "centimetre": 1e7,
-    "m": 1e9, "meter": 1e9, "metre": 1e9,
-    "a": 0.1, "å": 0.1, "angstrom": 0.1, "ångström": 0.1,
-    "pm": 1e-3, "picometer": 1e-3,
-    "inch": 2.54e7, "in": 2.54e7,
-}
 # ImageJ's way of saying "not calibrated".
 _UNCALIBRATED = {"", "pixel", "pixels", "px"}
 # TIFF ResolutionUnit: 1 none (ImageJ's own unit applies), 2 inch, 3 centimetre.
 _RESOLUTION_UNIT_NAMES = {2: "inch", 3: "cm"}
 _ESCAPE = re.compile(r"\\u([0-9A-Fa-f]{4})")
-
-
-def nm_per_unit(unit: str, *, where: str) -> float:
-    """Nanometres in one `unit` (ImageJ, OME-NGFF or OMERO spelling); refuses units that are not lengths."""
-    key = unescape(unit).strip().lower()
-    if key in _NM_PER_UNIT:
-        return _NM_PER_UNIT[key]
-    raise UnsupportedDataError(f"{where}: unknown length unit {unit!r}; expected one of nm, µm, mm, ...")
 
 
 def unescape(text: str) -> str:

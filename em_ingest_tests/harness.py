@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import yaml
+import zarr
 
 from em_ingest.orchestration import build_definitions
 from em_ingest.pipeline import Pipeline
@@ -115,6 +117,16 @@ def failure_text(result: dg.ExecuteInProcessResult) -> str:
                 parts.append(f"{error.cls_name}: {error.message}")
                 error = error.cause
     return "\n".join(parts)
+
+
+def read_s0(ws: Workspace, source: str, key: str) -> np.ndarray:
+    """The full-resolution level of a published image, as every reader of it would see it."""
+    return zarr.open_group(str(ws.data_root / "zarr" / source / f"{key}.ome.zarr"), mode="r")["s0"][...]
+
+
+def files_containing(root: Path, needle: bytes) -> list[str]:
+    """Every file under `root` whose bytes contain `needle` (for secrets that must appear nowhere)."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
 def workspace_for(tmp_path: Path, *replicas: Replica, selection: dict | None = None) -> Workspace:

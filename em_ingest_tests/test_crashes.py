@@ -12,12 +12,11 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-import zarr
 
 from em_ingest import catalog, storage
 from em_ingest.raw import MANIFEST_NAME, UNCOMMITTED_MARKER
 from em_ingest.replicas.volumes import synthetic_em
-from em_ingest_tests.harness import REPO_ROOT, Workspace, workspace_for
+from em_ingest_tests.harness import REPO_ROOT, Workspace, read_s0, workspace_for
 
 KEY = "hippocampus-training"
 OTHER_KEY = "hippocampus-testing"
@@ -83,7 +82,7 @@ def kill_when(child: subprocess.Popen, condition: Callable[[], bool], timeout_s:
 
 
 def s0(ws: Workspace, key: str = KEY) -> np.ndarray:
-    return zarr.open_group(str(storage.zarr_path(ws.data_root, "epfl", key)), mode="r")["s0"][...]
+    return read_s0(ws, "epfl", key)
 
 
 def snapshot(ws: Workspace) -> dict[str, bytes]:

@@ -9,7 +9,6 @@ import mrcfile
 import numpy as np
 import pytest
 import tifffile
-import zarr
 
 from em_ingest import catalog
 from em_ingest.errors import FormatError, SelectionError, SourceResponseError, UnsafePathError
@@ -23,7 +22,8 @@ from em_ingest.sources.empiar import EmpiarSource, accession_number, entry_recor
 from em_ingest.transfer.autoindex import parse_autoindex
 from em_ingest.transfer.ftp import FtpClient
 from em_ingest.transfer.http import HttpClient
-from em_ingest_tests.harness import FAST_TRANSFER, Workspace, workspace_for
+from em_ingest_tests.contract import SourceContract
+from em_ingest_tests.harness import FAST_TRANSFER, Workspace, read_s0, workspace_for
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def _workspace(workspace, empiar, key: str, options: dict | None = None, *, ftp:
 
 
 def _s0(ws: Workspace, key: str) -> np.ndarray:
-    return zarr.open_group(str(ws.data_root / "zarr" / "empiar" / f"{key}.ome.zarr"), mode="r")["s0"][...]
+    return read_s0(ws, "empiar", key)
 
 
 def _file_sha(empiar, key: str, relpath: str) -> str:
@@ -310,3 +310,16 @@ def test_tiff_series_over_ftp_with_override(workspace, empiar):
     assert ws.materialize("empiar", key).success
     np.testing.assert_array_equal(_s0(ws, key), empiar.expected[key].volume)
     assert tifffile.TiffFile(ws.data_root / "raw" / "empiar" / key / "files" / "img_1.tif").pages.first.tags[34682]
+
+
+class TestEmpiarContract(SourceContract):
+    source, key = "empiar", "EMPIAR-11759"
+
+    def change_one_object(self, replica) -> None:
+        relpath = "data/F57-8_test1_3VBSED_slice_0005.dm3"
+        plane = np.full((100, 120), 7, np.uint8)
+        replica.set_file(self.key, relpath, dm_bytes(plane, pixel_size=PIXEL_UM_11759, slice_spacing_nm=50.0,
+                                                     name="3VBSED_slice_0005"))
+        volume = replica.expected[self.key].volume.copy()
+        volume[5] = plane
+        replica.expected[self.key].volume = volume

@@ -7,20 +7,20 @@ import json
 import dagster as dg
 import numpy as np
 import pytest
-import zarr
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContextForTest
 
 from em_ingest import catalog
 from em_ingest.replicas.volumes import synthetic_em
-from em_ingest_tests.harness import failure_text, workspace_for
+from em_ingest_tests.contract import SourceContract
+from em_ingest_tests.harness import failure_text, read_s0, workspace_for
 
 KEY = "hippocampus-training"
 RAW, ZARR = dg.AssetKey(["epfl", "raw"]), dg.AssetKey(["epfl", "ome_zarr"])
 
 
 def s0(ws, key=KEY):
-    return zarr.open_group(str(ws.data_root / "zarr" / "epfl" / f"{key}.ome.zarr"), mode="r")["s0"][...]
+    return read_s0(ws, "epfl", key)
 
 
 def stale_status(ws, key, partition):
@@ -122,3 +122,10 @@ def test_partitions_come_from_the_selection_file(workspace):
     zarr_def = defs.resolve_assets_def(ZARR)
     assert raw.partitions_def.get_partition_keys() == ["a", "b.2"]
     assert zarr_def.partitions_def == raw.partitions_def
+
+
+class TestEpflContract(SourceContract):
+    source, key = "epfl", KEY
+
+    def change_one_object(self, replica) -> None:
+        replica.set_file("training.tif", synthetic_em((24, 96, 128), "uint8", seed=1234))

@@ -15,6 +15,7 @@ from em_ingest.formats import cosem, n5
 from em_ingest.omezarr.validate import validate_ome_zarr
 from em_ingest.sources.openorganelle import OpenOrganelleSource, raw_relpath
 from em_ingest.transfer.s3 import S3Client
+from em_ingest_tests.contract import SourceContract
 from em_ingest_tests.harness import FAST_TRANSFER, workspace_for
 
 SOURCE = "openorganelle"
@@ -268,3 +269,10 @@ def test_object_changed_after_listing_is_refused(fresh_replica):
     replica.put_object(key, b"replaced at the source")
     with pytest.raises(IntegrityError, match=r"changed while it was being mirrored"):
         client.get(key, expected=listed)
+
+
+class TestOpenOrganelleContract(SourceContract):
+    source, key = SOURCE, "jrc_mus-nacc-2"
+
+    def change_one_object(self, replica) -> None:
+        replica.change_chunk(self.key, 0, (1, 2, 3))  # inside the demo region; updates the ground truth

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import secrets
 import subprocess
-from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -19,13 +18,9 @@ from em_ingest.replicas.http import ReplicaHTTPServer
 from em_ingest.settings import Settings
 from em_ingest.sources.flyem import FlyemSource, normalize_token
 from em_ingest.transfer.http import HttpClient
-from em_ingest_tests.harness import FAST_TRANSFER, REPO_ROOT, failure_text, workspace_for
+from em_ingest_tests.harness import FAST_TRANSFER, REPO_ROOT, failure_text, files_containing, workspace_for
 
 KEY = "hemibrain-crop"
-
-
-def _files_containing(root: Path, needle: bytes) -> list[str]:
-    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
 def test_token_stays_out_of_logs_events_instance_and_data(replicas, tmp_path, monkeypatch, caplog):
@@ -52,8 +47,8 @@ def test_token_stays_out_of_logs_events_instance_and_data(replicas, tmp_path, mo
     assert records and token not in "\n".join(records)  # events, with every materialization's metadata
     assert token not in "\n".join(run_configs)
     assert token not in caplog.text
-    assert _files_containing(ws.data_root, token.encode()) == []  # raw documents, Zarr, sidecar, catalog
-    assert _files_containing(home, token.encode()) == []  # the instance's SQLite storage and logs
+    assert files_containing(ws.data_root, token.encode()) == []  # raw documents, Zarr, sidecar, catalog
+    assert files_containing(home, token.encode()) == []  # the instance's SQLite storage and logs
     assert any(home.rglob("*.db"))
     # What the UI shows for the resource: the variable's name, not its value.
     assert token not in repr(resource) and "NEUPRINT_TOKEN" in repr(resource.neuprint_token)

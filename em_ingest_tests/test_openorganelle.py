@@ -276,3 +276,28 @@ class TestOpenOrganelleContract(SourceContract):
 
     def change_one_object(self, replica) -> None:
         replica.change_chunk(self.key, 0, (1, 2, 3))  # inside the demo region; updates the ground truth
+
+
+# recon-2/em/fibsem-int16/.zattrs of jrc_mus-nacc-2 as recorded from the bucket (three of its nine levels).
+RECORDED_NACC_ZATTRS = {"multiscales": [{
+    "axes": [{"name": "z", "type": "space", "unit": "nanometer"}, {"name": "y", "type": "space", "unit": "nanometer"},
+             {"name": "x", "type": "space", "unit": "nanometer"}],
+    "coordinateTransformations": [{"scale": [1.0, 1.0, 1.0], "type": "scale"}],
+    "datasets": [
+        {"coordinateTransformations": [{"scale": [2.96, 4.0, 4.0], "type": "scale"},
+                                       {"translation": [0.0, 0.0, 0.0], "type": "translation"}], "path": "s0"},
+        {"coordinateTransformations": [{"scale": [5.92, 8.0, 8.0], "type": "scale"},
+                                       {"translation": [1.48, 2.0, 2.0], "type": "translation"}], "path": "s1"},
+        {"coordinateTransformations": [{"scale": [11.840000000000002, 16.0, 16.0], "type": "scale"},
+                                       {"translation": [4.4399999999999995, 6.0, 6.0], "type": "translation"}],
+         "path": "s2"}],
+    "metadata": None, "name": "", "type": None, "version": "0.4"}]}
+
+
+@pytest.mark.parametrize(("level", "scale", "translation"), [
+    ("s0", (2.96, 4.0, 4.0), (0.0, 0.0, 0.0)), ("s1", (5.92, 8.0, 8.0), (1.48, 2.0, 2.0)),
+    ("s2", (11.84, 16.0, 16.0), (4.44, 6.0, 6.0))])
+def test_recorded_nacc_attributes_read_through_the_one_ngff_reader(level, scale, translation):
+    geometry = cosem.level_geometry("zarr", RECORDED_NACC_ZATTRS, level, {}, "jrc_mus-nacc-2")
+    assert geometry.scale_nm == pytest.approx(scale) and geometry.translation_nm == pytest.approx(translation)
+    assert cosem.level_geometry("zarr", RECORDED_NACC_ZATTRS, "s9", {}, "jrc_mus-nacc-2") is None

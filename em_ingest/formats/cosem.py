@@ -16,6 +16,7 @@ import numpy as np
 
 from em_ingest.errors import SourceResponseError, UnsupportedDataError
 from em_ingest.formats import units
+from em_ingest.formats import ome_ngff
 from em_ingest.formats.n5 import N5_DTYPES
 from em_ingest.limits import check_chunk
 
@@ -163,21 +164,6 @@ def cosem_transform(transform: dict[str, Any], where: str) -> LevelGeometry:
     return LevelGeometry(scale_nm, translation_nm)
 
 
-def _ngff_transforms(transforms: Any, where: str) -> tuple[list[float], list[float]]:
-    scale, translation = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
-    for t in transforms or []:
-        kind = t.get("type") if isinstance(t, dict) else None
-        if kind == "scale":
-            scale = _vec3(t.get("scale"), where, "scale")
-        elif kind == "translation":
-            translation = _vec3(t.get("translation"), where, "translation")
-        elif kind == "identity":
-            continue
-        else:
-            raise UnsupportedDataError(f"{where}: coordinate transformation {t!r} is not supported")
-    return scale, translation
-
-
 def ngff_multiscale(attrs: dict[str, Any], where: str) -> dict[str, Any] | None:
     multiscales = attrs.get("multiscales")
     if not multiscales:
@@ -200,7 +186,8 @@ def level_paths(layout: str, group_attrs: dict[str, Any], where: str) -> list[st
     return []
 
 
-def _ngff_level(multiscale: dict[str, Any], level: str, where: str) -> LevelGeometry | None:
+def _ngff_level(group_attrs: dict[str, Any], multiscale: dict[str, Any], level: str,
+                where: str) -> LevelGeometry | None:
     listed = multiscale.get("datasets")
     if not isinstance(listed, list) or not all(isinstance(d, dict) and "path" in d for d in listed):
         # Malformed is not "absent": falling back would ask the curator for a size the source does state.
@@ -213,21 +200,18 @@ def _ngff_level(multiscale: dict[str, Any], level: str, where: str) -> LevelGeom
     if "coordinateTransformations" not in dataset:
         # The COSEM flavour of multiscales puts a `transform` on each dataset instead.
         return cosem_transform(dataset["transform"], where) if "transform" in dataset else None
-    axes = multiscale.get("axes") or [{"name": a, "type": "space", "unit": "nanometer"} for a in ZYX]
-    names = [a.get("name") if isinstance(a, dict) else str(a) for a in axes]
-    units = [a.get("unit") if isinstance(a, dict) else None for a in axes]
-    types = [a.get("type") if isinstance(a, dict) else "space" for a in axes]
-    if len(axes) != 3 or any(t not in (None, "space") for t in types):
-        raise UnsupportedDataError(f"{where}: expected three spatial axes, got {names} of types {types}")
-    if [str(n).lower() for n in names] != list(ZYX):
-        raise UnsupportedDataError(f"{where}: axes must be stored in (z, y, x) order, got {names}")
-    scale, translation = _ngff_transforms(dataset["coordinateTransformations"], where)
-    # Transformations on the multiscale apply after the per-dataset ones.
-    g_scale, g_translation = _ngff_transforms(multiscale.get("coordinateTransformations"), where)
-    factors = [nm_per_unit(u, where) for u in units]
-    scale_nm = tuple(s * gs * f for s, gs, f in zip(scale, g_scale, factors))
-    translation_nm = tuple((t * gs + gt) * f for t, gs, gt, f in zip(translation, g_scale, g_translation, factors))
-    return LevelGeometry(scale_nm, translation_nm)  # type: ignore[arg-type]
+    # The one OME-NGFF reader; CellMap writes nanometres, and older files leave the unit out.
+    parsed = ome_ngff.multiscale_of(group_attrs, where=where).for_rank(3, where=where)
+    types = [parsed.axis_types.get(a) for a in parsed.axes]
+    if len(parsed.axes) != 3 or any(t not in (None, "space") for t in types):
+        raise UnsupportedDataError(f"{where}: expected three spatial axes, got {parsed.axes} of types {types}")
+    if parsed.axes != list(ZYX):
+        raise UnsupportedDataError(f"{where}: axes must be stored in (z, y, x) order, got {parsed.axes}")
+    scale_nm = parsed.voxel_size_nm(level, where=where, default_unit="nanometer")
+    if scale_nm is None:
+        return None  # no scale stated: not invented
+    translation_nm = parsed.translation_nm(level, where=where, default_unit="nanometer") or (0.0, 0.0, 0.0)
+    return LevelGeometry(scale_nm, translation_nm)
 
 
 def _pixel_resolution(attrs: dict[str, Any], where: str) -> Vec3 | None:
@@ -255,14 +239,14 @@ def level_geometry(layout: str, group_attrs: dict[str, Any], level: str, array_a
         raise ValueError(f"unknown layout {layout!r}")
     multiscale = ngff_multiscale(group_attrs, where)
     if layout == "zarr":
-        found = _ngff_level(multiscale, level, where) if multiscale else None
+        found = _ngff_level(group_attrs, multiscale, level, where) if multiscale else None
         if found is None and isinstance(array_attrs.get("transform"), dict):
             found = cosem_transform(array_attrs["transform"], where)
         return found
     if isinstance(array_attrs.get("transform"), dict):
         return cosem_transform(array_attrs["transform"], where)
     if multiscale:
-        found = _ngff_level(multiscale, level, where)
+        found = _ngff_level(group_attrs, multiscale, level, where)
         if found is not None:
             return found
     base = _pixel_resolution(array_attrs, where) if "downsamplingFactors" in array_attrs else None

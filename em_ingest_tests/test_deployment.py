@@ -158,25 +158,35 @@ def test_compose_cli_resolves_the_file_with_overrides_from_env(tmp_path):
     assert refused.returncode != 0 and "DAGSTER_POSTGRES_PASSWORD" in refused.stderr
 
 
-def test_every_variable_is_listed_in_env_example_and_reaches_the_run_containers():
+def deployment_gaps(declared_variables: set[str]) -> dict[str, set[str]]:
+    """Where each declared setting's variable is missing from the deployment files (empty when none is).
+
+    The variables come from the settings registry (each source declares its own), so a new archive's
+    variables show up here by name until .env.example, docker-compose.yml and dagster.yaml carry them.
+    """
     listed = env_example()
     compose_variables = {m["name"] for m in INTERPOLATION.finditer(COMPOSE_FILE.read_text())}
-    read = set(ENVIRONMENT) | compose_variables | dagster_yaml_variables() | {EXECUTOR_VARIABLE}
-    assert read - set(listed) == set(), "variables read but missing from .env.example"
-    assert {name: listed[name] for name in SECRET_VARIABLES if listed[name]} == {}, "secrets must stay blank"
-
+    read = declared_variables | compose_variables | dagster_yaml_variables() | {EXECUTOR_VARIABLE}
     config = compose_config(configured_env())
-    daemon_env = config["services"]["daemon"]["environment"]
-    code_env = config["services"]["user_code"]["environment"]
-    # DockerRunLauncher copies each listed variable from the daemon's environment and fails the launch
-    # when one is unset, so the daemon must have them all (blank means the public default).
-    assert set(launcher_env_vars()) - set(daemon_env) == set()
-    # The code server binds the pipeline variables as EnvVars; a run container resolves the same names.
-    pipeline_variables = set(ENVIRONMENT) | {EXECUTOR_VARIABLE}
-    assert pipeline_variables - set(code_env) == set()
-    assert pipeline_variables - set(launcher_env_vars()) == set()
+    pipeline_variables = declared_variables | {EXECUTOR_VARIABLE}
+    gaps = {
+        ".env.example": read - set(listed),
+        # The code server binds the pipeline variables as EnvVars; a run container resolves the same names.
+        "docker-compose.yml user_code": pipeline_variables - set(config["services"]["user_code"]["environment"]),
+        "dagster.yaml run_launcher.env_vars": pipeline_variables - set(launcher_env_vars()),
+        # DockerRunLauncher copies each listed variable from the daemon's environment and fails the launch
+        # when one is unset, so the daemon must have them all (blank means the public default).
+        "docker-compose.yml daemon": set(launcher_env_vars()) - set(config["services"]["daemon"]["environment"]),
+    }
     for name in ("webserver", "pool_limits"):
-        assert dagster_yaml_variables() - set(config["services"][name]["environment"]) == set(), name
+        gaps[f"docker-compose.yml {name}"] = dagster_yaml_variables() - set(config["services"][name]["environment"])
+    return {where: missing for where, missing in gaps.items() if missing}
+
+
+def test_every_variable_is_listed_in_env_example_and_reaches_the_run_containers():
+    assert deployment_gaps(set(ENVIRONMENT)) == {}
+    listed = env_example()
+    assert {name: listed[name] for name in SECRET_VARIABLES if listed[name]} == {}, "secrets must stay blank"
 
 
 # --- Dockerfile -------------------------------------------------------------------------------------

@@ -303,7 +303,11 @@ class RawStore:
             else:
                 download = transport.fetch(item.url, self.target(relpath), expected=remote)
                 size, digest = download.size, download.sha256
-                etag, last_modified = download.etag or remote.etag, download.last_modified or remote.last_modified
+                # A version the source supplied (a listing's, or a synthesized immutable one) is what the
+                # next refresh compares against, so it wins over what the body's headers said.
+                given = item.remote or RemoteObject(item.url, None)
+                etag = given.etag or download.etag or remote.etag
+                last_modified = given.last_modified or download.last_modified or remote.last_modified
                 version = item.version
         except TransferError as exc:
             if item.optional and is_absent(exc):

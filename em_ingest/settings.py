@@ -37,20 +37,8 @@ def declared_settings() -> tuple[Setting, ...]:
     declared = list(CORE_SETTINGS)
     for cls in source_classes().values():
         declared += cls.configuration
-    known = {s.field for s in declared}
-    declared += [s for s in _PENDING if s.field not in known]
     return tuple(declared)
 
-
-_PENDING = (
-    Setting("neuprint_server", "NEUPRINT_SERVER", "https://neuprint.janelia.org", "neuPrint base URL"),
-    Setting("neuprint_token", "NEUPRINT_TOKEN", None, "neuPrint bearer token", secret=True),
-    Setting("flyem_precomputed_url", "EM_INGEST_FLYEM_PRECOMPUTED_URL",
-            "https://storage.googleapis.com/neuroglancer-janelia-flyem-hemibrain/emdata/clahe_yz/jpeg",
-            "hemibrain grayscale (Neuroglancer precomputed)"),
-    Setting("flyem_dvid_url", "EM_INGEST_FLYEM_DVID_URL", "https://hemibrain-dvid.janelia.org", "DVID server"),
-    Setting("flyem_dvid_uuid", "EM_INGEST_FLYEM_DVID_UUID", "a89eb3af216a46cdba81204d8f954786", "DVID node"),
-)
 
 
 def _by_field() -> dict[str, Setting]:

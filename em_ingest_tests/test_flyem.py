@@ -14,9 +14,9 @@ from em_ingest import catalog
 from em_ingest.errors import ConfigurationError, SelectionError
 from em_ingest.formats.precomputed import PrecomputedCrop, PrecomputedInfo
 from em_ingest.replicas.flyem import DVID_MAX_BYTES, ORIGIN_XYZ
-from em_ingest.settings import Settings
-from em_ingest.sources.flyem import DVID_TILE_EDGE, FlyemSource, dvid_tiles
-from em_ingest_tests.harness import materialize_cli_side_by_side, workspace_for
+from em_ingest.sources.flyem import DVID_TILE_EDGE, PRECOMPUTED_URL, FlyemSource, dvid_tiles
+from em_ingest_tests.contract import SourceContract
+from em_ingest_tests.harness import files_containing, materialize_cli_side_by_side, workspace_for
 
 PRECOMPUTED_KEY, DVID_KEY = "hemibrain-crop", "hemibrain-crop-dvid"
 
@@ -144,7 +144,8 @@ def test_sharded_precomputed_fetches_byte_ranges_and_rerun_transfers_nothing(wor
     again = ws.materialize("flyem", PRECOMPUTED_KEY)
     raw_meta = again.get_asset_materialization_events()[0].materialization.metadata
     assert raw_meta["fetched_bytes"].value == 0
-    assert raw_meta["skipped_objects"].value == len(manifest["objects"]) - 1  # all but the chunk list
+    # Every object, the chunk list too: the store counts an unchanged document as skipped.
+    assert raw_meta["skipped_objects"].value == len(manifest["objects"])
     assert [r[0] for r in replica.gcs.traffic.requests if r[0] != "HEAD"] == []
     assert replica.gcs.traffic.body_bytes == 0
 
@@ -174,6 +175,19 @@ def test_dvid_tiles_below_the_cap_retry_throttling_and_are_exact(workspace, repl
     again = ws.materialize("flyem", DVID_KEY)
     assert again.get_asset_materialization_events()[0].materialization.metadata["fetched_bytes"].value == 0
     assert replica.dvid_raw_requests == [], "a locked node's tiles are not fetched again"
+
+
+def test_tiles_of_an_unlocked_dvid_node_are_fetched_on_every_run(tmp_path, fresh_replica, caplog):
+    replica = fresh_replica("flyem")
+    replica.dvid_locked = False  # an open node may still change: no tile version to trust
+    ws = workspace_for(tmp_path, replica, selection={"flyem": {DVID_KEY: replica.selection[DVID_KEY]}})
+    assert ws.materialize("flyem", DVID_KEY, steps=("raw",)).success
+    fetched = len(replica.dvid_raw_requests)
+    replica.dvid_raw_requests.clear()
+    again = ws.materialize("flyem", DVID_KEY, steps=("raw",)).get_asset_materialization_events()[0]
+    assert len(replica.dvid_raw_requests) == fetched > 1
+    assert again.materialization.metadata["fetched_objects"].value == fetched
+    assert "is not locked; fetching every tile again" in caplog.text
 
 
 def test_dvid_tiles_cover_the_crop_exactly_once():
@@ -234,10 +248,6 @@ def test_rejected_token_fails_without_revealing_it(workspace, replicas):
     assert ws.materialize("flyem", PRECOMPUTED_KEY, steps=("raw",)).success
 
 
-def _files_containing(root: Path, needle: bytes) -> list[str]:
-    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
-
-
 @pytest.mark.slow
 def test_cli_both_paths_with_the_token_kept_out_of_every_output(replicas, tmp_path, monkeypatch):
     replica = replicas["flyem"]
@@ -257,8 +267,8 @@ def test_cli_both_paths_with_the_token_kept_out_of_every_output(replicas, tmp_pa
         rows = catalog.read_catalog(ws.data_root / "catalog" / "metadata_catalog.parquet").to_pylist()
         assert [(r["dataset_key"], r["organism"]) for r in rows] == [(key, "Drosophila melanogaster")]
         assert replica.token not in repr(rows)
-        assert _files_containing(ws.data_root, token) == []
-        assert _files_containing(ws.root / "dagster_home", token) == []
+        assert files_containing(ws.data_root, token) == []
+        assert files_containing(ws.root / "dagster_home", token) == []
         # The runs' event log exists, so it was among the files searched.
         assert any((ws.root / "dagster_home").rglob("*.db"))
 
@@ -285,6 +295,20 @@ def test_a_changed_shard_is_fetched_again_and_only_that_shard(tmp_path, fresh_re
 def test_another_dataset_needs_its_own_grayscale(workspace, replicas):
     options = {**replicas["flyem"].selection[PRECOMPUTED_KEY], "dataset": "manc:v1.0"}
     ws = workspace("flyem", selection={"flyem": {"manc": options}})
-    ws.env["EM_INGEST_FLYEM_PRECOMPUTED_URL"] = Settings.flyem_precomputed_url  # the hemibrain's, by default
+    ws.env["EM_INGEST_FLYEM_PRECOMPUTED_URL"] = PRECOMPUTED_URL.default  # the hemibrain's, by default
     with pytest.raises(SelectionError, match="EM_INGEST_FLYEM_PRECOMPUTED_URL still points at the hemibrain"):
         ws.pipeline.fetch_raw(ws.pipeline.request("flyem", "manc"))
+
+
+class TestFlyemContract(SourceContract):
+    source, key = "flyem", PRECOMPUTED_KEY  # sharded precomputed (the DVID path is covered above)
+    # The crop's 15 chunks share one shard, so its new version brings all 15 ranges again, plus chunks.json
+    # (which records the shard versions); the neuPrint documents and info stay skipped.
+    refetched_after_change = 16
+
+    def change_one_object(self, replica) -> None:
+        changed = replica.volume.copy()
+        changed[20:30, 50:60, 40:50] = 255 - changed[20:30, 50:60, 40:50]  # inside one shard
+        replica.volume = changed
+        replica.publish_precomputed(changed)
+        replica._set_expected()

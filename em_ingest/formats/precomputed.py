@@ -15,6 +15,7 @@ import imagecodecs
 import numpy as np
 
 from em_ingest.errors import FormatError, SourceResponseError, UnsupportedDataError
+from em_ingest.formats.box import copy_overlap
 from em_ingest.formats.volume import Geometry, Region, Volume
 from em_ingest.limits import check_chunk
 
@@ -343,19 +344,15 @@ class PrecomputedCrop(Volume):
 
     def read(self, region: Region) -> np.ndarray:
         out = np.zeros(tuple(s.stop - s.start for s in region), dtype=self.dtype)
-        # Absolute (x, y, z) box of the region.
+        # Absolute (x, y, z) box of the region; the arrays are placed by their (z, y, x) origins.
         lo = tuple(self.start[a] + region[2 - a].start for a in range(3))
         hi = tuple(self.start[a] + region[2 - a].stop for a in range(3))
         for grid in self.scale.chunks_in_box(lo, hi):  # type: ignore[arg-type]
             block = self._chunk(grid)
             if block is None:
                 continue  # an absent chunk reads as the fill value, zero
-            c_lo, c_hi = self.scale.chunk_box(grid)
-            a = [max(l, c) for l, c in zip(lo, c_lo)]
-            b = [min(h, c) for h, c in zip(hi, c_hi)]
-            dst = tuple(slice(a[i] - lo[i], b[i] - lo[i]) for i in (2, 1, 0))
-            src = tuple(slice(a[i] - c_lo[i], b[i] - c_lo[i]) for i in (2, 1, 0))
-            out[dst] = block[src]
+            chunk_start, _ = self.scale.chunk_box(grid)
+            copy_overlap(out, lo[::-1], block, chunk_start[::-1])
         return out
 
 

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/convert_once.py INPUT.tif OUTPUT.ome.zarr
 
 CPU seconds (user, system) are reported beside the wall time: on a shared machine they are the
-part that does not depend on what else runs. The time includes an fsync of every file written, as the `cp` it is compared with does. Peak RSS is
-the whole process's (VmHWM), reported with the RSS after imports so the conversion's own share shows.
+part that does not depend on what else runs. The time includes an fsync of every file written, as
+the `cp` it is compared with does. Peak RSS is the whole process's (VmHWM), reported with the RSS
+after imports so the conversion's own share shows.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main(argv: list[str]) -> int:
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     peak_mib = peak_rss_mib()
     print(json.dumps({"seconds": seconds, "user_seconds": cpu.ru_utime - cpu_before.ru_utime,
-                      "system_seconds": cpu.ru_stime - cpu_before.ru_stime, "rss_after_imports_mib": rss_before, "peak_rss_mib": peak_mib,
+                      "system_seconds": cpu.ru_stime - cpu_before.ru_stime, "rss_after_imports_mib": rss_before,
+                      "peak_rss_mib": peak_mib,
                       "stored_bytes": result.stored_bytes, "levels": len(result.levels),
                       "input_bytes": source.stat().st_size}))
     return 0

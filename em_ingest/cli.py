@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -170,7 +170,7 @@ def _parse_filter(clause: str, label: str) -> _Filter:
             raise EmIngestError(f"{label}: {column} is a timestamp column; {text!r} is not an ISO 8601 "
                                 "date-time (e.g. 2025-01-31T12:00:00Z)") from None
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)  # the catalog stores UTC
+            value = value.replace(tzinfo=UTC)  # the catalog stores UTC
     elif pa.types.is_list(type_) and pa.types.is_integer(type_.value_type):
         items = text.strip().removeprefix("[").removesuffix("]").split(",")
         value = [_parse_number(item, f"{label}: {column} is a list of integers (e.g. 64,128,128)") for item in items]
@@ -252,9 +252,7 @@ def _discover(args: argparse.Namespace) -> int:
     classes = source_classes()
     if args.source not in classes:
         raise EmIngestError(f"unknown source {args.source!r}; known: {', '.join(classes)}")
-    count = 0
-    for item in classes[args.source](Settings.from_env()).discover():
-        count += 1
+    for count, item in enumerate(classes[args.source](Settings.from_env()).discover(), start=1):
         if args.limit and count > args.limit:
             break
         print(json.dumps(vars(item), default=str) if args.json else f"{item.dataset_key}\t{item.title or ''}")

@@ -9,13 +9,12 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 import numpy as np
+import pyarrow as pa
 
 from em_ingest import catalog, limits, storage
 from em_ingest.errors import EmIngestError, SelectionError, ValidationError
@@ -193,7 +192,7 @@ class Pipeline:
                                   sort_keys=True, default=str),
         )
         # The sidecar keeps the row as JSON: the timestamp as ISO text, the status set when the catalog is built.
-        return {**row.as_dict(), "ingested_at": datetime.now(timezone.utc).isoformat()}
+        return {**row.as_dict(), "ingested_at": datetime.now(UTC).isoformat()}
 
     def verify_conversion(self, request: DatasetRequest, conversion: Conversion) -> Verification:
         """Re-read the published image independently of the writer (OME-NGFF spec models) and compare

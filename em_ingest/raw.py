@@ -10,8 +10,8 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from functools import cached_property
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ class Manifest:
     request: dict[str, Any]
     entries: tuple[ManifestEntry, ...]
     source_version: str | None = None
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     stats: TransferStats = field(default_factory=TransferStats)
 
     @property
@@ -200,7 +200,7 @@ class RawStore:
         the commit can remove what a dead run wrote and nothing it did not write.
         """
         if not self.marker_path.exists():
-            stamp = datetime.now(timezone.utc).isoformat()
+            stamp = datetime.now(UTC).isoformat()
             write_atomic(self.marker_path, f"# fetch started {stamp} by pid {os.getpid()}\n".encode())
 
     def target(self, relpath: str) -> Path:

@@ -136,7 +136,7 @@ def load_selection(path: str | Path, option_models: Mapping[str, type[DatasetOpt
         except (OSError, UnicodeDecodeError) as exc:
             raise SelectionError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
         try:
-            document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+            document = yaml.load(text, Loader=_StrictLoader)
         except yaml.YAMLError as exc:
             raise SelectionError(f"{path}: not valid YAML: {exc}") from None
         cached = parse_selection(document, option_models, origin=str(path))

@@ -10,7 +10,6 @@ from typing import Any
 from em_ingest.limits import Limits
 
 
-
 @dataclass(frozen=True)
 class Setting:
     """One configurable value: a Settings attribute, a field of the `em_ingest` resource and an

@@ -9,8 +9,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from em_ingest.errors import ConfigurationError

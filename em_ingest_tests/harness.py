@@ -93,13 +93,13 @@ class Workspace:
                               text=True, timeout=timeout)
 
 
-def materialize_cli(ws: "Workspace", source: str, key: str) -> subprocess.CompletedProcess:
+def materialize_cli(ws: Workspace, source: str, key: str) -> subprocess.CompletedProcess:
     """`dagster asset materialize` of one partition's raw + ome_zarr, as a user types it."""
     return ws.dagster_cli("asset", "materialize", "-m", "em_ingest.definitions", "--select",
                           f"{source}/raw,{source}/ome_zarr", "--partition", key)
 
 
-def materialize_cli_side_by_side(spaces: dict[str, "Workspace"], source: str) -> dict[str, subprocess.CompletedProcess]:
+def materialize_cli_side_by_side(spaces: dict[str, Workspace], source: str) -> dict[str, subprocess.CompletedProcess]:
     """One CLI run per (partition key -> Workspace with its own DAGSTER_HOME), all at once."""
     from concurrent.futures import ThreadPoolExecutor
 

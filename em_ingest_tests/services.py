@@ -96,10 +96,10 @@ class PostgresServer:
     def query(self, database: str, sql: str, params: tuple = ()) -> list[tuple]:
         import psycopg2
 
-        with psycopg2.connect(host=self.host, port=self.port, user=self.user, dbname=database) as connection:
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                return cursor.fetchall()
+        with psycopg2.connect(host=self.host, port=self.port, user=self.user, dbname=database) as connection, \
+                connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
 
     def instance_env(self, database: str, compute_logs_dir: Path) -> dict[str, str]:
         """The variables dagster.yaml reads, pointing at this server."""

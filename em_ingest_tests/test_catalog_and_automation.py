@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pyarrow as pa
@@ -72,7 +72,7 @@ def test_an_unreadable_sidecar_is_reported_not_dropped(ingested):
 
 
 def test_catalog_row_record_is_the_schema():
-    assert catalog.COLUMNS == [f.name for f in catalog.SCHEMA]
+    assert [f.name for f in catalog.SCHEMA] == catalog.COLUMNS
     row = catalog.CatalogRow(source="epfl", dataset_key="k", shape_z=3, chunk_shape=[1, 2, 3])
     table = catalog.rows_to_table([row])
     assert table.schema.equals(catalog.SCHEMA) and table.to_pylist()[0]["chunk_shape"] == [1, 2, 3]
@@ -99,7 +99,7 @@ def test_nightly_automation_refreshes_every_partition_then_the_catalog(workspace
     def tick(cursor, at):
         return dg.evaluate_automation_conditions(defs=defs, instance=ws.instance, cursor=cursor, evaluation_time=at)
 
-    start = datetime(2026, 1, 1, 1, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 1, 1, 1, 0, tzinfo=UTC)
     before = tick(None, start)
     assert before.total_requested == 0  # nothing before 02:00
     nightly = tick(before.cursor, start + timedelta(hours=1, minutes=1))

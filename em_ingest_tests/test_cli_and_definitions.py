@@ -28,7 +28,8 @@ def test_asset_graph_is_the_contract(workspace):
     assert catalog_parents == {dg.AssetKey([s, "ome_zarr"]) for s in source_classes()}
     check_names = {(("/".join(c.asset_key.path)), c.name) for c in graph.asset_check_keys}
     assert ("epfl/ome_zarr", "ome_ngff_valid") in check_names and ("epfl/ome_zarr", "matches_source") in check_names
-    assert {n for a, n in check_names if a == "catalog/metadata_catalog"} == {"schema", "unique_keys", "zarrs_exist", "zarrs_intact", "sidecars_readable"}
+    assert {n for a, n in check_names if a == "catalog/metadata_catalog"} == {
+        "schema", "unique_keys", "zarrs_exist", "zarrs_intact", "sidecars_readable"}
 
 
 def test_catalog_command_filters_and_formats(workspace, capsys):

@@ -136,7 +136,7 @@ def test_kill_during_download_keeps_previous_and_next_run_resumes(good_run):
 
 
 def test_kill_during_zarr_write_keeps_previous_version(good_run):
-    ws, replica, first, second = good_run
+    ws, _replica, first, second = good_run
     before = snapshot(ws)
     final = storage.zarr_path(ws.data_root, "epfl", KEY)
     versions = final.parent / storage.VERSIONS_DIR / final.name
@@ -160,7 +160,7 @@ def test_kill_during_zarr_write_keeps_previous_version(good_run):
 
 
 def test_kill_during_catalog_write_keeps_a_complete_catalog(good_run):
-    ws, replica, first, second = good_run
+    ws, replica, first, _second = good_run
     replica.set_file("training.tif", first)  # only the catalog changes in this test
     assert ws.materialize("epfl", OTHER_KEY).success  # a second Zarr the catalog does not list yet
     path = storage.catalog_path(ws.data_root)
@@ -184,7 +184,7 @@ def _report(child: subprocess.Popen) -> dict:
 
 
 def test_two_runs_of_one_partition_at_once_do_not_collide(good_run):
-    ws, replica, first, second = good_run
+    ws, replica, _first, second = good_run
     replica.http.faults.rate_bytes_per_s = 200_000
     replica.http.traffic.reset()
     children = [start_child(ws, "all") for _ in range(2)]
@@ -199,7 +199,7 @@ def test_two_runs_of_one_partition_at_once_do_not_collide(good_run):
 
 
 def test_two_partitions_run_in_parallel(good_run):
-    ws, replica, first, second = good_run
+    ws, replica, _first, _second = good_run
     # ~10 s per download: long enough to overlap even when one child imports several seconds later.
     replica.http.faults.rate_bytes_per_s = 30_000
     replica.http.traffic.reset()

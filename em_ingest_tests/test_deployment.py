@@ -54,7 +54,7 @@ def interpolate(text: str, env: dict[str, str]) -> str:
     def substitute(match: re.Match) -> str:
         name, op, arg = match["name"], match["op"], match["arg"]
         value = env.get(name)
-        if op in (":-", ":?") and not value or op in ("-", "?") and value is None:
+        if (op in (":-", ":?") and not value) or (op in ("-", "?") and value is None):
             if op.endswith("?"):
                 raise ValueError(f"{name}: {arg}")
             return arg

@@ -230,8 +230,8 @@ def test_geometry_refuses_non_finite_translations():
 
 # ---- a damaged published image is not trusted ----------------------------------------------------------
 def _zarr_meta(result):
-    return [e for e in result.get_asset_materialization_events()
-            if e.asset_key == dg.AssetKey(["epfl", "ome_zarr"])][0].materialization.metadata
+    return next(e for e in result.get_asset_materialization_events()
+                if e.asset_key == dg.AssetKey(["epfl", "ome_zarr"])).materialization.metadata
 
 
 def _catalog_checks(ws):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -14,7 +14,7 @@ from em_ingest.pipeline import CONVERTER_VERSION
 SOURCE = "epfl"
 RAW, ZARR = dg.AssetKey([SOURCE, "raw"]), dg.AssetKey([SOURCE, "ome_zarr"])
 CATALOG = dg.AssetKey(["catalog", "metadata_catalog"])
-FIRST_NIGHT = datetime(2026, 3, 1, 1, 0, tzinfo=timezone.utc)
+FIRST_NIGHT = datetime(2026, 3, 1, 1, 0, tzinfo=UTC)
 
 
 class Night:

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from em_ingest.errors import SourceResponseError, UnsupportedDataError
-from em_ingest.formats import units
-from em_ingest.formats import ome_ngff
+from em_ingest.formats import ome_ngff, units
 from em_ingest.formats.n5 import N5_DTYPES
 from em_ingest.limits import check_chunk
 

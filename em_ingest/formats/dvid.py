@@ -49,7 +49,7 @@ class DvidTileVolume(Volume):
         hi = tuple(self.start[a] + region[2 - a].stop for a in range(3))
         for tile in self.tiles:
             # Only tiles the region touches are opened: the others need not even be on disk.
-            if any(b <= l or h <= a for a, b, l, h in zip(tile.start, tile.stop, lo, hi)):
+            if any(b <= low or high <= a for a, b, low, high in zip(tile.start, tile.stop, lo, hi)):
                 continue
             path = self.path_of(tile)
             if not path.is_file() or path.stat().st_size != tile.nbytes:

@@ -55,10 +55,10 @@ class TiffStack(Volume):
     def _check_page_count(self) -> None:
         # Writers such as ITK number their pages (i, n); fewer pages than n means a cut-off file.
         tag = self._tif.pages.first.tags.get("PageNumber")
-        if tag is not None and isinstance(tag.value, tuple) and len(tag.value) == 2 and tag.value[1] > 1:
-            if tag.value[1] != len(self._tif.pages):
-                raise FormatError(f"{self.path}: the file announces {tag.value[1]} pages but holds "
-                                  f"{len(self._tif.pages)} (truncated or corrupt)")
+        announced = tag.value[1] if tag is not None and isinstance(tag.value, tuple) and len(tag.value) == 2 else 0
+        if announced > 1 and announced != len(self._tif.pages):
+            raise FormatError(f"{self.path}: the file announces {announced} pages but holds "
+                              f"{len(self._tif.pages)} (truncated or corrupt)")
 
     def _open_array(self, series):
         if series.dataoffset is not None:  # uncompressed and contiguous: read ranges, hold nothing

@@ -2,16 +2,15 @@
 
 
 import base64
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 
-from collections.abc import Iterator
-
+from em_ingest.orchestration.resources import EmIngestResource
 from em_ingest.pipeline import CONVERTER_VERSION, Conversion, Pipeline
 from em_ingest.selection import DatasetRequest
 from em_ingest.sources import Source
-from em_ingest.orchestration.resources import EmIngestResource
 
 RAW_CODE_VERSION = "1"
 
@@ -163,7 +162,7 @@ def _itemsize(dtype: str) -> int:
 def _levels_table(levels: list[dict]) -> str:
     lines = ["| level | shape (z, y, x) | scale nm | translation nm |", "|---|---|---|---|"]
     for lv in levels:
-        fmt = lambda v: ", ".join(f"{x:g}" for x in v)  # noqa: E731
+        fmt = lambda v: ", ".join(f"{x:g}" for x in v)
         lines.append(f"| {lv['path']} | {', '.join(map(str, lv['shape']))} | {fmt(lv['scale_nm'])} | "
                      f"{fmt(lv['translation_nm'])} |")
     return "\n".join(lines)

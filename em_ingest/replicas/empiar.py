@@ -30,7 +30,7 @@ with warnings.catch_warnings():  # pyftpdlib still builds on asyncore/asynchat (
 
 from em_ingest.replicas.base import Expected, Replica
 from em_ingest.replicas.dm_writer import dm_bytes
-from em_ingest.replicas.http import Reply, ReplicaHTTPServer, Request
+from em_ingest.replicas.http import ReplicaHTTPServer, Reply, Request
 from em_ingest.replicas.volumes import synthetic_em
 
 API_PREFIX = "/empiar/api"

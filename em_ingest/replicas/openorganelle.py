@@ -16,7 +16,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from itertools import product
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 import numcodecs
@@ -24,7 +24,7 @@ import numpy as np
 
 from em_ingest.formats import n5
 from em_ingest.replicas.base import Expected, Replica
-from em_ingest.replicas.http import Reply, ReplicaHTTPServer, Request
+from em_ingest.replicas.http import ReplicaHTTPServer, Reply, Request
 from em_ingest.replicas.volumes import synthetic_em
 
 BUCKET = "janelia-cosem-datasets"
@@ -309,7 +309,7 @@ class OpenOrganelleReplica(Replica):
     source = "openorganelle"
     DEMO_KEYS = ("jrc_mus-nacc-2", "jrc_sum159-1", "jrc_hela-2")
     # Demo/test selections: a region of the default dataset, a whole N5 level, a region of a coarser level.
-    SELECTIONS: dict[str, dict[str, Any]] = {
+    SELECTIONS: ClassVar[dict[str, dict[str, Any]]] = {
         "jrc_mus-nacc-2": {"roi": {"z": [5, 37], "y": [20, 140], "x": [30, 160]}},
         "jrc_sum159-1": {},
         "jrc_hela-2": {"level": "s1", "roi": {"z": [2, 14], "y": [4, 40], "x": [0, 48]}},

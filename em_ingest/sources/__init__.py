@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 
 from em_ingest.sources.base import Description, InventoryItem, Source
 
-__all__ = ["Description", "InventoryItem", "Source", "source_classes", "option_models"]
+__all__ = ["Description", "InventoryItem", "Source", "option_models", "source_classes"]
 
 _NOT_SOURCES = {"base"}
 ENTRY_POINT_GROUP = "em_ingest.sources"

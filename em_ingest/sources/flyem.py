@@ -12,8 +12,15 @@ import numpy as np
 from pydantic import field_validator
 
 from em_ingest.archives.dvid import DVID_MAX_IN_FLIGHT, DVID_TILE_EDGE, DvidNode, dvid_tiles, extents, voxel_size_nm
-from em_ingest.archives.neuprint import (KNOWN_DATASETS, META_QUERY, NeuprintClient, dataset_version, meta_row,
-                                         meta_voxel_size_nm, normalize_token)
+from em_ingest.archives.neuprint import (
+    KNOWN_DATASETS,
+    META_QUERY,
+    NeuprintClient,
+    dataset_version,
+    meta_row,
+    meta_voxel_size_nm,
+    normalize_token,
+)
 from em_ingest.errors import FormatError, SelectionError, SourceResponseError, TransferError, UnsupportedDataError
 from em_ingest.formats.dvid import DvidTileVolume, Tile
 from em_ingest.formats.precomputed import PrecomputedCrop, PrecomputedInfo, Scale, ShardingSpec, iter_shard_groups
@@ -24,8 +31,15 @@ from em_ingest.settings import Setting
 from em_ingest.sources.base import Description, InventoryItem, Source
 from em_ingest.transfer.base import RemoteObject, is_absent
 
-__all__ = ["DVID_TILE_EDGE", "PRECOMPUTED_URL", "FlyemOptions", "FlyemSource", "SOURCE", "dvid_tiles",
-           "normalize_token"]
+__all__ = [
+    "DVID_TILE_EDGE",
+    "PRECOMPUTED_URL",
+    "SOURCE",
+    "FlyemOptions",
+    "FlyemSource",
+    "dvid_tiles",
+    "normalize_token",
+]
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,14 @@ from typing import Any
 from urllib.parse import quote
 
 from em_ingest.archives.omero import (
-    PAGE_LIMIT, Answer, Container, OmeroClient, container_in_paths, img_data_voxel_size_nm, map_values, study_of,
+    PAGE_LIMIT,
+    Answer,
+    Container,
+    OmeroClient,
+    container_in_paths,
+    img_data_voxel_size_nm,
+    map_values,
+    study_of,
 )
 from em_ingest.errors import FormatError, SelectionError, SourceResponseError, TransferError, UnsupportedDataError
 from em_ingest.formats import imagej

@@ -6,7 +6,7 @@ from typing import Any
 
 from em_ingest.errors import SourceResponseError, UnsupportedDataError
 from em_ingest.formats.dvid import XYZ, Tile
-from em_ingest.formats.units import nm_per_unit
+from em_ingest.formats.units import lengths_nm
 from em_ingest.transfer.http import HttpClient
 
 # DVID answers a raw request in one response; keep each below a size a busy server serves
@@ -72,18 +72,8 @@ def voxel_size_nm(info: Any, where: str) -> tuple[float, float, float]:
     extended = info.get("Extended") if isinstance(info, dict) else None
     if not isinstance(extended, dict) or "VoxelSize" not in extended:
         raise SourceResponseError(f"{where}: instance info lacks Extended.VoxelSize")
-    sizes, units = extended["VoxelSize"], extended.get("VoxelUnits") or ["nanometers"] * 3
-    if not (isinstance(sizes, list) and isinstance(units, list) and len(sizes) == len(units) == 3):
-        raise SourceResponseError(f"{where}: VoxelSize and VoxelUnits must be three values (x, y, z), got "
-                                  f"{sizes!r} in {units!r}")
-    factors = [nm_per_unit(str(u), where=f"{where}: VoxelUnits") for u in units]
-    try:
-        values = tuple(float(v) * f for v, f in zip(sizes, factors))
-    except (TypeError, ValueError):
-        raise SourceResponseError(f"{where}: cannot read VoxelSize {sizes!r} as numbers") from None
-    if min(values) <= 0:
-        raise SourceResponseError(f"{where}: VoxelSize must be three positive lengths, got {values!r}")
-    return values  # type: ignore[return-value]
+    units = extended.get("VoxelUnits") or "nanometers"
+    return lengths_nm(extended["VoxelSize"], units, where=where, what="Extended.VoxelSize (x, y, z)")
 
 
 def extents(info: Any, where: str) -> tuple[XYZ, XYZ]:

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from em_ingest.errors import ConfigurationError, SelectionError, SourceResponseError, TransferError
-from em_ingest.formats.units import nm_per_unit
+from em_ingest.formats.units import lengths_nm
 from em_ingest.settings import TransferSettings
 from em_ingest.transfer.http import HttpClient
 
@@ -119,20 +119,7 @@ def meta_voxel_size_nm(meta: dict[str, Any], where: str) -> tuple[float, float, 
     if size is None:
         return None
     units = meta.get("voxelUnits") or "nanometers"  # neuPrint states nm implicitly when absent
-    # One unit for all axes (a string, or a list of one), or one per axis.
-    listed = units if isinstance(units, list) else [units]
-    per_axis = listed * 3 if len(listed) == 1 else listed
-    if not isinstance(size, list) or len(size) != 3 or len(per_axis) != 3:
-        raise SourceResponseError(f"{where}: voxelSize must be three lengths (x, y, z) in voxelUnits, got "
-                                  f"{size!r} in {units!r}")
-    factors = [nm_per_unit(str(u), where=f"{where}: voxelUnits") for u in per_axis]
-    try:
-        values = tuple(float(v) * f for v, f in zip(size, factors))
-    except (TypeError, ValueError):
-        raise SourceResponseError(f"{where}: voxelSize must be numbers, got {size!r}") from None
-    if min(values) <= 0:
-        raise SourceResponseError(f"{where}: voxelSize must be three positive lengths (x, y, z), got {size!r}")
-    return values  # type: ignore[return-value]
+    return lengths_nm(size, units, where=where, what="voxelSize (x, y, z)")
 
 
 def dataset_version(listing_entry: dict[str, Any], meta: dict[str, Any]) -> str | None:

@@ -3,9 +3,11 @@ neuPrint, DVID, MRC) converts through."""
 
 from __future__ import annotations
 
+import math
 import re
+from typing import Any
 
-from em_ingest.errors import UnsupportedDataError
+from em_ingest.errors import SourceResponseError, UnsupportedDataError
 
 NM_PER_ANGSTROM = 0.1
 _NM_PER_UNIT = {
@@ -39,3 +41,21 @@ def nm_per_unit(unit: str, *, where: str) -> float:
 
 def is_length_unit(unit: str) -> bool:
     return _key(str(unit)) in _NM_PER_UNIT
+
+
+def lengths_nm(values: Any, units: Any, *, where: str, what: str) -> tuple[float, float, float]:
+    """Three lengths as a metadata document states them (a list of numbers, with one unit for all or one
+    per axis, in the document's own axis order) in nanometres; refuses anything but three positive lengths."""
+    listed = units if isinstance(units, list) else [units]
+    per_axis = listed * 3 if len(listed) == 1 else listed
+    if not isinstance(values, list) or len(values) != 3 or len(per_axis) != 3:
+        raise SourceResponseError(f"{where}: {what} must be three lengths with one unit or one per axis, "
+                                  f"got {values!r} in {units!r}")
+    factors = [nm_per_unit(str(u), where=f"{where}: {what} units") for u in per_axis]
+    try:
+        out = tuple(float(v) * f for v, f in zip(values, factors))
+    except (TypeError, ValueError):
+        raise SourceResponseError(f"{where}: {what} must be numbers, got {values!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in out):
+        raise SourceResponseError(f"{where}: {what} must be three positive lengths, got {values!r} in {units!r}")
+    return out[0], out[1], out[2]

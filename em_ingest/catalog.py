@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from em_ingest.errors import ValidationError
 from em_ingest.omezarr import integrity
-from em_ingest.raw import write_atomic
+from em_ingest.storage import write_atomic
 
 CATALOG_VERSION = "1"
 SIDECAR_NAME = "em_ingest.json"
@@ -85,15 +85,15 @@ CATALOG_STATUSES = ("ok", "unselected")
 
 def rows_to_table(rows: Iterable[CatalogRow | Mapping[str, Any]]) -> pa.Table:
     """Rows (records, or dicts with exactly the catalog's columns) as a table in the catalog schema, by key."""
-    rows = sorted((r.as_dict() if isinstance(r, CatalogRow) else r for r in rows),
-                  key=lambda r: (r["source"], r["dataset_key"]))
-    for row in rows:
+    dicts = sorted((r.as_dict() if isinstance(r, CatalogRow) else r for r in rows),
+                   key=lambda r: (r["source"], r["dataset_key"]))
+    for row in dicts:
         extra = set(row) - set(COLUMNS)
         missing = set(COLUMNS) - set(row)
         if extra or missing:
             raise ValidationError(f"catalog row {row.get('source')}/{row.get('dataset_key')}: "
                                   f"unknown columns {sorted(extra)}, missing {sorted(missing)}")
-    return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    return pa.Table.from_pylist(dicts, schema=SCHEMA)
 
 
 def write_catalog(table: pa.Table, path: Path) -> None:
@@ -173,7 +173,8 @@ def _image_problems(image: Path, key: str) -> list[CatalogProblem]:
 
 
 def read_sidecar(zarr_dir: Path) -> dict[str, Any]:
-    return json.loads((zarr_dir / SIDECAR_NAME).read_text())
+    sidecar: dict[str, Any] = json.loads((zarr_dir / SIDECAR_NAME).read_text())  # written by the pipeline
+    return sidecar
 
 
 def record_image(zarr_dir: Path) -> dict[str, Any]:

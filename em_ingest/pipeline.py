@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from em_ingest import catalog, limits, storage
 from em_ingest.errors import EmIngestError, SelectionError, ValidationError
-from em_ingest.formats.volume import Geometry, Volume
+from em_ingest.formats.volume import Geometry, Volume, triple
 from em_ingest.omezarr.validate import validate_ome_zarr
 from em_ingest.omezarr.writer import WriteResult, ZarrLayout, write_ome_zarr
 from em_ingest.raw import Manifest, RawStore
@@ -68,7 +68,7 @@ def resolve_geometry(volume: Volume, request: DatasetRequest) -> Geometry:
     override = request.options.voxel_size_nm
     translation = volume.geometry.translation_nm if volume.geometry else None
     if override is not None:
-        return Geometry(tuple(float(v) for v in override), "override", translation)  # type: ignore[arg-type]
+        return Geometry(triple(float(v) for v in override), "override", translation)
     if volume.geometry is None:
         raise SelectionError(
             f"{request.source}.{request.key}: the source does not state the voxel size; "

@@ -287,6 +287,7 @@ class RawStore:
     def _bring(self, item: Wanted) -> ManifestEntry | None:
         relpath = safe_relative_path(item.relpath)
         transport = self.transports.for_url(item.url)
+        version: str | None
         try:
             remote = item.remote or transport.stat(item.url)
             current = self.is_current(relpath, remote, item.byte_range)
@@ -345,17 +346,17 @@ class RawStore:
                source_version: str | None = None) -> Manifest:
         """Write the manifest (atomically) with what this fetch counted, and drop files no entry refers
         to any more (None entries, absent optional objects, are left out)."""
-        entries = tuple(sorted((e for e in entries if e is not None), key=lambda e: e.path))
-        manifest = Manifest(self.source, self.dataset_key, dict(request), entries, source_version, stats=self.stats)
+        kept = tuple(sorted((e for e in entries if e is not None), key=lambda e: e.path))
+        manifest = Manifest(self.source, self.dataset_key, dict(request), kept, source_version, stats=self.stats)
         self.begin()  # documents and manifest are written one after the other: a kill between shows
-        for entry in entries:
+        for entry in kept:
             data = self._pending_documents.get(entry.path)
             if data is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
                 write_atomic(self.target(entry.path), data)
         write_atomic(self.manifest_path, manifest.to_json().encode())
         # Only what this store wrote or listed may go: the old manifest's objects and the journal.
         listed = {e.path for e in self.previous.entries} if self.previous else set()
-        for relpath in sorted((listed | self._journalled()) - {e.path for e in entries}):
+        for relpath in sorted((listed | self._journalled()) - {e.path for e in kept}):
             self._remove_owned(relpath)
         self.marker_path.unlink(missing_ok=True)
         self._pending_documents.clear()

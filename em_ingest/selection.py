@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -86,7 +86,14 @@ def parse_selection(document: Any, option_models: Mapping[str, type[DatasetOptio
     return selection
 
 
-class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]  # libyaml: 8x faster
+if TYPE_CHECKING:
+    # Checked as SafeLoader: CSafeLoader has the same SafeConstructor API, and exists only where PyYAML has libyaml.
+    _SafeLoader = yaml.SafeLoader
+else:
+    _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 8x faster
+
+
+class _StrictLoader(_SafeLoader):
     """YAML for the selection file: mapping keys are the text as written, and a repeated key is an error.
 
     PyYAML would turn the keys `yes` and `~` into True and None, and let a repeated source or key

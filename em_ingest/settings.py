@@ -133,7 +133,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from the declared environment variables; unset ones keep their defaults."""
         environ = os.environ if environ is None else environ
-        values = {s.field: environ[s.env] for s in declared_settings() if environ.get(s.env)}
+        values: dict[str, Any] = {s.field: environ[s.env] for s in declared_settings() if environ.get(s.env)}
         values.update(overrides)
         return cls(**values)
 

@@ -7,6 +7,7 @@ from typing import Any
 from em_ingest.errors import SourceResponseError, UnsupportedDataError
 from em_ingest.formats.dvid import XYZ, Tile
 from em_ingest.formats.units import lengths_nm
+from em_ingest.formats.volume import triple
 from em_ingest.transfer.http import HttpClient
 
 # DVID answers a raw request in one response; keep each below a size a busy server serves
@@ -55,7 +56,7 @@ class DvidNode:
         url = self.info_url(instance)
         info = self.http.get_json(url)
         type_name = (info.get("Base") or {}).get("TypeName") if isinstance(info, dict) else None
-        if type_name != "uint8blk":
+        if not isinstance(info, dict) or type_name != "uint8blk":
             raise UnsupportedDataError(f"{url}: instance type {type_name!r}; expected uint8blk grayscale")
         return info
 
@@ -83,4 +84,4 @@ def extents(info: Any, where: str) -> tuple[XYZ, XYZ]:
     high = (extended or {}).get("MaxPoint")
     if not (isinstance(low, list) and isinstance(high, list) and len(low) == 3 and len(high) == 3):
         raise SourceResponseError(f"{where}: instance has no extents (Extended.MinPoint / MaxPoint)")
-    return tuple(int(v) for v in low), tuple(int(v) + 1 for v in high)  # type: ignore[return-value]
+    return triple(int(v) for v in low), triple(int(v) + 1 for v in high)

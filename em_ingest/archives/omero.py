@@ -63,10 +63,12 @@ def img_data_voxel_size_nm(img_data: dict[str, Any]) -> tuple[float, float, floa
     x, y, z = (pixel_size.get(axis) for axis in "xyz")
     if z is None and (img_data.get("size") or {}).get("z") == 1:
         z = x  # a single plane has no z spacing; give it the pixel width
-    sizes = (z, y, x)
-    if any(not isinstance(v, (int, float)) or v <= 0 for v in sizes):
+    # `not v <= 0` keeps a NaN, which Geometry then refuses rather than the size passing as unknown.
+    sizes = [v for v in (z, y, x) if isinstance(v, (int, float)) and not v <= 0]
+    if len(sizes) != 3:
         return None
-    return tuple(float(v) * nm_per_unit("micrometer", where="imgData") for v in sizes)  # type: ignore[return-value]
+    nm_per_um = nm_per_unit("micrometer", where="imgData")
+    return (float(sizes[0]) * nm_per_um, float(sizes[1]) * nm_per_um, float(sizes[2]) * nm_per_um)
 
 
 def container_in_paths(paths: Any) -> tuple[str, int] | None:

@@ -17,6 +17,7 @@ import numpy as np
 from em_ingest.errors import SourceResponseError, UnsupportedDataError
 from em_ingest.formats import ome_ngff, units
 from em_ingest.formats.n5 import N5_DTYPES
+from em_ingest.formats.volume import triple
 from em_ingest.limits import check_chunk
 
 Vec3 = tuple[float, float, float]
@@ -63,15 +64,15 @@ class ChunkGrid:
         parts = name.split("/" if self.layout == "n5" else self.separator)
         if len(parts) != 3 or not all(p.isdigit() for p in parts):
             return None
-        index = tuple(int(p) for p in parts)
-        return index[::-1] if self.layout == "n5" else index  # type: ignore[return-value]
+        index = triple(int(p) for p in parts)
+        return index[::-1] if self.layout == "n5" else index
 
     def index_ranges(self, region: tuple[tuple[int, int], ...]) -> list[range]:
         """Chunk index ranges per axis that a (start, stop) voxel region touches."""
         return [range(a // c, (b - 1) // c + 1) if b > a else range(0) for (a, b), c in zip(region, self.chunks)]
 
     def chunk_indices(self, region: tuple[tuple[int, int], ...]) -> list[Index3]:
-        return list(product(*self.index_ranges(region)))  # type: ignore[arg-type]
+        return [triple(index) for index in product(*self.index_ranges(region))]
 
     def prefix_for_first_index(self, index_zyx_first: int) -> str:
         """Listing prefix that holds every chunk sharing the first stored component of the name.
@@ -103,7 +104,7 @@ def zarr_grid(zarray: dict[str, Any], where: str) -> ChunkGrid:
     separator = zarray.get("dimension_separator") or "."
     if separator not in (".", "/"):
         raise SourceResponseError(f"{where}: dimension_separator {separator!r} is neither '.' nor '/'")
-    return ChunkGrid("zarr", shape, chunks, dtype, separator)  # type: ignore[arg-type]
+    return ChunkGrid("zarr", shape, chunks, dtype, separator)
 
 
 def n5_grid(attributes: dict[str, Any], where: str) -> ChunkGrid:
@@ -116,12 +117,14 @@ def n5_grid(attributes: dict[str, Any], where: str) -> ChunkGrid:
         raise SourceResponseError(f"{where}: not valid N5 dataset attributes ({exc!r})") from None
     if len(shape) != 3:
         raise UnsupportedDataError(f"{where}: expected a 3-D dataset, got dimensions {list(shape[::-1])}")
+    if len(chunks) != 3:
+        raise SourceResponseError(f"{where}: blockSize {list(chunks[::-1])} does not give one size per dimension")
     if data_type not in N5_DTYPES:
         raise UnsupportedDataError(f"{where}: N5 dataType {data_type!r} is not supported")
     if any(n < 0 for n in shape):
         raise SourceResponseError(f"{where}: negative dimensions {list(shape[::-1])}")
     check_chunk(chunks, np.dtype(data_type).itemsize, where, "block")
-    return ChunkGrid("n5", shape, chunks, np.dtype(data_type), "/")  # type: ignore[arg-type]
+    return ChunkGrid("n5", shape, chunks, np.dtype(data_type), "/")
 
 
 def grid(layout: str, array_metadata: dict[str, Any], where: str) -> ChunkGrid:
@@ -143,7 +146,7 @@ def _to_zyx(names: list[str], values: list[float], where: str) -> Vec3:
     lowered = [str(n).lower() for n in names]
     if sorted(lowered) != sorted(ZYX):
         raise UnsupportedDataError(f"{where}: expected the spatial axes z, y, x, got {names}")
-    return tuple(values[lowered.index(a)] for a in ZYX)  # type: ignore[return-value]
+    return triple(values[lowered.index(a)] for a in ZYX)
 
 
 def cosem_transform(transform: dict[str, Any], where: str) -> LevelGeometry:
@@ -223,7 +226,7 @@ def _pixel_resolution(attrs: dict[str, Any], where: str) -> Vec3 | None:
         values, unit = resolution, "nm"
     xyz = _vec3(values, where, "pixelResolution.dimensions")
     factor = nm_per_unit(unit, where)
-    return tuple(v * factor for v in xyz[::-1])  # type: ignore[return-value]
+    return triple(v * factor for v in xyz[::-1])
 
 
 def level_geometry(layout: str, group_attrs: dict[str, Any], level: str, array_attrs: dict[str, Any],
@@ -259,4 +262,4 @@ def level_geometry(layout: str, group_attrs: dict[str, Any], level: str, array_a
         factors_xyz = scales[int(match.group(1))]
     factors = _vec3(factors_xyz, where, "downsampling factors")[::-1]
     # Without a transform the files do not say where downsampled voxels sit: no translation.
-    return LevelGeometry(tuple(b * f for b, f in zip(base, factors)), None)  # type: ignore[arg-type]
+    return LevelGeometry(triple(b * f for b, f in zip(base, factors)), None)

@@ -98,16 +98,15 @@ def _image_index(dm: fileDM, path: Path) -> int:
 
 def _pixel_size_nm(tags: dict[str, Any], prefix: str, path: Path) -> tuple[float, float] | None:
     calib = f"{prefix}ImageData.Calibrations.Dimension."
-    sizes = []
+    sizes: list[float | None] = []
     for dim in (2, 1):  # entry 1 is x, entry 2 is y: return (y, x)
         scale = tags.get(f"{calib}{dim}.Scale")
         units = tags.get(f"{calib}{dim}.Units", "")
         if scale is None:
             return None
         sizes.append(length_to_nm(float(scale), str(units), where=str(path)))
-    if any(s is None for s in sizes):
-        return None
-    return (sizes[0], sizes[1])  # type: ignore[return-value]
+    y, x = sizes
+    return None if y is None or x is None else (y, x)
 
 
 def _slice_spacing_nm(tags: dict[str, Any], prefix: str, path: Path) -> float | None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from em_ingest.errors import FormatError
 from em_ingest.formats.box import copy_overlap
-from em_ingest.formats.volume import Geometry, Region, Volume
+from em_ingest.formats.volume import Geometry, Region, Volume, triple
 
 XYZ = tuple[int, int, int]
 
@@ -28,7 +28,7 @@ class Tile:
 
     @property
     def stop(self) -> XYZ:
-        return tuple(a + n for a, n in zip(self.start, self.size))  # type: ignore[return-value]
+        return triple(a + n for a, n in zip(self.start, self.size))
 
 
 class DvidTileVolume(Volume):
@@ -37,7 +37,7 @@ class DvidTileVolume(Volume):
     def __init__(self, tiles: Sequence[Tile], path_of: Callable[[Tile], Path], start: XYZ,
                  shape_zyx: tuple[int, int, int], geometry: Geometry | None, *, name: str):
         self.tiles, self.path_of, self.start = tuple(tiles), path_of, start
-        self.shape = tuple(int(n) for n in shape_zyx)  # type: ignore[assignment]
+        self.shape = triple(int(n) for n in shape_zyx)
         self.dtype = np.dtype("uint8")
         self.geometry = geometry
         self.name = name

@@ -57,8 +57,8 @@ class ImageJCalibration:
         z = self.spacing_nm
         if z is None and self.description.get("slices", self.description.get("images", "1")) == "1":
             z = self.pixel_width_nm
-        sizes = (z, self.pixel_height_nm, self.pixel_width_nm)
-        return None if any(s is None for s in sizes) else sizes  # type: ignore[return-value]
+        y, x = self.pixel_height_nm, self.pixel_width_nm
+        return None if z is None or y is None or x is None else (z, y, x)
 
 
 def read_calibration(path: Path) -> ImageJCalibration | None:
@@ -115,7 +115,7 @@ def calibration_from_tags(description: dict[str, str], x_resolution: float | Non
     )
 
 
-def _rational(tag) -> float | None:
+def _rational(tag: tifffile.TiffTag | None) -> float | None:
     if tag is None:
         return None
     value = tag.value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from itertools import product
 from pathlib import Path
+from typing import Any
 
 import numcodecs.errors
 import numpy as np
@@ -13,12 +14,12 @@ import zarr.errors
 import zarr.storage
 
 from em_ingest.errors import FormatError, UnsupportedDataError
-from em_ingest.formats.volume import Geometry, Region, Volume
+from em_ingest.formats.volume import Geometry, Region, Volume, triple
 
 SPATIAL = ("z", "y", "x")
 
 
-def open_mirrored_array(root: Path, level: str, *, where: str) -> zarr.Array:
+def open_mirrored_array(root: Path, level: str, *, where: str) -> zarr.Array[Any]:
     """The mirrored Zarr v2 array `level` of the image group at `root`, opened read-only by zarr-python.
 
     Opening reads only `.zarray`, so this also checks a fresh `.zarray` before any chunk is fetched.
@@ -36,7 +37,7 @@ def open_mirrored_array(root: Path, level: str, *, where: str) -> zarr.Array:
     return array
 
 
-def chunk_keys(array: zarr.Array) -> list[str]:
+def chunk_keys(array: zarr.Array[Any]) -> list[str]:
     """The object name of every chunk of the array's grid, relative to the array, in C order of the grid."""
     return [array.metadata.encode_chunk_key(index) for index in product(*map(range, array.cdata_shape))]
 
@@ -49,7 +50,7 @@ class MirroredZarrVolume(Volume):
     than silently the fill value.
     """
 
-    def __init__(self, array: zarr.Array, array_dir: Path, axes: list[str], absent: frozenset[str],
+    def __init__(self, array: zarr.Array[Any], array_dir: Path, axes: list[str], absent: frozenset[str],
                  geometry: Geometry | None, *, name: str):
         if len(axes) != array.ndim:
             raise FormatError(f"{name}: axes {axes} do not match an array of shape {array.shape}")
@@ -58,8 +59,7 @@ class MirroredZarrVolume(Volume):
         self._axes = axes
         self._absent = absent
         self._spatial = {axis: axes.index(axis) for axis in SPATIAL if axis in axes}
-        self.shape = tuple(  # type: ignore[assignment]
-            array.shape[self._spatial[a]] if a in self._spatial else 1 for a in SPATIAL)
+        self.shape = triple(array.shape[self._spatial[a]] if a in self._spatial else 1 for a in SPATIAL)
         self.dtype = array.dtype.newbyteorder("=")  # bioformats2raw writes big-endian; the writer wants native
         self.geometry = geometry
         self.name = name

@@ -5,13 +5,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mrcfile
 import numpy as np
 
 from em_ingest.errors import FormatError, UnsupportedDataError
 from em_ingest.formats.units import NM_PER_ANGSTROM
-from em_ingest.formats.volume import Geometry, Region, Volume
+from em_ingest.formats.volume import Geometry, Region, Volume, triple
 
 MRC_SUFFIXES = (".mrc", ".rec", ".st", ".ali", ".mrcs", ".map")
 
@@ -27,7 +28,7 @@ class MrcHeader:
     origin_nm: tuple[float, float, float] | None  # (z, y, x), from the header's origin record
 
 
-def _open(path: Path):
+def _open(path: Path) -> Any:  # an mrcfile.mrcmemmap.MrcMemmap; mrcfile has no type information
     # permissive: real archive files often have a wrong map ID or exttyp; we validate what we use.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -56,12 +57,11 @@ def read_mrc_header(path: Path) -> MrcHeader:
             raise UnsupportedDataError(f"{path}: complex MRC data (a Fourier transform) is not an image")
         voxel = mrc.voxel_size  # record (x, y, z), Ångström; 0 where the writer left it unset
         size_a = (float(voxel.z), float(voxel.y), float(voxel.x))
-        voxel_nm = tuple(v * NM_PER_ANGSTROM for v in size_a) if all(v > 0 for v in size_a) else None
+        voxel_nm = triple(v * NM_PER_ANGSTROM for v in size_a) if all(v > 0 for v in size_a) else None
         origin = mrc.header.origin
         origin_a = (float(origin.z), float(origin.y), float(origin.x))
-        origin_nm = tuple(v * NM_PER_ANGSTROM for v in origin_a) if any(origin_a) else None
-        return MrcHeader(path, tuple(int(n) for n in shape), np.dtype(data.dtype).newbyteorder("="),  # type: ignore[arg-type]
-                         voxel_nm, origin_nm)  # type: ignore[arg-type]
+        origin_nm = triple(v * NM_PER_ANGSTROM for v in origin_a) if any(origin_a) else None
+        return MrcHeader(path, triple(int(n) for n in shape), np.dtype(data.dtype).newbyteorder("="), voxel_nm, origin_nm)
     finally:
         mrc.close()
 
@@ -87,7 +87,8 @@ class MrcVolume(Volume):
         return np.ascontiguousarray(data[region], dtype=self.dtype)
 
     def read_plane(self, z: int, ys: slice, xs: slice) -> np.ndarray:
-        return self.read((slice(z, z + 1), ys, xs))[0]
+        plane: np.ndarray = self.read((slice(z, z + 1), ys, xs))[0]  # numpy types an integer index as Any
+        return plane
 
     def close(self) -> None:
         self._mrc.close()

@@ -181,9 +181,9 @@ class N5Array:
         if out.size == 0:
             return out
         index_ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(starts, stops, self.chunks)]
-        for index in product(*index_ranges):
-            block = self.read_block(index)  # type: ignore[arg-type]
+        for iz, iy, ix in product(*index_ranges):
+            block = self.read_block((iz, iy, ix))
             if block is not None:
                 # A block at the array's far edge may be cut: its own shape says how much it holds.
-                copy_overlap(out, starts, block, [i * c for i, c in zip(index, self.chunks)])
+                copy_overlap(out, starts, block, [i * c for i, c in zip((iz, iy, ix), self.chunks)])
         return out

@@ -70,7 +70,8 @@ class Multiscale:
     def dataset(self, level: str | None = None, *, where: str) -> dict[str, Any]:
         """The `datasets` entry of `level` (default: full resolution)."""
         path = self.level_path if level is None else level
-        for dataset in self.document["datasets"]:
+        datasets: list[dict[str, Any]] = self.document["datasets"]  # checked to be objects by multiscale_of
+        for dataset in datasets:
             if str(dataset.get("path")) == path:
                 return dataset
         raise FormatError(f"{where}: multiscales lists no level {path!r} (levels {self.level_paths})")
@@ -116,18 +117,18 @@ class Multiscale:
         missing unit means "unknown", not "pixels are 1 long" -- unless the caller knows its writer
         always means one unit (`default_unit`, e.g. CellMap's nanometres).
         """
-        out: list[float | None] = []
+        out: dict[str, float] = {}
         for axis in SPATIAL:
             if axis not in self.axes:
-                out.append(None)
                 continue
             unit = self.units.get(axis) or default_unit
             if not unit:
                 return None
-            out.append(values[self.axes.index(axis)] * nm_per_unit(unit, where=where))
-        if out[0] is None:
-            out[0] = out[2]  # a single plane: give z the pixel width
-        return tuple(out)  # type: ignore[return-value]
+            out[axis] = values[self.axes.index(axis)] * nm_per_unit(unit, where=where)
+        if "y" not in out or "x" not in out:
+            raise UnsupportedDataError(f"{where}: expected spatial axes y and x, got {self.axes}")
+        # A single plane (no z axis): give z the pixel width.
+        return (out["z"] if "z" in out else out["x"], out["y"], out["x"])
 
     def voxel_size_nm(self, level: str | None = None, *, where: str, default_unit: str | None = None) -> Vec3 | None:
         """(z, y, x) voxel size of `level` in nm; None when the metadata gives no scale or no unit."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from em_ingest.errors import FormatError, SourceResponseError, UnsupportedDataError
 from em_ingest.formats.box import copy_overlap
-from em_ingest.formats.volume import Geometry, Region, Volume
+from em_ingest.formats.volume import Geometry, Region, Volume, triple
 from em_ingest.limits import check_chunk
 
 # Axis order in this module: precomputed documents are (x, y, z); arrays we return are (z, y, x).
@@ -30,12 +30,12 @@ def _xyz(value: Any, field: str, where: str, *, positive: bool = False) -> XYZ:
     if not isinstance(value, (list, tuple)) or len(value) != 3:
         raise SourceResponseError(f"{where}: {field} must be three numbers [x, y, z], got {value!r}")
     try:
-        out = tuple(int(v) for v in value)
+        out = triple(int(v) for v in value)
     except (TypeError, ValueError):
         raise SourceResponseError(f"{where}: {field} must be integers [x, y, z], got {value!r}") from None
     if positive and min(out) <= 0:
         raise SourceResponseError(f"{where}: {field} must be positive, got {value!r}")
-    return out  # type: ignore[return-value]
+    return out
 
 
 # ---- sharding (neuroglancer_uint64_sharded_v1) ------------------------------------------------
@@ -173,8 +173,14 @@ class Scale:
     sharding: ShardingSpec | None = None
 
     @property
+    def voxel_stop(self) -> XYZ:
+        """The absolute end (exclusive) of the scale's voxels."""
+        (ox, oy, oz), (nx, ny, nz) = self.voxel_offset, self.size
+        return (ox + nx, oy + ny, oz + nz)
+
+    @property
     def grid_shape(self) -> XYZ:
-        return tuple(-(-n // c) for n, c in zip(self.size, self.chunk_size))  # type: ignore[return-value]
+        return triple(-(-n // c) for n, c in zip(self.size, self.chunk_size))
 
     def contains(self, start: XYZ, stop: XYZ) -> bool:
         return all(o <= a and b <= o + n for a, b, o, n in zip(start, stop, self.voxel_offset, self.size))
@@ -187,9 +193,9 @@ class Scale:
 
     def chunk_box(self, grid: XYZ) -> tuple[XYZ, XYZ]:
         """Absolute [start, stop) of a chunk, clipped to the volume (edge chunks are smaller)."""
-        start = tuple(o + g * c for o, g, c in zip(self.voxel_offset, grid, self.chunk_size))
-        stop = tuple(min(s + c, o + n) for s, c, o, n in zip(start, self.chunk_size, self.voxel_offset, self.size))
-        return start, stop  # type: ignore[return-value]
+        start = triple(o + g * c for o, g, c in zip(self.voxel_offset, grid, self.chunk_size))
+        stop = triple(min(s + c, o + n) for s, c, o, n in zip(start, self.chunk_size, self.voxel_offset, self.size))
+        return start, stop
 
     def chunk_name(self, grid: XYZ) -> str:
         """Object name of an unsharded chunk: `<x0>-<x1>_<y0>-<y1>_<z0>-<z1>` in absolute voxels."""
@@ -261,7 +267,7 @@ def _scale(doc: Any, where: str) -> Scale:
     return Scale(
         key=str(doc["key"]).strip("/"),
         size=_xyz(doc["size"], "size", where, positive=True),
-        resolution_nm=resolution,  # type: ignore[arg-type]
+        resolution_nm=resolution,
         voxel_offset=_xyz(doc.get("voxel_offset", [0, 0, 0]), "voxel_offset", where),
         # Several chunk sizes are alternatives for the same data; the first serves every read.
         chunk_size=_xyz(chunk_sizes[0], "chunk_sizes[0]", where, positive=True),
@@ -282,7 +288,9 @@ def decode_chunk(data: bytes, scale: Scale, grid: XYZ, dtype: str, num_channels:
             raise FormatError(f"{where}: raw chunk has {len(data)} bytes, expected {expected} "
                               f"({nx}x{ny}x{nz}x{num_channels} {dtype})")
         # Fortran-order [x, y, z, channel] is C-order [channel, z, y, x].
-        return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(num_channels, nz, ny, nx)[0]
+        channels = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(num_channels, nz, ny, nx)
+        first: np.ndarray = channels[0]  # numpy types an integer index as Any (it may be a scalar)
+        return first
     try:
         image = imagecodecs.jpeg_decode(data) if scale.encoding == "jpeg" else imagecodecs.png_decode(data)
     except (RuntimeError, ValueError) as exc:  # imagecodecs' codec errors derive from these
@@ -312,12 +320,12 @@ class PrecomputedCrop(Volume):
                  cache_bytes: int = 64 << 20):
         if info.num_channels != 1:
             raise UnsupportedDataError(f"{name}: {info.num_channels} channels; only single-channel images are ingested")
-        stop = tuple(a + n for a, n in zip(start, reversed(shape_zyx)))
-        if not scale.contains(start, stop):  # type: ignore[arg-type]
+        stop = triple(a + n for a, n in zip(start, reversed(shape_zyx)))
+        if not scale.contains(start, stop):
             raise FormatError(f"{name}: box {start}..{stop} (x, y, z) lies outside scale {scale.key} "
-                              f"({scale.voxel_offset}..{tuple(o + n for o, n in zip(scale.voxel_offset, scale.size))})")
+                              f"({scale.voxel_offset}..{scale.voxel_stop})")
         self.info, self.scale, self.start = info, scale, start
-        self.shape = tuple(int(n) for n in shape_zyx)  # type: ignore[assignment]
+        self.shape = triple(int(n) for n in shape_zyx)
         self.dtype = np.dtype(info.data_type)
         self.geometry = geometry
         self.name = name
@@ -347,7 +355,7 @@ class PrecomputedCrop(Volume):
         # Absolute (x, y, z) box of the region; the arrays are placed by their (z, y, x) origins.
         lo = tuple(self.start[a] + region[2 - a].start for a in range(3))
         hi = tuple(self.start[a] + region[2 - a].stop for a in range(3))
-        for grid in self.scale.chunks_in_box(lo, hi):  # type: ignore[arg-type]
+        for grid in self.scale.chunks_in_box(lo, hi):
             block = self._chunk(grid)
             if block is None:
                 continue  # an absent chunk reads as the fill value, zero

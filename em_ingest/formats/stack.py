@@ -67,8 +67,7 @@ def _dm_plane(path: Path) -> Plane:
     def read(ys: slice, xs: slice) -> np.ndarray:
         return np.asarray(image.array()[ys, xs], dtype=image.dtype.newbyteorder("="))
 
-    return Plane(path, image.shape, image.dtype.newbyteorder("="), image.pixel_size_nm,  # type: ignore[arg-type]
-                 image.slice_spacing_nm, read)
+    return Plane(path, image.shape, image.dtype.newbyteorder("="), image.pixel_size_nm, image.slice_spacing_nm, read)
 
 
 def _mrc_plane(path: Path) -> Plane:
@@ -82,7 +81,7 @@ def _mrc_plane(path: Path) -> Plane:
             return np.asarray(data[ys, xs], dtype=header.dtype)
 
     pixel = header.voxel_size_nm[1:] if header.voxel_size_nm else None
-    return Plane(path, header.shape[1:], header.dtype, pixel, None, read)  # type: ignore[arg-type]
+    return Plane(path, header.shape[1:], header.dtype, pixel, None, read)
 
 
 def _tiff_plane(path: Path) -> Plane:
@@ -103,18 +102,18 @@ def _tiff_plane(path: Path) -> Plane:
     def read(ys: slice, xs: slice) -> np.ndarray:
         try:
             if offset is not None:
-                region = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)[ys, xs]
+                region: np.ndarray = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)[ys, xs]
             else:
                 with tifffile.TiffFile(path) as tif:
-                    region = zarr.open_array(tif.pages.first.aszarr(), mode="r")[ys, xs]
+                    region = np.asarray(zarr.open_array(tif.pages.first.aszarr(), mode="r")[ys, xs])
             return np.asarray(region, dtype=dtype.newbyteorder("="))
         except _TIFF_ERRORS as exc:
             raise FormatError(f"{path}: failed reading TIFF pixels ({type(exc).__name__}: {exc})") from None
 
-    return Plane(path, shape, dtype.newbyteorder("="), pixel, None, read)  # type: ignore[arg-type]
+    return Plane(path, shape, dtype.newbyteorder("="), pixel, None, read)
 
 
-def _fei_pixel_size_nm(page) -> tuple[float, float] | None:
+def _fei_pixel_size_nm(page: tifffile.TiffPage) -> tuple[float, float] | None:
     tag = page.tags.get(34682)
     if tag is None:
         return None
@@ -160,7 +159,7 @@ class PlaneStack(Volume):
                     f"{plane.path}: slice is {plane.shape[0]} x {plane.shape[1]} (y x) {plane.dtype}, but the first "
                     f"slice {first.path.name} is {first.shape[0]} x {first.shape[1]} {first.dtype}; every slice of "
                     "a stack must have the same size and dtype")
-        self.shape = (len(self.planes), *first.shape)  # type: ignore[assignment]
+        self.shape = (len(self.planes), *first.shape)
         self.dtype = first.dtype
         self.pixel_size_from = "file" if first.pixel_size_nm else ("archive" if fallback_pixel_size_nm else None)
         self.z_spacing_from = "file" if first.z_spacing_nm else ("archive" if fallback_z_spacing_nm else None)

@@ -6,13 +6,14 @@ import os
 import struct
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
 import zarr
 
 from em_ingest.errors import FormatError, UnsupportedDataError
-from em_ingest.formats.volume import Geometry, Region, Volume
+from em_ingest.formats.volume import Geometry, Region, Volume, triple
 from em_ingest.limits import check_chunk
 
 _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
@@ -46,11 +47,11 @@ class TiffStack(Volume):
             squeezed = [(1, "Z")] + squeezed
         if len(squeezed) != 3:
             raise UnsupportedDataError(f"{self.path}: expected a 3-D stack, got axes {axes} with shape {shape}")
-        self.shape = tuple(n for n, _ in squeezed)  # type: ignore[assignment]
+        self.shape = triple(n for n, _ in squeezed)
         # A strip or tile is decoded whole: refuse one no real file has before it is decompressed.
         check_chunk(self._tif.pages.first.chunks, self.dtype.itemsize, str(self.path), "TIFF strip or tile")
         self._check_page_count()
-        self._array = self._open_array(series)
+        self._array: _ContiguousArray | _SqueezedZarr | None = self._open_array(series)
 
     def _check_page_count(self) -> None:
         # Writers such as ITK number their pages (i, n); fewer pages than n means a cut-off file.
@@ -60,7 +61,7 @@ class TiffStack(Volume):
             raise FormatError(f"{self.path}: the file announces {announced} pages but holds "
                               f"{len(self._tif.pages)} (truncated or corrupt)")
 
-    def _open_array(self, series):
+    def _open_array(self, series: tifffile.TiffPageSeries) -> _ContiguousArray | _SqueezedZarr:
         if series.dataoffset is not None:  # uncompressed and contiguous: read ranges, hold nothing
             file_dtype = series.dtype.newbyteorder(self._tif.byteorder)
             return _ContiguousArray(self.path, file_dtype, series.dataoffset, self.shape)
@@ -70,6 +71,8 @@ class TiffStack(Volume):
             raise FormatError(f"{self.path}: cannot index TIFF strips or tiles ({exc})") from None
 
     def read(self, region: Region) -> np.ndarray:
+        if self._array is None:
+            raise ValueError(f"{self.path}: read after close")
         try:
             data = self._array[region]
         except _TIFF_ERRORS as exc:
@@ -136,7 +139,7 @@ class _ContiguousArray:
         return out
 
     def _read_into(self, target: np.ndarray, offset_bytes: int) -> None:
-        view = memoryview(target.reshape(-1).view(np.uint8))
+        view = target.reshape(-1).view(np.uint8).data  # the array's bytes as a writable memoryview
         done = 0
         while done < len(view):
             got = os.preadv(self._fd, [view[done:]], offset_bytes + done)
@@ -149,17 +152,18 @@ class _ContiguousArray:
 class _SqueezedZarr:
     """Region reads (z, y, x) over tifffile's Zarr store of a series whose other axes are 1."""
 
-    def __init__(self, array):
+    def __init__(self, array: zarr.Array[Any]):
         self._array = array
 
     def __getitem__(self, region: Region) -> np.ndarray:
         z, y, x = region
         shape = self._array.shape
+        # np.asarray only retypes: zarr's reads are numpy arrays already, typed as any array-like or scalar.
         if len(shape) == 2:
-            return self._array[y, x][np.newaxis][z]
+            return np.asarray(self._array[y, x])[np.newaxis][z]
         lead = [i for i, n in enumerate(shape[:-2]) if n != 1]
-        index: list = [0] * (len(shape) - 2) + [y, x]
+        index: list[int | slice] = [0] * (len(shape) - 2) + [y, x]
         if lead:
             index[lead[0]] = z
-            return self._array[tuple(index)]
-        return self._array[tuple(index)][np.newaxis][z]
+            return np.asarray(self._array[tuple(index)])
+        return np.asarray(self._array[tuple(index)])[np.newaxis][z]

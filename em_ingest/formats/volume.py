@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -15,6 +17,14 @@ VOXEL_SIZE_ORIGINS = ("source-metadata", "override", "documented-default")
 # Plausible voxel lengths: a picometre (below any EM pixel) to a metre. Anything outside is a typo or
 # a unit mix-up, and inf / NaN would be written into zarr.json as non-JSON.
 VOXEL_SIZE_RANGE_NM = (1e-3, 1e9)
+T = TypeVar("T")
+
+
+def triple(values: Iterable[T]) -> tuple[T, T, T]:
+    """Three values (a per-axis vector such as a shape, a voxel size or a region) as a 3-tuple; ValueError
+    if there are not exactly three."""
+    first, second, third = values
+    return (first, second, third)
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,18 @@ class Geometry:
         if self.translation_nm is not None and (
                 len(self.translation_nm) != 3 or not all(math.isfinite(t) for t in self.translation_nm)):
             raise ValidationError(f"translation must be three finite lengths in nm, got {self.translation_nm}")
+
+
+class Sliceable(Protocol):
+    """Anything a volume reads voxels from by numpy slicing: an ndarray, a memmap, a zarr or N5 array."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...  # a numpy dtype, or what a reader converts with np.dtype()
+
+    def __getitem__(self, key: Any) -> Any: ...
 
 
 class Volume(ABC):
@@ -67,11 +89,12 @@ class Volume(ABC):
 class ArrayVolume(Volume):
     """A volume over anything numpy-sliceable (an in-memory array, a zarr array, a memmap)."""
 
-    def __init__(self, array, geometry: Geometry | None = None, *, name: str = "array"):
-        if len(array.shape) != 3:
+    def __init__(self, array: Sliceable, geometry: Geometry | None = None, *, name: str = "array"):
+        shape = array.shape
+        if len(shape) != 3:
             raise ValueError(f"{name}: expected a 3-D array, got shape {array.shape}")
         self._array = array
-        self.shape = tuple(int(n) for n in array.shape)  # type: ignore[assignment]
+        self.shape = (int(shape[0]), int(shape[1]), int(shape[2]))
         self.dtype = np.dtype(array.dtype)
         self.geometry = geometry
         self.name = name

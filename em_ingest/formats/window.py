@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import numpy as np
 
 from em_ingest.errors import FormatError
-from em_ingest.formats.volume import Geometry, Region, Volume
+from em_ingest.formats.volume import Geometry, Region, Sliceable, Volume
+
+# [start, stop) of each axis, (z, y, x).
+Window = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 # What readers raise for damaged bytes: codecs raise RuntimeError or ValueError (the project's FormatError is
 # a ValueError), a truncated file an OSError.
@@ -18,10 +20,11 @@ _DECODE_ERRORS = (RuntimeError, ValueError, OSError)
 class WindowVolume(Volume):
     """A (z, y, x) window of a larger sliceable array, read lazily region by region."""
 
-    def __init__(self, array: Any, window: tuple[tuple[int, int], ...], geometry: Geometry | None, name: str):
+    def __init__(self, array: Sliceable, window: Window, geometry: Geometry | None, name: str):
         self._array = array
-        self._origin = tuple(start for start, _ in window)
-        self.shape = tuple(stop - start for start, stop in window)  # type: ignore[assignment]
+        (z0, z1), (y0, y1), (x0, x1) = window
+        self._origin = (z0, y0, x0)
+        self.shape = (z1 - z0, y1 - y0, x1 - x0)
         self.dtype = np.dtype(array.dtype).newbyteorder("=")
         self.geometry = geometry
         self.name = name

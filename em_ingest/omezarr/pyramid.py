@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from em_ingest.formats.volume import triple
+
 Shape = tuple[int, int, int]
 Vec = tuple[float, float, float]
 
@@ -32,7 +34,7 @@ def level_factors(shape: Shape, scale_nm: Vec) -> Shape:
     if not candidates:
         return (1, 1, 1)
     finest = min(candidates)
-    return tuple(2 if n > 1 and s <= finest * ANISOTROPY_TOLERANCE else 1 for s, n in zip(scale_nm, shape))  # type: ignore[return-value]
+    return triple(2 if n > 1 and s <= finest * ANISOTROPY_TOLERANCE else 1 for s, n in zip(scale_nm, shape))
 
 
 def plan_pyramid(shape: Shape, voxel_size_nm: Vec, translation_nm: Vec, chunks: Shape) -> list[Level]:
@@ -43,11 +45,11 @@ def plan_pyramid(shape: Shape, voxel_size_nm: Vec, translation_nm: Vec, chunks: 
         factors = level_factors(last.shape, last.scale_nm)
         if factors == (1, 1, 1):
             break
-        new_shape = tuple(-(-n // f) for n, f in zip(last.shape, factors))
-        new_scale = tuple(s * f for s, f in zip(last.scale_nm, factors))
+        new_shape = triple(-(-n // f) for n, f in zip(last.shape, factors))
+        new_scale = triple(s * f for s, f in zip(last.scale_nm, factors))
         # Windowed averaging moves the centre of voxel 0 by half the growth of the voxel.
-        new_translation = tuple(t + (s1 - s0) / 2 for t, s0, s1 in zip(translation_nm, voxel_size_nm, new_scale))
-        levels.append(Level(f"s{len(levels)}", new_shape, new_scale, new_translation, factors))  # type: ignore[arg-type]
+        new_translation = triple(t + (s1 - s0) / 2 for t, s0, s1 in zip(translation_nm, voxel_size_nm, new_scale))
+        levels.append(Level(f"s{len(levels)}", new_shape, new_scale, new_translation, factors))
     return levels
 
 
@@ -67,7 +69,8 @@ def _pair_sum(block: np.ndarray, axis: int, acc: np.dtype) -> np.ndarray:
     even = [slice(None)] * 3
     odd = [slice(None)] * 3
     even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
-    return np.add(block[tuple(even)], block[tuple(odd)], dtype=acc)
+    total: np.ndarray = np.add(block[tuple(even)], block[tuple(odd)], dtype=acc)
+    return total
 
 
 def downsample(block: np.ndarray, factors: Shape) -> np.ndarray:

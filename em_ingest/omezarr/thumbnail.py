@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from em_ingest.formats.volume import Sliceable
+
 THUMBNAIL_MAX_SIDE = 512
 
 
@@ -20,7 +22,7 @@ def thumbnail_image(plane: np.ndarray) -> np.ndarray:
     return (np.clip((plane - lo) / (hi - lo), 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def write_thumbnail(levels: Sequence, path: Path) -> Path | None:
+def write_thumbnail(levels: Sequence[Sliceable], path: Path) -> Path | None:
     """Render the finest level whose y and x fit in THUMBNAIL_MAX_SIDE (else the coarsest)."""
     if not levels:
         return None

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import zarr
 from pydantic import ValidationError as PydanticValidationError
 
 from em_ingest.errors import ValidationError
+
+if TYPE_CHECKING:
+    from ome_zarr_models.v04.multiscales import Multiscale as MultiscaleV04
+    from ome_zarr_models.v05.multiscales import Multiscale as MultiscaleV05
 
 
 @dataclass(frozen=True)
@@ -27,41 +32,54 @@ def validate_ome_zarr(path: Path | str) -> ImageSummary:
     """Parse the image at `path` with the spec models of its NGFF version; raise ValidationError if invalid."""
     try:
         group = zarr.open_group(str(path), mode="r")
-    except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError) as exc:  # type: ignore[attr-defined]
+    except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError) as exc:
         raise ValidationError(f"{path}: not a Zarr group ({exc})") from None
     attrs = group.attrs.asdict()
+    version: str
+    multiscale: MultiscaleV04 | MultiscaleV05
     try:
         if "ome" in attrs:
-            from ome_zarr_models.v05 import Image
+            from ome_zarr_models.v05 import Image as ImageV05
 
-            image = Image.from_zarr(group)
-            version = image.attributes.ome.version
-            multiscale = image.attributes.ome.multiscales[0]
+            image_v05 = ImageV05.from_zarr(group)
+            version = image_v05.attributes.ome.version
+            multiscale = image_v05.attributes.ome.multiscales[0]
         elif "multiscales" in attrs:
-            from ome_zarr_models.v04 import Image
+            from ome_zarr_models.v04 import Image as ImageV04
 
-            image = Image.from_zarr(group)
             version = "0.4"
-            multiscale = image.attributes.multiscales[0]
+            multiscale = ImageV04.from_zarr(group).attributes.multiscales[0]
         else:
             raise ValidationError(f"{path}: no OME-NGFF 'multiscales' metadata")
     except PydanticValidationError as exc:
         raise ValidationError(f"{path}: invalid OME-NGFF metadata: {exc}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise ValidationError(f"{path}: invalid OME-NGFF image: {exc}") from None
+    from ome_zarr_models.common.coordinate_transformations import VectorScale, VectorTranslation
+
     axes = [(a.name, a.type, a.unit) for a in multiscale.axes]
     if axes != [(n, "space", "nanometer") for n in "zyx"]:
         raise ValidationError(f"{path}: expected axes z, y, x in nanometer, got {axes}")
-    paths, shapes, scales, translations = [], [], [], []
+    paths: list[str] = []
+    arrays: list[zarr.Array[Any]] = []
+    scales: list[tuple[float, ...]] = []
+    translations: list[tuple[float, ...]] = []
     for ds in multiscale.datasets:
         array = group[ds.path]
+        if not isinstance(array, zarr.Array):
+            raise ValidationError(f"{path}/{ds.path}: expected an array, got a group")
         paths.append(ds.path)
-        shapes.append(tuple(array.shape))
+        arrays.append(array)
         transforms = {t.type: t for t in ds.coordinateTransformations}
-        scales.append(tuple(transforms["scale"].scale))
-        translations.append(tuple(transforms["translation"].translation) if "translation" in transforms else (0.0,) * 3)
-    dtype = str(group[paths[0]].dtype)
-    for p, shape in zip(paths, shapes):
-        if len(shape) != 3 or str(group[p].dtype) != dtype:
-            raise ValidationError(f"{path}/{p}: expected a 3-D {dtype} array, got {shape} {group[p].dtype}")
+        scale, translation = transforms["scale"], transforms.get("translation")
+        if not isinstance(scale, VectorScale) or not (translation is None or isinstance(translation, VectorTranslation)):
+            # Valid NGFF, but the writer only ever writes the values inline.
+            raise ValidationError(f"{path}/{ds.path}: expected the scale and translation inline, not in a file")
+        scales.append(tuple(scale.scale))
+        translations.append(tuple(translation.translation) if translation is not None else (0.0,) * 3)
+    shapes = [tuple(array.shape) for array in arrays]
+    dtype = str(arrays[0].dtype)
+    for p, shape, array in zip(paths, shapes, arrays):
+        if len(shape) != 3 or str(array.dtype) != dtype:
+            raise ValidationError(f"{path}/{p}: expected a 3-D {dtype} array, got {shape} {array.dtype}")
     return ImageSummary(version, tuple(paths), tuple(shapes), tuple(scales), tuple(translations), dtype)

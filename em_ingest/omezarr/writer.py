@@ -7,7 +7,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numcodecs
 import numpy as np
@@ -16,7 +16,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from em_ingest.errors import EmIngestError, FormatError
-from em_ingest.formats.volume import Geometry, Region, Volume
+from em_ingest.formats.volume import Geometry, Region, Volume, triple
 from em_ingest.omezarr.pyramid import Level, downsample, plan_pyramid
 from em_ingest.omezarr.thumbnail import write_thumbnail
 
@@ -46,7 +46,7 @@ class ZarrLayout:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
 
     @property
-    def zarr_format(self) -> int:
+    def zarr_format(self) -> Literal[2, 3]:
         return 3 if self.ngff_version == "0.5" else 2
 
     @property
@@ -54,18 +54,18 @@ class ZarrLayout:
         return f"zstd(level={self.zstd_level})" + (", sharded" if self.zarr_format == 3 else "")
 
     def chunks_for(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
-        return tuple(max(1, min(c, n)) for c, n in zip(self.chunks, shape))  # type: ignore[return-value]
+        return triple(max(1, min(c, n)) for c, n in zip(self.chunks, shape))
 
     def shards_for(self, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
         if self.zarr_format == 2:
             return None
         chunks = self.chunks_for(shape)
         # Never larger than needed to cover the array, always a whole number of chunks.
-        return tuple(c * min(k, -(-n // c)) for c, k, n in zip(chunks, self.chunks_per_shard, shape))  # type: ignore[return-value]
+        return triple(c * min(k, -(-n // c)) for c, k, n in zip(chunks, self.chunks_per_shard, shape))
 
     def block_for(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
         """Unit of work: one shard on v3 (written whole, never read-modify-write), else 2x2x2 chunks."""
-        return self.shards_for(shape) or tuple(min(n, 2 * c) for c, n in zip(self.chunks_for(shape), shape))  # type: ignore[return-value]
+        return self.shards_for(shape) or triple(min(n, 2 * c) for c, n in zip(self.chunks_for(shape), shape))
 
 
 @dataclass(frozen=True)
@@ -149,14 +149,15 @@ class _LevelAssembler:
         return sum(buffer.nbytes for buffer, _ in self._open.values())
 
     def region_of(self, index: BlockIndex) -> Region:
-        return tuple(slice(i * b, min((i + 1) * b, n)) for i, b, n in zip(index, self.block, self.shape))  # type: ignore[return-value]
+        return triple(slice(i * b, min((i + 1) * b, n)) for i, b, n in zip(index, self.block, self.shape))
 
     def add(self, region: Region, data: np.ndarray) -> list[tuple[Region, np.ndarray]]:
         """Place `data` (the voxels of `region`); return the blocks this completed."""
         ranges = [range(r.start // b, -(-r.stop // b)) for r, b in zip(region, self.block)]
         done = []
-        for index in product(*ranges):
-            block_region = self.region_of(index)  # type: ignore[arg-type]
+        for iz, iy, ix in product(*ranges):
+            index = (iz, iy, ix)
+            block_region = self.region_of(index)
             overlap = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(region, block_region))
             if region == block_region:  # the common case: a whole block at once, no copy
                 done.append((block_region, data))
@@ -181,7 +182,7 @@ def traversal_order(levels: list[Level], blocks: list[tuple[int, int, int]]) -> 
     """
     shape0, block0 = levels[0].shape, blocks[0]
 
-    def key(index: BlockIndex) -> tuple:
+    def key(index: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
         start = [i * b for i, b in zip(index, block0)]
         path = [tuple(index)]
         for level, block in zip(levels[1:], blocks[1:]):
@@ -190,7 +191,7 @@ def traversal_order(levels: list[Level], blocks: list[tuple[int, int, int]]) -> 
         return tuple(reversed(path))
 
     indices = product(*(range(-(-n // b)) for n, b in zip(shape0, block0)))
-    return [tuple(slice(i * b, min((i + 1) * b, n)) for i, b, n in zip(index, block0, shape0))  # type: ignore[misc]
+    return [triple(slice(i * b, min((i + 1) * b, n)) for i, b, n in zip(index, block0, shape0))
             for index in sorted(indices, key=key)]
 
 
@@ -265,8 +266,8 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
         writer.submit(paths[k], region, data)
         if k + 1 < len(levels):
             factors = levels[k + 1].factors
-            coarse = tuple(slice(r.start // f, -(-r.stop // f)) for r, f in zip(region, factors))
-            for block_region, block in assemblers[k + 1].add(coarse, downsample(data, factors)):  # type: ignore[arg-type]
+            coarse = triple(slice(r.start // f, -(-r.stop // f)) for r, f in zip(region, factors))
+            for block_region, block in assemblers[k + 1].add(coarse, downsample(data, factors)):
                 emit(k + 1, block_region, block)
 
     def read(region: Region) -> np.ndarray:
@@ -280,9 +281,10 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="omezarr-read") as reader:
             # Read the next s0 block while this one is downsampled and compressed.
             order = traversal_order(levels, blocks)
-            ahead: Future | None = reader.submit(read, order[0]) if order else None
+            ahead: Future[np.ndarray] | None = reader.submit(read, order[0]) if order else None
             for i, region in enumerate(order):
-                data = ahead.result()  # type: ignore[union-attr]
+                assert ahead is not None  # submitted before the loop for the first block, then one step ahead
+                data = ahead.result()
                 ahead = reader.submit(read, order[i + 1]) if i + 1 < len(order) else None
                 stats.add(data)
                 emit(0, region, data)
@@ -302,7 +304,7 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
     )
 
 
-def _create_level(root: zarr.Group, level: Level, dtype: np.dtype, layout: ZarrLayout) -> zarr.Array:
+def _create_level(root: zarr.Group, level: Level, dtype: np.dtype, layout: ZarrLayout) -> zarr.Array[Any]:
     kwargs: dict[str, Any] = {}
     if layout.zarr_format == 3:
         kwargs.update(shards=layout.shards_for(level.shape), compressors=ZstdCodec(level=layout.zstd_level),

@@ -28,6 +28,7 @@ with warnings.catch_warnings():  # pyftpdlib still builds on asyncore/asynchat (
     from pyftpdlib.ioloop import IOLoop
     from pyftpdlib.servers import ThreadedFTPServer
 
+from em_ingest.formats.volume import triple
 from em_ingest.replicas.base import Expected, Replica
 from em_ingest.replicas.dm_writer import dm_bytes
 from em_ingest.replicas.http import ReplicaHTTPServer, Reply, Request
@@ -311,7 +312,7 @@ class EmpiarReplica(Replica):
                  "data/tomograms/tomo_01.rec.mdoc": b"PixelSpacing = 20\n"}
         self._add_entry("EMPIAR-90001", record, files)
         self.expected["EMPIAR-90001"] = Expected(
-            volume, tuple(v / 10 for v in MRC_VOXEL_A), "source-metadata", None,  # type: ignore[arg-type]
+            volume, triple(v / 10 for v in MRC_VOXEL_A), "source-metadata", None,
             {"title": record["title"], "doi": "10.6019/EMPIAR-90001", "license": "CC0", "imaging_method": None})
 
     def _build_natural_order(self) -> None:

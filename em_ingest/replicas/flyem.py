@@ -13,6 +13,7 @@ from collections.abc import Callable
 import imagecodecs
 import numpy as np
 
+from em_ingest.formats.volume import triple
 from em_ingest.replicas.base import Expected, Replica
 from em_ingest.replicas.http import ReplicaHTTPServer, Reply, Request
 from em_ingest.replicas.volumes import synthetic_em
@@ -234,7 +235,7 @@ class FlyemReplica(Replica):
             offset, shape = options["offset_zyx"], options["shape_zyx"]
             crop = self.crop(offset, shape)
             self.expected[key] = Expected(
-                crop, (8.0, 8.0, 8.0), "source-metadata", tuple(8.0 * o for o in offset),  # type: ignore[arg-type]
+                crop, (8.0, 8.0, 8.0), "source-metadata", triple(8.0 * o for o in offset),
                 catalog, tolerance=JPEG_TOLERANCE if options["grayscale"] == "precomputed" else 0.0)
 
     def crop(self, offset_zyx, shape_zyx) -> np.ndarray:

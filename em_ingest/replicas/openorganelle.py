@@ -23,6 +23,7 @@ import numcodecs
 import numpy as np
 
 from em_ingest.formats import n5
+from em_ingest.formats.volume import triple
 from em_ingest.replicas.base import Expected, Replica
 from em_ingest.replicas.http import ReplicaHTTPServer, Reply, Request
 from em_ingest.replicas.volumes import synthetic_em
@@ -61,12 +62,12 @@ class ReplicaImage:
     def prefix(self) -> str:
         return f"{self.container}/{self.image}"
 
-    def scale(self, level: int) -> tuple[float, ...]:
-        return tuple(s * 2 ** level for s in self.scale_nm)
+    def scale(self, level: int) -> tuple[float, float, float]:
+        return triple(s * 2 ** level for s in self.scale_nm)
 
-    def translation(self, level: int) -> tuple[float, ...]:
+    def translation(self, level: int) -> tuple[float, float, float]:
         # Windowed-average downsampling shifts level k by half of the grown voxel (as CellMap writes it).
-        return tuple((s * 2 ** level - s) / 2 for s in self.scale_nm)
+        return triple((s * 2 ** level - s) / 2 for s in self.scale_nm)
 
     def generate(self) -> None:
         """Make the level arrays, unless the caller supplied them (e.g. a benchmark's large s0)."""
@@ -372,11 +373,11 @@ class OpenOrganelleReplica(Replica):
         roi = options.get("roi") or {}
         starts = [roi.get(axis, [0, n])[0] for axis, n in zip("zyx", volume.shape)]
         region = tuple(slice(*roi.get(axis, [0, n])) for axis, n in zip("zyx", volume.shape))
-        translation = tuple(t + a * s for t, a, s in zip(image.translation(level), starts, image.scale(level)))
+        translation = triple(t + a * s for t, a, s in zip(image.translation(level), starts, image.scale(level)))
         catalog = {"license": LICENSE, "imaging_method": "FIB-SEM", "dtype": image.dtype}
         if dataset == "jrc_mus-nacc-2":
             catalog["organism"] = "Mus musculus"
-        return Expected(volume[region].copy(), image.scale(level), "source-metadata", translation, catalog)  # type: ignore[arg-type]
+        return Expected(volume[region].copy(), image.scale(level), "source-metadata", translation, catalog)
 
     def _set_expected(self, key: str) -> None:
         self.expected[key] = self.expected_for(key, self.selection[key])

@@ -11,6 +11,7 @@ import pkgutil
 from functools import cache
 from importlib.metadata import entry_points
 
+from em_ingest.selection import DatasetOptions
 from em_ingest.sources.base import Description, InventoryItem, Source
 
 __all__ = ["Description", "InventoryItem", "Source", "option_models", "source_classes"]
@@ -38,5 +39,5 @@ def source_classes() -> dict[str, type[Source]]:
     return dict(sorted(found.items()))
 
 
-def option_models() -> dict:
+def option_models() -> dict[str, type[DatasetOptions]]:
     return {name: cls.Options for name, cls in source_classes().items()}

@@ -5,8 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+from em_ingest.errors import SelectionError
 from em_ingest.formats.volume import Volume
 from em_ingest.raw import Manifest, RawStore
 from em_ingest.selection import DatasetOptions, DatasetRequest
@@ -14,6 +15,8 @@ from em_ingest.settings import Setting, Settings
 from em_ingest.transfer.base import Transports
 from em_ingest.transfer.ftp import FtpClient
 from em_ingest.transfer.http import HttpClient
+
+OptionsT = TypeVar("OptionsT", bound=DatasetOptions)
 
 
 @dataclass(frozen=True)
@@ -83,3 +86,12 @@ class Source(ABC):
     @abstractmethod
     def open_volume(self, request: DatasetRequest, raw: RawStore) -> Volume:
         """The raw bytes as a lazy (z, y, x) volume, with geometry where the data gives it."""
+
+
+def options_as(request: DatasetRequest, model: type[OptionsT]) -> OptionsT:
+    """`request.options` as the source's own `Options` model, which the selection file was validated against."""
+    options = request.options
+    if not isinstance(options, model):
+        raise SelectionError(f"{request.source}.{request.key}: options are {type(options).__name__}, "
+                             f"expected {model.__name__}")
+    return options

@@ -22,7 +22,7 @@ from em_ingest.formats.volume import ArrayVolume, Geometry, Volume
 from em_ingest.raw import Manifest, RawStore, Wanted, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest
 from em_ingest.settings import Setting, Settings
-from em_ingest.sources.base import Description, InventoryItem, Source
+from em_ingest.sources.base import Description, InventoryItem, Source, options_as
 from em_ingest.transfer.autoindex import ListingEntry, parse_autoindex
 from em_ingest.transfer.ftp import FtpClient
 from em_ingest.transfer.http import HttpClient
@@ -79,9 +79,10 @@ def _is_image_imageset(imageset: dict[str, Any]) -> bool:
 
 
 def choose_imageset(record: dict[str, Any], name: str | None, where: str) -> dict[str, Any]:
-    imagesets = record.get("imagesets")
-    if not isinstance(imagesets, list) or not imagesets or not all(isinstance(i, dict) for i in imagesets):
+    listed = record.get("imagesets")
+    if not isinstance(listed, list) or not listed or not all(isinstance(i, dict) for i in listed):
         raise SourceResponseError(f"{where}: the entry has no imagesets")
+    imagesets: list[dict[str, Any]] = listed
     names = [str(i.get("name")) for i in imagesets]
     if name is not None:
         for imageset in imagesets:
@@ -148,7 +149,8 @@ class EmpiarSource(Source):
         return f"{self.settings.empiar_api_url.rstrip('/')}/entry/{accession}/"
 
     def files_root(self) -> str:
-        return self.settings.empiar_files_url.rstrip("/")
+        url: str = self.settings.empiar_files_url  # a declared setting (Settings gives those as Any)
+        return url.rstrip("/")
 
     @property
     def over_ftp(self) -> bool:
@@ -202,7 +204,7 @@ class EmpiarSource(Source):
                                      "entry_url": self.entry_url(f"EMPIAR-{entry.name}")})
 
     def fetch_raw(self, request: DatasetRequest, raw: RawStore) -> Manifest:
-        options: EmpiarOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, EmpiarOptions)
         number = accession_number(request.key)
         entry_url = self.entry_url(request.key)
         document = self.http.get_json(entry_url)
@@ -236,7 +238,7 @@ class EmpiarSource(Source):
         return files
 
     def describe(self, request: DatasetRequest, raw: RawStore) -> Description:
-        options: EmpiarOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, EmpiarOptions)
         number = accession_number(request.key)
         entry_url = self.entry_url(request.key)
         record = entry_record(raw.read_document(ENTRY_DOCUMENT), request.key, entry_url)
@@ -270,7 +272,7 @@ class EmpiarSource(Source):
         )
 
     def open_volume(self, request: DatasetRequest, raw: RawStore) -> Volume:
-        options: EmpiarOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, EmpiarOptions)
         record = entry_record(raw.read_document(ENTRY_DOCUMENT), request.key, self.entry_url(request.key))
         imageset = choose_imageset(record, options.imageset, self.entry_url(request.key))
         files = [raw.path(p) for p in self._raw_files(raw)]

@@ -11,7 +11,7 @@ from em_ingest.formats.volume import Geometry, Volume
 from em_ingest.raw import Manifest, RawStore, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest
 from em_ingest.settings import Setting
-from em_ingest.sources.base import Description, InventoryItem, Source
+from em_ingest.sources.base import Description, InventoryItem, Source, options_as
 
 LANDING_PAGE = "https://www.epfl.ch/labs/cvlab/data/data-em/"
 # Not stored in the TIFFs; the landing page says "approximately 5x5x5nm".
@@ -68,13 +68,13 @@ class EpflSource(Source):
                                 {"file": file, "url": self.file_url(file)})
 
     def fetch_raw(self, request: DatasetRequest, raw: RawStore) -> Manifest:
-        options: EpflOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, EpflOptions)
         entry = raw.fetch(self.file_url(options.file), options.file)
         assert entry is not None  # not optional: an absent file raised
         return raw.commit([entry], request.options_dict(), source_version=entry.etag or entry.last_modified)
 
     def describe(self, request: DatasetRequest, raw: RawStore) -> Description:
-        options: EpflOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, EpflOptions)
         entry = raw.previous.entry(options.file) if raw.previous else None
         return Description(
             title=f"CA1 hippocampus — {FILES.get(options.file, options.file)}",
@@ -88,7 +88,7 @@ class EpflSource(Source):
         )
 
     def open_volume(self, request: DatasetRequest, raw: RawStore) -> Volume:
-        options: EpflOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, EpflOptions)
         return TiffStack(raw.path(options.file), Geometry(DOCUMENTED_VOXEL_SIZE_NM, "documented-default"))
 
 

@@ -23,12 +23,12 @@ from em_ingest.archives.neuprint import (
 )
 from em_ingest.errors import FormatError, SelectionError, SourceResponseError, TransferError, UnsupportedDataError
 from em_ingest.formats.dvid import DvidTileVolume, Tile
-from em_ingest.formats.precomputed import PrecomputedCrop, PrecomputedInfo, Scale, ShardingSpec, iter_shard_groups
+from em_ingest.formats.precomputed import XYZ, PrecomputedCrop, PrecomputedInfo, Scale, ShardingSpec, iter_shard_groups
 from em_ingest.formats.volume import Geometry, Volume
 from em_ingest.raw import Manifest, ManifestEntry, RawStore, TransferStats, Wanted
 from em_ingest.selection import DatasetOptions, DatasetRequest
 from em_ingest.settings import Setting
-from em_ingest.sources.base import Description, InventoryItem, Source
+from em_ingest.sources.base import Description, InventoryItem, Source, options_as
 from em_ingest.transfer.base import RemoteObject, is_absent
 
 __all__ = [
@@ -85,11 +85,12 @@ class FlyemOptions(DatasetOptions):
 
     @property
     def start_xyz(self) -> tuple[int, int, int]:
-        return self.offset_zyx[::-1]  # type: ignore[return-value]
+        return self.offset_zyx[::-1]
 
     @property
     def stop_xyz(self) -> tuple[int, int, int]:
-        return tuple(o + n for o, n in zip(self.offset_zyx[::-1], self.shape_zyx[::-1]))  # type: ignore[return-value]
+        (z, y, x), (dz, dy, dx) = self.offset_zyx, self.shape_zyx
+        return (x + dx, y + dy, z + dz)
 
 
 class FlyemSource(Source):
@@ -106,11 +107,13 @@ class FlyemSource(Source):
 
     @property
     def neuprint_url(self) -> str:
-        return self.settings.neuprint_server.rstrip("/")
+        server: str = self.settings.neuprint_server  # a declared setting (Settings gives those as Any)
+        return server.rstrip("/")
 
     @property
     def precomputed_url(self) -> str:
-        return self.settings.flyem_precomputed_url.rstrip("/")
+        url: str = self.settings.flyem_precomputed_url  # a declared setting (Settings gives those as Any)
+        return url.rstrip("/")
 
     def _neuprint(self) -> NeuprintClient:
         # Made per call, so a missing token fails only what needs neuPrint (not describe / open_volume).
@@ -131,7 +134,7 @@ class FlyemSource(Source):
                                  "neuprint": self.neuprint_url})
 
     def fetch_raw(self, request: DatasetRequest, raw: RawStore) -> Manifest:
-        options: FlyemOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, FlyemOptions)
         self._check_grayscale_matches(request, options)
         entries, version = self._fetch_neuprint(options, raw)
         fetch_grayscale = self._fetch_precomputed if options.grayscale == "precomputed" else self._fetch_dvid
@@ -139,7 +142,7 @@ class FlyemSource(Source):
         return raw.commit(entries, request.options_dict(), source_version=version)
 
     def describe(self, request: DatasetRequest, raw: RawStore) -> Description:
-        options: FlyemOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, FlyemOptions)
         entry = raw.read_document(DATASETS_DOC).get(options.dataset, {})
         meta = self._meta(raw)
         known = KNOWN_DATASETS.get(str(meta.get("dataset") or options.dataset.split(":")[0]), {})
@@ -164,7 +167,7 @@ class FlyemSource(Source):
         )
 
     def open_volume(self, request: DatasetRequest, raw: RawStore) -> Volume:
-        options: FlyemOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, FlyemOptions)
         name = f"{self.name}/{request.key}"
         if options.grayscale == "precomputed":
             info = PrecomputedInfo.from_json(json.loads(raw.path(INFO_FILE).read_bytes()), str(raw.path(INFO_FILE)))
@@ -198,8 +201,9 @@ class FlyemSource(Source):
                                  f"(it lists: {known})")
         meta = client.query(options.dataset, META_QUERY)
         # Only this dataset's entry: other datasets' edits must not look like a change of this one.
-        entries = [raw.store_document(DATASETS_DOC, client.datasets_url, {options.dataset: listing[options.dataset]}),
-                   raw.store_document(META_DOC, client.query_url, meta)]
+        entries: list[ManifestEntry | None] = [
+            raw.store_document(DATASETS_DOC, client.datasets_url, {options.dataset: listing[options.dataset]}),
+            raw.store_document(META_DOC, client.query_url, meta)]
         return entries, dataset_version(listing[options.dataset], meta_row(meta, client.query_url))
 
     def _meta(self, raw: RawStore) -> dict[str, Any]:
@@ -210,21 +214,21 @@ class FlyemSource(Source):
         """Voxel size from the neuPrint Meta node, checked against the grayscale's own metadata."""
         meta_xyz = meta_voxel_size_nm(self._meta(raw), str(raw.path(META_DOC)))
         if options.voxel_size_nm is not None:
-            zyx, origin = tuple(float(v) for v in options.voxel_size_nm), "override"
+            zyx, origin = _floats(options.voxel_size_nm), "override"
         elif meta_xyz is None:
-            zyx, origin = tuple(float(v) for v in grayscale_xyz[::-1]), "source-metadata"
+            zyx, origin = _floats(grayscale_xyz[::-1]), "source-metadata"
         else:
             if not np.allclose(meta_xyz, grayscale_xyz, rtol=1e-6):
                 raise SourceResponseError(
                     f"{options.dataset}: neuPrint Meta voxelSize {list(meta_xyz)} nm (x, y, z) disagrees with the "
                     f"{grayscale_what} {list(grayscale_xyz)} nm; set voxel_size_nm: [z, y, x] to decide")
-            zyx, origin = tuple(float(v) for v in meta_xyz[::-1]), "source-metadata"
-        translation = tuple(float(o * v) for o, v in zip(options.offset_zyx, zyx))
-        return Geometry(zyx, origin, translation)  # type: ignore[arg-type]
+            zyx, origin = _floats(meta_xyz[::-1]), "source-metadata"
+        (oz, oy, ox), (vz, vy, vx) = options.offset_zyx, zyx
+        return Geometry(zyx, origin, _floats((oz * vz, oy * vy, ox * vx)))
 
     # ---- precomputed -----------------------------------------------------------------------------
     def _fetch_precomputed(self, request: DatasetRequest, raw: RawStore) -> list[ManifestEntry | None]:
-        options: FlyemOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, FlyemOptions)
         info_url = f"{self.precomputed_url}/info"
         info_entry = raw.fetch(info_url, INFO_FILE)
         info = PrecomputedInfo.from_json(json.loads(raw.path(INFO_FILE).read_bytes()), info_url)
@@ -232,8 +236,7 @@ class FlyemSource(Source):
             raise UnsupportedDataError(f"{info_url}: {info.num_channels} channels; "
                                        "only single-channel grayscale is ingested")
         scale = info.full_resolution()
-        _check_bounds(request, options, scale.voxel_offset,
-                      tuple(o + n for o, n in zip(scale.voxel_offset, scale.size)),  # type: ignore[arg-type]
+        _check_bounds(request, options, scale.voxel_offset, scale.voxel_stop,
                       f"{self.precomputed_url} scale {scale.key}")
         grids = scale.chunks_in_box(options.start_xyz, options.stop_xyz)
         shard_versions: dict[str, str | None] = {}
@@ -256,7 +259,7 @@ class FlyemSource(Source):
         chunks_doc = raw.store_document(CHUNKS_DOC, f"{self.precomputed_url}/{scale.key}", document)
         return [info_entry, chunks_doc, *entries]
 
-    def _wanted_from_shards(self, raw: RawStore, scale: Scale, spec: ShardingSpec, grids: list,
+    def _wanted_from_shards(self, raw: RawStore, scale: Scale, spec: ShardingSpec, grids: list[XYZ],
                       shard_versions: dict[str, str | None]) -> dict[str, Wanted]:
         """Each wanted chunk a shard holds, as a byte range of that shard (chunk key -> Wanted); records
         each shard's version in `shard_versions` (None: never written, so all its chunks are absent)."""
@@ -286,7 +289,7 @@ class FlyemSource(Source):
         return wanted
 
     def _read_shard_index(self, raw: RawStore, remote: RemoteObject, spec: ShardingSpec,
-                          minishards: dict[int, list]) -> dict[int, tuple[int, int]]:
+                          minishards: dict[int, list[tuple[XYZ, int]]]) -> dict[int, tuple[int, int]]:
         """chunk id -> [start, stop) in the shard, for the wanted chunks it holds (shard and minishard indexes)."""
         url = remote.url
         index = self.http.read_range(url, 0, spec.shard_index_bytes, expected=remote)
@@ -336,7 +339,7 @@ class FlyemSource(Source):
 
     # ---- DVID ----------------------------------------------------------------------------------
     def _fetch_dvid(self, request: DatasetRequest, raw: RawStore) -> list[ManifestEntry | None]:
-        options: FlyemOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, FlyemOptions)
         node = self._dvid_node()
         commit, info = node.commit(), node.grayscale_info(DVID_INSTANCE)
         documents = [raw.store_document(DVID_COMMIT_DOC, node.commit_url, commit),
@@ -361,6 +364,11 @@ class FlyemSource(Source):
 
 # ---- helpers -------------------------------------------------------------------------------------
 
+def _floats(values: tuple[float, float, float]) -> tuple[float, float, float]:
+    a, b, c = values
+    return (float(a), float(b), float(c))
+
+
 def _grid_key(grid: tuple[int, ...]) -> str:
     return "_".join(map(str, grid))
 
@@ -377,7 +385,8 @@ def _known_ranges(raw: RawStore, remote: RemoteObject, chunks: dict[str, int], r
     for key, chunk_id in chunks.items():
         entry = raw.previous_entry(relpaths[chunk_id])
         match = _RANGE_VERSION.fullmatch(entry.version or "") if entry is not None else None
-        if match and entry.url == remote.url and remote.same_version_as(entry.as_dict(), compare_size=False):
+        if (entry is not None and match and entry.url == remote.url
+                and remote.same_version_as(entry.as_dict(), compare_size=False)):
             ranges[chunk_id] = (int(match[1]), int(match[2]) + 1)
         elif key not in absent_before:
             return None

@@ -152,7 +152,7 @@ class IdrSource(Source):
         image_id = image_id_of(request)
         answer = self._img_data(image_id)
         img_data: dict[str, Any] = answer.document
-        entries = [raw.store_document(IMG_DATA, answer.url, img_data)]
+        entries: list[ManifestEntry | None] = [raw.store_document(IMG_DATA, answer.url, img_data)]
         check_single_channel(img_data, image_id)
         for relpath, kept in ((IMAGE, self.omero.image(image_id)),
                               (IMAGE_ANNOTATIONS, self.omero.map_annotations("image", image_id))):
@@ -164,9 +164,9 @@ class IdrSource(Source):
 
         study = study_of(container.name if container else None)
         zattrs = self._probe_zarr(raw, study, image_id, entries)
-        if zattrs is not None:
-            zarr_url = self.zarr_url(study, image_id)  # type: ignore[arg-type]  # found, so there is a study
-            version = self._mirror_zarr(raw, zarr_url, image_id, zattrs, entries)
+        version: str | None
+        if zattrs is not None and study is not None:  # a copy is only probed for under a study
+            version = self._mirror_zarr(raw, self.zarr_url(study, image_id), image_id, zattrs, entries)
         else:
             version = self._fetch_original(raw, image_id, entries)
         return raw.commit(entries, request.options_dict(), source_version=version)
@@ -244,8 +244,8 @@ class IdrSource(Source):
         paths = self.omero.original_file_paths(image_id)
         entries.append(raw.store_document(ORIGINAL_FILE_PATHS, paths.url, paths.document))
         client: list[str] = paths.document["client"]
-        urls = [self.file_url(p) for p in client]
-        if any(u is None for u in urls):
+        urls = [url for url in map(self.file_url, client) if url is not None]
+        if len(urls) != len(client):
             raise UnsupportedDataError(f"IDR image {image_id}: original file paths {client} are not under "
                                        "'filesets/', so they are not on the IDR file mirror")
         if len(urls) != 1:
@@ -255,7 +255,7 @@ class IdrSource(Source):
         if not name.lower().endswith(_TIFF_SUFFIXES):
             raise UnsupportedDataError(f"IDR image {image_id}: original file {name!r} is not a TIFF; only TIFF "
                                        "originals are read (and no OME-Zarr copy was found)")
-        entry = raw.fetch(urls[0], f"original/{safe_relative_path(name)}")  # type: ignore[arg-type]
+        entry = raw.fetch(urls[0], f"original/{safe_relative_path(name)}")
         assert entry is not None  # not optional: an absent file raised
         entries.append(entry)
         return entry.etag or entry.last_modified
@@ -271,7 +271,7 @@ class IdrSource(Source):
             study_values = map_values(raw.read_document(CONTAINER_ANNOTATIONS),
                                       where=str(raw.path(CONTAINER_ANNOTATIONS)))
 
-        def first(*keys: str, sources=(image_values, study_values)) -> str | None:
+        def first(*keys: str, sources: tuple[dict[str, list[str]], ...] = (image_values, study_values)) -> str | None:
             for values in sources:
                 for key in keys:
                     if values.get(key):

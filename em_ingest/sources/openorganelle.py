@@ -18,11 +18,11 @@ from em_ingest.errors import FormatError, SelectionError, SourceResponseError, U
 from em_ingest.formats import cosem
 from em_ingest.formats.n5 import N5Array
 from em_ingest.formats.volume import Geometry, Volume
-from em_ingest.formats.window import WindowVolume
+from em_ingest.formats.window import Window, WindowVolume
 from em_ingest.raw import Manifest, RawStore, Wanted, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest
 from em_ingest.settings import Setting, Settings
-from em_ingest.sources.base import Description, InventoryItem, Source
+from em_ingest.sources.base import Description, InventoryItem, Source, options_as
 from em_ingest.transfer.base import RemoteObject
 from em_ingest.transfer.http import HttpClient
 from em_ingest.transfer.s3 import S3Client, S3Object
@@ -192,14 +192,14 @@ class OpenOrganelleSource(Source):
     @staticmethod
     def _default_image(images: list[ResolvedImage]) -> ResolvedImage:
         """Zarr before N5 (newer), then the latest alignment (recon-N), then the deepest dtype."""
-        def rank(r: ResolvedImage) -> tuple:
+        def rank(r: ResolvedImage) -> tuple[bool, int, int, str]:
             recon = _RECON.match(r.image.split("/", 1)[0])
             return (r.layout == "zarr", int(recon.group(1)) if recon else -1, _dtype_rank(r.image), r.image)
 
         return max(images, key=rank)
 
     def resolve(self, request: DatasetRequest) -> ResolvedImage:
-        options: OpenOrganelleOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, OpenOrganelleOptions)
         dataset = options.dataset or request.key
         where = f"{self.name}.{request.key}"
         if options.image is None:
@@ -222,7 +222,7 @@ class OpenOrganelleSource(Source):
 
     # ---- raw ----------------------------------------------------------------------------------
     def fetch_raw(self, request: DatasetRequest, raw: RawStore) -> Manifest:
-        options: OpenOrganelleOptions = request.options  # type: ignore[assignment]
+        options = options_as(request, OpenOrganelleOptions)
         where = f"{self.name}.{request.key}"
         resolved = self.resolve(request)
         names = cosem.METADATA_NAMES[resolved.layout]
@@ -300,10 +300,11 @@ class OpenOrganelleSource(Source):
     # ---- offline, from the raw store ----------------------------------------------------------
     def _raw_info(self, raw: RawStore, request: DatasetRequest) -> dict[str, Any]:
         try:
-            return raw.read_document(_RAW_INFO)
+            info: dict[str, Any] = raw.read_document(_RAW_INFO)  # written by fetch_raw: a JSON object
         except (FileNotFoundError, ValueError):
             raise FormatError(f"{raw.dir}: no {_RAW_INFO}; materialize {self.name}/raw for "
                               f"{request.key} first") from None
+        return info
 
     def _local_document(self, raw: RawStore, key: str) -> dict[str, Any]:
         path = raw.path(raw_relpath(key))
@@ -352,16 +353,17 @@ class OpenOrganelleSource(Source):
         grid = cosem.grid(layout, array_doc, f"{where}/{level}")
         if tuple(array.shape) != grid.shape:
             raise FormatError(f"{where}/{level}: array shape {tuple(array.shape)} differs from its metadata {grid.shape}")
-        window = tuple(tuple(r) for r in info["region"])
+        (z0, z1), (y0, y1), (x0, x1) = info["region"]  # [start, stop) per axis, as fetch_raw recorded it
+        window: Window = ((z0, z1), (y0, y1), (x0, x1))
         geometry = None
         level_geometry = cosem.level_geometry(layout, group_attrs, level, array_attrs, where)
         if level_geometry is not None:
             translation = None
             if level_geometry.translation_nm is not None:
                 # The output starts at the region's first voxel.
-                translation = tuple(t + a * s for t, (a, _), s in
-                                    zip(level_geometry.translation_nm, window, level_geometry.scale_nm))
-            geometry = Geometry(level_geometry.scale_nm, "source-metadata", translation)  # type: ignore[arg-type]
+                (tz, ty, tx), (sz, sy, sx) = level_geometry.translation_nm, level_geometry.scale_nm
+                translation = (tz + z0 * sz, ty + y0 * sy, tx + x0 * sx)
+            geometry = Geometry(level_geometry.scale_nm, "source-metadata", translation)
         return WindowVolume(array, window, geometry, name=f"{where}/{level}")
 
     @staticmethod

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 from em_ingest.errors import ConfigurationError, TransferError
 
@@ -26,7 +26,7 @@ class RemoteObject:
     etag: str | None = None
     last_modified: str | None = None
 
-    def same_version_as(self, other: Mapping[str, Any], *, compare_size: bool = True) -> bool:
+    def same_version_as(self, other: Mapping[str, object], *, compare_size: bool = True) -> bool:
         """True when a manifest entry describes this very object version.
 
         `compare_size` is off for an entry that holds a byte range of the object, whose size is the range's.
@@ -135,12 +135,12 @@ def map_bounded(fn: Callable[[T], R], items: Iterable[T], max_in_flight: int, *,
     workers = max(1, max_in_flight)
     results: dict[int, R] = {}
 
-    def collect(done: set[Future]) -> None:
+    def collect(done: set[Future[R]]) -> None:
         for future in done:
             results[pending.pop(future)] = future.result()
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
-        pending: dict[Future, int] = {}
+        pending: dict[Future[R], int] = {}
         try:
             for position, item in enumerate(items):
                 if len(pending) >= workers:

@@ -6,10 +6,10 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 
@@ -19,6 +19,8 @@ from em_ingest.transfer.base import Download, RemoteObject, Transport
 from em_ingest.transfer.retry import RetryableError, call_with_retries, parse_retry_after
 
 __all__ = ["Download", "HttpClient", "RemoteObject", "sha256_file", "temp_path_for"]
+
+T = TypeVar("T")
 
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _BLOCK = 1 << 20
@@ -91,7 +93,7 @@ class HttpClient(Transport):
             raise TransferError(f"{method} {url}: HTTP {response.status_code}", url=url, status=response.status_code)
         return response
 
-    def _retrying(self, fn, describe: str, url: str):
+    def _retrying(self, fn: Callable[[], T], describe: str, url: str) -> T:
         def give_up(exc: RetryableError) -> Exception:
             status = f" (last status: HTTP {exc.status})" if exc.status else ""
             return TransferError(f"giving up on {url} after retries{status}: {exc}", url=url, status=exc.status)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -140,13 +141,14 @@ class S3Client(Transport):
 
     async def _head(self, key: str) -> dict[str, Any]:
         s3 = await self._s3()
-        response = await s3.head_object(Bucket=self.bucket, Key=key)
+        response: dict[str, Any] = await s3.head_object(Bucket=self.bucket, Key=key)
         self._count(1)
         return response
 
     # ---- plumbing -----------------------------------------------------------------------------
-    def _run(self, coroutine_fn: Callable[..., Any], *args: Any) -> Any:
-        return fsspec.asyn.sync(self._fs.loop, coroutine_fn, *args, timeout=self.settings.read_timeout_s * 4)
+    def _run(self, coroutine_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        result: T = fsspec.asyn.sync(self._fs.loop, coroutine_fn, *args, timeout=self.settings.read_timeout_s * 4)
+        return result
 
     async def _s3(self) -> Any:
         return self._client
@@ -162,7 +164,7 @@ class S3Client(Transport):
             self.requests += requests
             self.bytes_received += body_bytes
 
-    def _attempt(self, what: str, url: str, coroutine_fn: Callable[..., Any], *args: Any) -> Any:
+    def _attempt(self, what: str, url: str, coroutine_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """One try: transient failures become RetryableError, the rest TransferError naming `url`."""
         try:
             self._ensure_client()
@@ -184,7 +186,7 @@ class S3Client(Transport):
         except fsspec.asyn.FSTimeoutError:
             raise RetryableError(f"{what} {url}: no answer in time", url=url) from None
 
-    def _retrying(self, what: str, url: str, coroutine_fn: Callable[..., Any], *args: Any) -> Any:
+    def _retrying(self, what: str, url: str, coroutine_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         def give_up(exc: RetryableError) -> Exception:
             status = f" (last status: HTTP {exc.status})" if exc.status else ""
             return TransferError(f"giving up on {what} {url} after retries{status}: {exc}", url=url,
@@ -201,7 +203,7 @@ class S3Client(Transport):
             kwargs["Delimiter"] = delimiter
         if token:
             kwargs["ContinuationToken"] = token
-        response = await s3.list_objects_v2(**kwargs)
+        response: dict[str, Any] = await s3.list_objects_v2(**kwargs)
         self._count(1)
         return response
 
@@ -233,7 +235,8 @@ class S3Client(Transport):
             objects += [self._object(o) for o in page.get("Contents") or []]
         return Listing(tuple(prefixes), tuple(objects))
 
-    def list_objects(self, prefix: str) -> list[S3Object]:
+    # `builtins.list` in the signatures below: in this class body, `list` is the Transport method.
+    def list_objects(self, prefix: str) -> builtins.list[S3Object]:
         """Every object whose key starts with `prefix`, at any depth."""
         return [self._object(o) for page in self._pages(prefix, None) for o in page.get("Contents") or []]
 
@@ -274,7 +277,7 @@ class S3Client(Transport):
 
         return call_with_retries(attempt, self.settings, describe=f"GET {url}", on_give_up=give_up)
 
-    def map_bounded(self, fn: Callable[[T], R], items: Iterable[T], max_in_flight: int | None = None) -> list[R]:
+    def map_bounded(self, fn: Callable[[T], R], items: Iterable[T], max_in_flight: int | None = None) -> builtins.list[R]:
         """`[fn(item) for item in items]` with at most `max_in_flight` (default: the setting) at once."""
         return map_bounded(fn, items, max_in_flight or self.settings.max_in_flight, name="s3")
 

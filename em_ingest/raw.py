@@ -7,9 +7,10 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -44,7 +45,11 @@ class ManifestEntry:
     version: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # Field by field: dataclasses.asdict deep-copies, which dominated a 250,000-object refresh.
+        return {name: value for name in _ENTRY_FIELDS if (value := getattr(self, name)) is not None}
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(ManifestEntry))
 
 
 @dataclass(frozen=True)
@@ -118,20 +123,24 @@ class Manifest:
         return self._by_path[path]
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "manifest_version": MANIFEST_VERSION,
-                "source": self.source,
-                "dataset_key": self.dataset_key,
-                "request": self.request,
-                "source_version": self.source_version,
-                "created_at": self.created_at,
-                "digest": self.digest,
-                "stats": asdict(self.stats),
-                "objects": [e.as_dict() for e in self.entries],
-            },
-            indent=1,
-        )
+        """The manifest document: the header indented, then one object per line.
+
+        One line per object keeps a large manifest readable and diffable, and lets json's C encoder do
+        the objects (an indented dump goes through the pure-Python encoder: seconds at 250,000 objects).
+        """
+        header = json.dumps({
+            "manifest_version": MANIFEST_VERSION,
+            "source": self.source,
+            "dataset_key": self.dataset_key,
+            "request": self.request,
+            "source_version": self.source_version,
+            "created_at": self.created_at,
+            "digest": self.digest,
+            "stats": asdict(self.stats),
+        }, indent=1)
+        objects = ",\n  ".join(json.dumps(e.as_dict()) for e in self.entries)
+        return f'{header[:-2]},\n "objects": [\n  {objects}\n ]\n}}\n' if objects else \
+            f'{header[:-2]},\n "objects": []\n}}\n'
 
     @classmethod
     def from_json(cls, text: str, *, origin: str) -> Manifest:
@@ -262,12 +271,18 @@ class RawStore:
                    byte_range: tuple[int, int] | None = None) -> ManifestEntry | None:
         """The previous entry if the local copy is still the remote's version, else None (the skip rule)."""
         entry = self.previous_entry(relpath)
-        local = self.dir / relpath
-        if entry is None or entry.url != remote.url or not local.is_file() or local.stat().st_size != entry.size:
+        if entry is None or entry.url != remote.url:
             return None
         if byte_range is not None and entry.version != _range_version(byte_range):
             return None
         if not remote.same_version_as(entry.as_dict(), compare_size=byte_range is None):
+            return None
+        local = self.dir / relpath
+        try:  # one stat: a regular file of the recorded size
+            status = local.stat()
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(status.st_mode) or status.st_size != entry.size:
             return None
         # After an interrupted fetch the file may be a newer download than the manifest says: check it.
         if self.interrupted and sha256_file(local) != entry.sha256:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from typing import Any
 
 from em_ingest.errors import SourceResponseError, UnsupportedDataError
@@ -39,6 +40,22 @@ def nm_per_unit(unit: str, *, where: str) -> float:
     return factor
 
 
+def to_nm(value: float | Decimal, unit: str, *, where: str) -> float:
+    """`value` in `unit` as nanometres: the float nearest the exact decimal product, refusing a unit that is not a length.
+
+    A float is read as the shortest decimal that prints it (repr: 24.0 is "24.0", 0.0079983 is "0.0079983") and
+    scaled in decimal arithmetic, so decimal inputs give the nearest decimal outputs: 24 Å is 2.4 nm, not the
+    2.4000000000000004 of `24 * 0.1`, and 0.0079983 µm is 7.9983 nm, not the 7.9982999999999995 of `* 1000`.
+    Dividing by 10 instead would still leak noise for most inputs that are not integers (0.034909 / 10 gives
+    0.0034909000000000003), and rounding to a fixed number of digits would pick an arbitrary cut-off. A
+    Decimal passes exactly, for callers that hold a quotient (an MRC cell length over its grid count).
+    Non-finite values pass through as inf / nan for the caller's own range check.
+    """
+    factor = nm_per_unit(unit, where=where)
+    exact = value if isinstance(value, Decimal) else Decimal(repr(float(value)))
+    return float(exact * Decimal(repr(factor)))  # repr(0.1) is "0.1": the table's factors are exact decimals
+
+
 def is_length_unit(unit: str) -> bool:
     return _key(str(unit)) in _NM_PER_UNIT
 
@@ -51,11 +68,13 @@ def lengths_nm(values: Any, units: Any, *, where: str, what: str) -> tuple[float
     if not isinstance(values, list) or len(values) != 3 or len(per_axis) != 3:
         raise SourceResponseError(f"{where}: {what} must be three lengths with one unit or one per axis, "
                                   f"got {values!r} in {units!r}")
-    factors = [nm_per_unit(str(u), where=f"{where}: {what} units") for u in per_axis]
+    for u in per_axis:
+        nm_per_unit(str(u), where=f"{where}: {what} units")  # an unknown unit is refused before the values are read
     try:
-        out = tuple(float(v) * f for v, f in zip(values, factors))
+        numbers = [float(v) for v in values]
     except (TypeError, ValueError):
         raise SourceResponseError(f"{where}: {what} must be numbers, got {values!r}") from None
+    out = tuple(to_nm(v, str(u), where=f"{where}: {what} units") for v, u in zip(numbers, per_axis))
     if not all(math.isfinite(v) and v > 0 for v in out):
         raise SourceResponseError(f"{where}: {what} must be three positive lengths, got {values!r} in {units!r}")
     return out[0], out[1], out[2]

@@ -93,19 +93,20 @@ def _calibration(scale: float, units: str, origin: float = 0.0) -> dict[str, Any
     return {"Origin": float(origin), "Scale": float(scale), "Units": Text(units)}
 
 
-def _image_entry(data: Raw, data_type: int, depth: int, shape_yx: tuple[int, int], calibration_xy: tuple[float, float],
-                 units: str, name: str, tags: Mapping[str, Any]) -> dict[str, Any]:
+def _image_entry(data: Raw, data_type: int, depth: int, shape: tuple[int, ...],
+                 calibrations: tuple[tuple[float, str, float], ...], name: str, tags: Mapping[str, Any]) -> dict[str, Any]:
+    """One ImageList entry; `shape` and `calibrations` ((scale, units, origin) per axis) in numpy order."""
     return {
         "ImageData": {
             "Calibrations": {
                 "Brightness": _calibration(1.0, ""),
-                # Dimension 0 is x (fastest), 1 is y.
-                "Dimension": TagList((_calibration(calibration_xy[0], units), _calibration(calibration_xy[1], units))),
+                # DM lists the axes fastest first: Dimension 0 is x, 1 is y, 2 is z.
+                "Dimension": TagList(tuple(_calibration(s, u, o) for s, u, o in reversed(calibrations))),
                 "DisplayCalibratedUnits": True,
             },
             "Data": data,
             "DataType": data_type,
-            "Dimensions": TagList((shape_yx[1], shape_yx[0])),
+            "Dimensions": TagList(tuple(reversed(shape))),
             "PixelDepth": depth,
         },
         "ImageTags": dict(tags),
@@ -124,18 +125,29 @@ def thumbnail_of(image: np.ndarray, size: int = 192) -> np.ndarray:
     return np.stack([grey, grey, grey, np.full_like(grey, 255)], axis=-1)
 
 
-def dm_bytes(image: np.ndarray, *, pixel_size: float, pixel_units: str = "µm", slice_spacing_nm: float | None = None,
-             name: str = "3VBSED", extra_tags: Mapping[str, Any] | None = None, version: int = 3,
-             thumbnail: bool = True) -> bytes:
-    """A DM3/DM4 file holding one 2-D image `image` (y, x), calibrated `pixel_size` `pixel_units` per pixel.
+def dm_bytes(image: np.ndarray, *, pixel_size: float = 1.0, pixel_units: str = "µm",
+             slice_spacing_nm: float | None = None, name: str = "3VBSED", extra_tags: Mapping[str, Any] | None = None,
+             version: int = 3, thumbnail: bool = True,
+             calibrations: tuple[tuple[float, str, float], ...] | None = None, rgba: bool = False) -> bytes:
+    """A DM3/DM4 file holding one image `image`: 2-D (y, x) or 3-D (z, y, x), calibrated `pixel_size`
+    `pixel_units` per pixel in y and x, or per axis by `calibrations` ((scale, units, origin), numpy order).
 
     Like a Gatan 3View (SBF-SEM) slice: ImageList entry 0 is a 192 x 192 RGBA thumbnail, entry 1
     the data with its calibration and `ImageTags` (DataBar, Microscope Info, and the slice spacing
-    under `Meta Data.Dimension info.2` when given).
+    under `Meta Data.Dimension info.2` when given). With `rgba`, `image` is (y, x, 4) uint8 and is
+    stored as a colour image (DataType 23), as GMS does for RGB captures.
     """
     image = np.ascontiguousarray(image)
-    if image.ndim != 2 or image.dtype not in _IMAGE_DATA_TYPES:
-        raise ValueError(f"expected a 2-D image of a DM pixel type, got {image.dtype} {image.shape}")
+    if rgba:
+        if image.ndim != 3 or image.shape[2] != 4 or image.dtype != np.uint8:
+            raise ValueError(f"expected a (y, x, 4) uint8 RGBA image, got {image.dtype} {image.shape}")
+    elif image.ndim not in (2, 3) or image.dtype not in _IMAGE_DATA_TYPES:
+        raise ValueError(f"expected a 2-D or 3-D image of a DM pixel type, got {image.dtype} {image.shape}")
+    shape = image.shape[:2] if rgba else image.shape
+    if calibrations is None:
+        calibrations = ((1.0, "", 0.0),) * (len(shape) - 2) + ((pixel_size, pixel_units, 0.0),) * 2
+    if len(calibrations) != len(shape):
+        raise ValueError(f"one calibration per axis: {len(calibrations)} for shape {shape}")
     tags: dict[str, Any] = {
         "DataBar": {"Acquisition Date": Text("11.06.2018"), "Device Name": Text("DigiScan"),
                     "Signal Name": Text("3VBSED")},
@@ -151,14 +163,18 @@ def dm_bytes(image: np.ndarray, *, pixel_size: float, pixel_units: str = "µm", 
     tags.update(extra_tags or {})
     images = []
     if thumbnail:
-        thumb = thumbnail_of(image)
+        thumb = thumbnail_of(image[..., 0] if rgba else image if image.ndim == 2 else image[image.shape[0] // 2])
         images.append(_image_entry(Raw(thumb.tobytes(), _OCTET, thumb.size), RGBA_DATA_TYPE, 4, thumb.shape[:2],
-                                   (1.0, 1.0), "", f"Image Of {name}",
+                                   ((1.0, "", 0.0), (1.0, "", 0.0)), f"Image Of {name}",
                                    {"GMS Version": {"Created": Text("3.21.1374.0")}}))
-    pixels = image.astype(image.dtype.newbyteorder("<"), copy=False)
-    images.append(_image_entry(Raw(pixels.tobytes(), _ARRAY_ELEMENT[image.dtype], image.size),
-                               _IMAGE_DATA_TYPES[image.dtype], image.dtype.itemsize, image.shape,
-                               (pixel_size, pixel_size), pixel_units, name, tags))
+    if rgba:
+        images.append(_image_entry(Raw(image.tobytes(), _OCTET, image.size), RGBA_DATA_TYPE, 4, shape,
+                                   calibrations, name, tags))
+    else:
+        pixels = image.astype(image.dtype.newbyteorder("<"), copy=False)
+        images.append(_image_entry(Raw(pixels.tobytes(), _ARRAY_ELEMENT[image.dtype], image.size),
+                                   _IMAGE_DATA_TYPES[image.dtype], image.dtype.itemsize, image.shape,
+                                   calibrations, name, tags))
     root = {
         "ApplicationBounds": TagList((0, 0, 1024, 1280)),
         "HasWindowPosition": True,

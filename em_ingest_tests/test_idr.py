@@ -416,3 +416,56 @@ class TestIdrContract(SourceContract):
         changed = synthetic_em(replica.U2OS.size_tczyx[2:], "uint8", seed=7)
         replica.set_original(replica.U2OS, imagej_tiff(changed, 0.02, 0.02))
         replica.expected[self.key].volume = changed
+
+
+# ---- OMERO's "Multiple": no single project or dataset, not a name ---------------------------------
+
+def test_omero_multiple_is_no_name():
+    from em_ingest.archives.omero import img_data_parent
+
+    def meta(**fields) -> dict:
+        return {"meta": fields}
+
+    # What imgData says for a plate image (omero-web marshal: `pr and pr.name or "Multiple"`, id null).
+    plate = meta(projectName="Multiple", projectId=None, datasetName="Multiple", datasetId=None)
+    assert img_data_parent(plate, "project") == (None, None)
+    assert img_data_parent(plate, "dataset") == (None, None)
+    # An image linked to two datasets of one project: the project is known, the dataset is not.
+    two_datasets = meta(projectName="idr0086-miron-micrographs/experimentD", projectId=1551,
+                        datasetName="Multiple", datasetId=None)
+    assert img_data_parent(two_datasets, "project") == (1551, "idr0086-miron-micrographs/experimentD")
+    assert img_data_parent(two_datasets, "dataset") == (None, None)
+    # "Multiple" also stands in for an empty name: the id stays, the name is unknown.
+    assert img_data_parent(meta(datasetName="Multiple", datasetId=10740), "dataset") == (10740, None)
+    assert img_data_parent(meta(datasetName="U2OS_chromatin", datasetId=10740), "dataset") == (10740, "U2OS_chromatin")
+    assert img_data_parent({"meta": None}, "project") == (None, None)
+    with pytest.raises(ValueError, match="plate"):
+        img_data_parent(plate, "plate")
+
+
+def test_plate_image_describes_without_multiple(fresh_replica, tmp_path):
+    from em_ingest.replicas.idr import zarr_v2_image
+    from em_ingest_tests.harness import workspace_for
+
+    replica = fresh_replica("idr")
+    assert isinstance(replica, IdrReplica)
+    # A second well of the synthetic screen, with no per-image key-values (so no Cell Line to name the sample).
+    well = ReplicaImage(90000003, "synthetic FIB-SEM well A2", (1, 1, 4, 16, 16), (0.01, 0.01, 0.05), "uint8",
+                        screen=(3901, "idr0900-replica-fibsem/screenA"), plate_well=(8901, 7902, 6902),
+                        client_paths=["uod/idr/filesets/idr0900-replica-fibsem/plate1/A2.ome.tiff"])
+    volume = synthetic_em((4, 16, 16), "uint8", seed=903)
+    replica.publish_zarr_copy(well, "idr0900A", zarr_v2_image(volume, (4, 16, 16), (0.05, 0.01, 0.01), well.name))
+    key = str(well.id)
+    ws = workspace_for(tmp_path, replica, selection={"idr": {key: {}}})
+    _, raw, opened = _fetch_and_open(ws, key)
+    opened.close()
+    source = ws.pipeline.source("idr")
+    img_data = json.loads((raw.dir / "omero" / "imgData.json").read_text())
+    assert img_data["meta"]["datasetName"] == img_data["meta"]["projectName"] == "Multiple"  # as OMERO.web says
+    description = source.describe(ws.pipeline.request("idr", key), raw)
+    assert description.sample is None  # not "Multiple"
+    assert "dataset" not in description.extra and "dataset_id" not in description.extra
+    assert description.extra["project_or_screen"] == "idr0900-replica-fibsem/screenA"  # from paths_to_object
+    assert description.extra["study"] == "idr0900A"
+    assert "Multiple" not in json.dumps([description.title, description.description, description.sample,
+                                         description.extra])

@@ -57,6 +57,30 @@ def map_values(document: Any, *, where: str) -> dict[str, list[str]]:
     return values
 
 
+# What OMERO.web's imgData writes as `projectName` / `datasetName` when the image has no single project or
+# dataset: a plate image (screen/plate/well), an orphan, or an image linked to several datasets. The id is then
+# null. It is not a name (omero-web `webgateway/marshal.py`, `imageMarshal`: `pr and pr.name or "Multiple"`).
+NO_SINGLE_PARENT = "Multiple"
+
+
+def img_data_parent(img_data: dict[str, Any], kind: str) -> tuple[int | None, str | None]:
+    """(id, name) of the image's one project or dataset (`kind`) as imgData's `meta` states it, None where unknown.
+
+    imgData's "Multiple" is unknown, not a name; so is a name without an id, or an empty one.
+    """
+    if kind not in ("project", "dataset"):
+        raise ValueError(f"expected 'project' or 'dataset', got {kind!r}")
+    meta = img_data.get("meta")
+    if not isinstance(meta, dict):
+        return None, None
+    found_id, name = meta.get(f"{kind}Id"), meta.get(f"{kind}Name")
+    if not isinstance(found_id, int) or isinstance(found_id, bool):
+        found_id = None
+    if found_id is None or not isinstance(name, str) or name.strip() in ("", NO_SINGLE_PARENT):
+        name = None
+    return found_id, name
+
+
 def img_data_voxel_size_nm(img_data: dict[str, Any]) -> tuple[float, float, float] | None:
     """imgData's `pixel_size` (OMERO.web converts it to micrometres; null when unknown) as (z, y, x) nanometres."""
     pixel_size = img_data.get("pixel_size") or {}

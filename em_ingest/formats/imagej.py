@@ -11,7 +11,7 @@ from pathlib import Path
 import tifffile
 
 from em_ingest.errors import FormatError
-from em_ingest.formats.units import nm_per_unit  # the one unit table; it also reads ImageJ's literal \u00B5m
+from em_ingest.formats.units import to_nm  # the one unit table; it also reads ImageJ's literal \u00B5m
 
 _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
 
@@ -64,23 +64,32 @@ class ImageJCalibration:
 def read_calibration(path: Path) -> ImageJCalibration | None:
     """The calibration of the ImageJ TIFF at `path`, or None if it is not an ImageJ TIFF."""
     try:
-        with tifffile.TiffFile(path) as tif:
-            if not tif.is_imagej:
-                return None
-            page = tif.pages.first
-            description = page.tags.get("ImageDescription")
-            text = description.value if description is not None else ""
-            if isinstance(text, bytes):
-                text = text.decode("latin-1")
-            x_resolution = _rational(page.tags.get("XResolution"))
-            y_resolution = _rational(page.tags.get("YResolution"))
-            unit_tag = page.tags.get("ResolutionUnit")
-            resolution_unit = int(unit_tag.value) if unit_tag is not None else 2  # TIFF default: inch
-            byteorder = tif.byteorder
+        tif = tifffile.TiffFile(path)
     except _TIFF_ERRORS as exc:
         raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    with tif:
+        return calibration_of(tif, where=str(path))
+
+
+def calibration_of(tif: tifffile.TiffFile, *, where: str) -> ImageJCalibration | None:
+    """The calibration of an open TIFF, or None if ImageJ did not write it (tifffile's test: the description)."""
+    try:
+        if not tif.is_imagej:
+            return None
+        page = tif.pages.first
+        description = page.tags.get("ImageDescription")
+        text = description.value if description is not None else ""
+        if isinstance(text, bytes):
+            text = text.decode("latin-1")
+        x_resolution = _rational(page.tags.get("XResolution"))
+        y_resolution = _rational(page.tags.get("YResolution"))
+        unit_tag = page.tags.get("ResolutionUnit")
+        resolution_unit = int(unit_tag.value) if unit_tag is not None else 2  # TIFF default: inch
+    except _TIFF_ERRORS as exc:
+        raise FormatError(f"{where}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    # Outside the try: a calibration that makes no sense is reported as such, not as an unreadable file.
     return calibration_from_tags(parse_description(text), x_resolution, y_resolution, resolution_unit,
-                                 byteorder, where=str(path))
+                                 tif.byteorder, where=where)
 
 
 def calibration_from_tags(description: dict[str, str], x_resolution: float | None, y_resolution: float | None,
@@ -102,8 +111,11 @@ def calibration_from_tags(description: dict[str, str], x_resolution: float | Non
         axis_unit = description.get(axis_unit_key, unit)
         if axis_unit.strip().lower() in _UNCALIBRATED:
             return None
-        return value_in_unit * nm_per_unit(axis_unit, where=where)
+        return to_nm(value_in_unit, axis_unit, where=where)
 
+    # ImageJ leaves `spacing=` out of a stack's description when the slice depth is 1.0 unit (or 0), and reads
+    # a missing one back as 1.0. Other writers leave it out when they know no depth, so absent means unknown
+    # here: a curator override is asked for rather than a guessed 1 µm.
     spacing = _float(description.get("spacing"), "spacing", where)
     return ImageJCalibration(
         unit=unit,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from em_ingest.errors import FormatError, UnsupportedDataError
-from em_ingest.formats.units import nm_per_unit
+from em_ingest.formats.units import to_nm
 
 # The versions this reader understands; 0.5 lives in Zarr v3 `zarr.json` under "ome" and is not read here.
 NGFF_VERSIONS = ("0.1", "0.2", "0.3", "0.4")
@@ -124,7 +124,7 @@ class Multiscale:
             unit = self.units.get(axis) or default_unit
             if not unit:
                 return None
-            out[axis] = values[self.axes.index(axis)] * nm_per_unit(unit, where=where)
+            out[axis] = to_nm(values[self.axes.index(axis)], unit, where=where)
         if "y" not in out or "x" not in out:
             raise UnsupportedDataError(f"{where}: expected spatial axes y and x, got {self.axes}")
         # A single plane (no z axis): give z the pixel width.

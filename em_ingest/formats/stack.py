@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import tifffile
 import zarr
@@ -16,16 +14,14 @@ from natsort import natsorted
 
 from em_ingest.errors import FormatError, UnsupportedDataError
 from em_ingest.formats.dm import read_dm
-from em_ingest.formats.mrc import MRC_SUFFIXES, read_mrc_header
-from em_ingest.formats.units import nm_per_unit
+from em_ingest.formats.mrc import MRC_SUFFIXES, MrcVolume, read_mrc_header
+from em_ingest.formats.tiff import calibration_of, fei_image_rows
 from em_ingest.formats.volume import Geometry, Region, Volume
 
 DM_SUFFIXES = (".dm3", ".dm4")
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = DM_SUFFIXES + MRC_SUFFIXES + TIFF_SUFFIXES
 _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
-# FEI/Thermo SEM TIFFs keep an INI text in private tag 34682 with "[Scan] PixelWidth=<metres>".
-_FEI_PIXEL = re.compile(r"^\s*Pixel(Width|Height)\s*=\s*([0-9.eE+-]+)\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -76,9 +72,12 @@ def _mrc_plane(path: Path) -> Plane:
         raise UnsupportedDataError(f"{path}: holds {header.shape[0]} sections; a file series needs one image per file")
 
     def read(ys: slice, xs: slice) -> np.ndarray:
-        with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
-            data = mrc.data if mrc.data.ndim == 2 else mrc.data[0]
-            return np.asarray(data[ys, xs], dtype=header.dtype)
+        # Through MrcVolume, so a file whose MAPC/MAPR/MAPS are not 1, 2, 3 is read in (y, x) order too.
+        volume = MrcVolume(path)
+        try:
+            return np.asarray(volume.read_plane(0, ys, xs), dtype=header.dtype)
+        finally:
+            volume.close()
 
     pixel = header.voxel_size_nm[1:] if header.voxel_size_nm else None
     return Plane(path, header.shape[1:], header.dtype, pixel, None, read)
@@ -86,23 +85,34 @@ def _mrc_plane(path: Path) -> Plane:
 
 def _tiff_plane(path: Path) -> Plane:
     try:
-        with tifffile.TiffFile(path) as tif:
+        tif = tifffile.TiffFile(path)
+    except _TIFF_ERRORS as exc:
+        raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    with tif:
+        try:
             page = tif.pages.first
             shape, dtype = page.shape, np.dtype(page.dtype).newbyteorder(tif.byteorder)
-            pixel = _fei_pixel_size_nm(page)
             n_pages = len(tif.pages)
             # Uncompressed contiguous pixels are memory-mapped; anything else is decoded strip by strip.
             offset = page.dataoffsets[0] if page.is_contiguous and page.compression == 1 else None
-    except _TIFF_ERRORS as exc:
-        raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
-    if len(shape) != 2 or n_pages != 1:
-        raise UnsupportedDataError(f"{path}: {n_pages} page(s) of shape {shape}; a file series needs one "
-                                   "greyscale image per file")
+        except _TIFF_ERRORS as exc:
+            raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+        if len(shape) != 2 or n_pages != 1:
+            raise UnsupportedDataError(f"{path}: {n_pages} page(s) of shape {shape}; a file series needs one "
+                                       "greyscale image per file")
+        # The one calibration reader of every TIFF path: ImageJ's, else FEI's. A slice's z is the spacing
+        # the file states (ImageJ's `spacing=`), never guessed from its pixel width.
+        calibration = calibration_of(tif, where=str(path))
+        # FEI/Thermo software prints a data bar under the scanned rows; it is not part of the specimen.
+        scanned_rows = fei_image_rows(page)
+    file_shape = shape
+    if scanned_rows is not None:
+        shape = (scanned_rows, shape[1])
 
     def read(ys: slice, xs: slice) -> np.ndarray:
         try:
             if offset is not None:
-                region: np.ndarray = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)[ys, xs]
+                region: np.ndarray = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=file_shape)[ys, xs]
             else:
                 with tifffile.TiffFile(path) as tif:
                     region = np.asarray(zarr.open_array(tif.pages.first.aszarr(), mode="r")[ys, xs])
@@ -110,28 +120,9 @@ def _tiff_plane(path: Path) -> Plane:
         except _TIFF_ERRORS as exc:
             raise FormatError(f"{path}: failed reading TIFF pixels ({type(exc).__name__}: {exc})") from None
 
-    return Plane(path, shape, dtype.newbyteorder("="), pixel, None, read)
-
-
-def _fei_pixel_size_nm(page: tifffile.TiffPage) -> tuple[float, float] | None:
-    tag = page.tags.get(34682)
-    if tag is None:
-        return None
-    if isinstance(tag.value, dict):  # tifffile parses the INI into sections
-        scan = tag.value.get("Scan") or {}
-        pairs = [(axis, scan.get(f"Pixel{axis}")) for axis in ("Width", "Height")]
-    elif isinstance(tag.value, str):
-        pairs = _FEI_PIXEL.findall(tag.value)
-    else:
-        return None
-    try:
-        nm_per_metre = nm_per_unit("m", where="FEI tag 34682")  # FEI writes PixelWidth/PixelHeight in metres
-        found = {axis: float(value) * nm_per_metre for axis, value in pairs if value is not None}
-    except (TypeError, ValueError):
-        return None
-    if found.get("Width", 0) > 0 and found.get("Height", 0) > 0:
-        return (found["Height"], found["Width"])
-    return None
+    pixel = calibration.pixel_size_nm if calibration else None
+    z = calibration.z_spacing_nm if calibration else None
+    return Plane(path, shape, dtype.newbyteorder("="), pixel, z, read)
 
 
 class PlaneStack(Volume):

@@ -1,10 +1,14 @@
-"""Multipage TIFF stacks as lazy volumes: positional reads when contiguous, strip/tile reads otherwise."""
+"""TIFF files: the physical calibration they state (ImageJ, FEI/Thermo), and multipage stacks as lazy volumes
+(positional reads when contiguous, strip/tile reads otherwise)."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +17,127 @@ import tifffile
 import zarr
 
 from em_ingest.errors import FormatError, UnsupportedDataError
+from em_ingest.formats import imagej
+from em_ingest.formats.units import nm_per_unit
 from em_ingest.formats.volume import Geometry, Region, Volume, triple
 from em_ingest.limits import check_chunk
 
 _TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
+# FEI/Thermo SEM and FIB TIFFs keep an INI text in private tag 34682; "[Scan] PixelWidth=<metres>".
+FEI_TAG = 34682
+_FEI_LINE = re.compile(r"^\s*(\w+)\s*=\s*(.*?)\s*$")
+
+
+# ---- physical calibration ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TiffCalibration:
+    """Where a TIFF says its pixels sit, as the file states it; lengths in nanometres.
+
+    Axis order is stated: `pixel_size_nm` is (y, x); `z_spacing_nm` is the distance between pages,
+    None where the file does not say (FEI never does; ImageJ does for stacks).
+    """
+
+    stated_by: str  # "imagej" (description + X/YResolution) or "fei" (tag 34682, [Scan] section)
+    pixel_size_nm: tuple[float, float]
+    z_spacing_nm: float | None
+    planes: int  # 2-D images in the file's first series
+
+    @property
+    def voxel_size_nm(self) -> tuple[float, float, float] | None:
+        """(z, y, x) when the file states all three. A single plane counts as one slice of its pixel width."""
+        z = self.z_spacing_nm
+        if z is None and self.planes == 1:
+            z = self.pixel_size_nm[1]
+        return None if z is None else (z, *self.pixel_size_nm)
+
+
+def read_calibration(path: Path) -> TiffCalibration | None:
+    """The physical calibration the TIFF at `path` states, or None if it states none (see `calibration_of`)."""
+    try:
+        tif = tifffile.TiffFile(path)
+    except _TIFF_ERRORS as exc:
+        raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    with tif:
+        return calibration_of(tif, where=str(path))
+
+
+def calibration_of(tif: tifffile.TiffFile, *, where: str) -> TiffCalibration | None:
+    """The one reading of a TIFF's physical calibration that every TIFF path uses: ImageJ's first, then FEI's.
+
+    ImageJ's is its description (`unit`, `spacing`) with X/YResolution as pixels per unit; FEI/Thermo's is
+    `[Scan] PixelWidth/PixelHeight` in metres. Plain resolution tags alone are not read as a calibration:
+    writers fill them with a screen's 72 or 96 dots per inch, which says nothing about the specimen.
+    """
+    planes = _plane_count(tif, where)
+    by_imagej = imagej.calibration_of(tif, where=where)
+    if by_imagej is not None and by_imagej.pixel_height_nm and by_imagej.pixel_width_nm:
+        return TiffCalibration("imagej", (by_imagej.pixel_height_nm, by_imagej.pixel_width_nm),
+                               by_imagej.spacing_nm, planes)
+    by_fei = fei_pixel_size_nm(tif.pages.first, where=where)
+    if by_fei is not None:
+        return TiffCalibration("fei", by_fei, None, planes)
+    return None
+
+
+def _plane_count(tif: tifffile.TiffFile, where: str) -> int:
+    try:
+        series = tif.series[0]
+        return math.prod(n for n, axis in zip(series.shape, series.axes) if axis not in "YXS")
+    except _TIFF_ERRORS as exc:
+        raise FormatError(f"{where}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+
+
+def fei_metadata(page: tifffile.TiffPage) -> dict[str, dict[str, Any]]:
+    """The FEI/Thermo INI of tag 34682 as sections of key -> value ({} when the page has none).
+
+    tifffile parses it into a dict (numbers as numbers); a text value is split here the same way.
+    """
+    tag = page.tags.get(FEI_TAG)
+    if tag is None:
+        return {}
+    if isinstance(tag.value, dict):
+        return {str(k): v for k, v in tag.value.items() if isinstance(v, dict)}
+    if not isinstance(tag.value, (str, bytes)):
+        return {}
+    text = tag.value.decode("latin-1") if isinstance(tag.value, bytes) else tag.value
+    sections: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = sections.setdefault(stripped[1:-1], {})
+        elif current is not None and (match := _FEI_LINE.match(line)):
+            current[match.group(1)] = match.group(2)
+    return sections
+
+
+def fei_pixel_size_nm(page: tifffile.TiffPage, *, where: str) -> tuple[float, float] | None:
+    """(y, x) pixel size from FEI's `[Scan] PixelHeight/PixelWidth` (metres), or None if absent or not positive."""
+    scan = fei_metadata(page).get("Scan") or {}
+    nm_per_metre = nm_per_unit("m", where=f"{where}: FEI tag {FEI_TAG}")
+    try:
+        height, width = (float(scan[key]) * nm_per_metre for key in ("PixelHeight", "PixelWidth"))
+    except (KeyError, TypeError, ValueError):
+        return None  # an FEI image without a scan (e.g. a navigation camera's) states no pixel size
+    if not (math.isfinite(height) and math.isfinite(width) and height > 0 and width > 0):
+        return None
+    return (height, width)
+
+
+def fei_image_rows(page: tifffile.TiffPage) -> int | None:
+    """The rows of an FEI page that hold the scan, when the page is taller: the rows below are the data bar
+    the microscope software printed under the image (`[Image] ResolutionY` says how many rows were scanned)."""
+    image = fei_metadata(page).get("Image") or {}
+    try:
+        width, rows = int(image["ResolutionX"]), int(image["ResolutionY"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    height, page_width = page.shape[:2]
+    return rows if width == page_width and 0 < rows < height else None
+
+
+# ---- multipage stacks --------------------------------------------------------------------------
 
 
 class TiffStack(Volume):
@@ -25,14 +146,32 @@ class TiffStack(Volume):
     Never reads the whole file: uncompressed contiguous data (e.g. ITK's strip layout) is read
     with positional reads straight into the output array, anything else strip by strip through
     tifffile's Zarr store.
+
+    A `geometry` passed in is used as given (e.g. a documented default for files that state none).
+    Otherwise each part of the voxel size comes from the file's calibration (`calibration_of`) where it
+    states it, else from `fallback_pixel_size_nm` (y, x) / `fallback_z_spacing_nm` (e.g. the archive's
+    metadata); `pixel_size_from` / `z_spacing_from` say which ("file", "archive", or None: unknown). If
+    an axis stays unknown, `geometry` is None and a curator override is needed.
     """
 
-    def __init__(self, path: Path, geometry: Geometry | None = None):
+    def __init__(self, path: Path, geometry: Geometry | None = None, *,
+                 fallback_pixel_size_nm: tuple[float, float] | None = None,
+                 fallback_z_spacing_nm: float | None = None):
         self.path = Path(path)
         self.name = str(self.path)
-        self.geometry = geometry
         try:
             self._tif = tifffile.TiffFile(self.path)
+        except _TIFF_ERRORS as exc:
+            raise FormatError(f"{self.path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+        try:
+            self._open(geometry, fallback_pixel_size_nm, fallback_z_spacing_nm)
+        except BaseException:
+            self._tif.close()  # a refused file leaves no handle open
+            raise
+
+    def _open(self, geometry: Geometry | None, fallback_pixel_size_nm: tuple[float, float] | None,
+              fallback_z_spacing_nm: float | None) -> None:
+        try:
             series = self._tif.series[0]
             shape = series.shape
             self.dtype = np.dtype(series.dtype)
@@ -51,7 +190,29 @@ class TiffStack(Volume):
         # A strip or tile is decoded whole: refuse one no real file has before it is decompressed.
         check_chunk(self._tif.pages.first.chunks, self.dtype.itemsize, str(self.path), "TIFF strip or tile")
         self._check_page_count()
+        self.calibration = calibration_of(self._tif, where=self.name)
+        self._set_geometry(geometry, fallback_pixel_size_nm, fallback_z_spacing_nm)
         self._array: _ContiguousArray | _SqueezedZarr | None = self._open_array(series)
+
+    def _set_geometry(self, geometry: Geometry | None, fallback_pixel_size_nm: tuple[float, float] | None,
+                      fallback_z_spacing_nm: float | None) -> None:
+        self.pixel_size_from: str | None
+        self.z_spacing_from: str | None
+        if geometry is not None:
+            self.geometry = geometry
+            self.pixel_size_from = self.z_spacing_from = "given"
+            return
+        file_voxel = self.calibration.voxel_size_nm if self.calibration else None
+        file_pixel = self.calibration.pixel_size_nm if self.calibration else None
+        file_z = file_voxel[0] if file_voxel else None
+        self.pixel_size_from = "file" if file_pixel else ("archive" if fallback_pixel_size_nm else None)
+        self.z_spacing_from = "file" if file_z else ("archive" if fallback_z_spacing_nm else None)
+        pixel = file_pixel or fallback_pixel_size_nm
+        z = file_z or fallback_z_spacing_nm
+        try:
+            self.geometry = Geometry((z, *pixel), "source-metadata") if pixel and z else None
+        except ValueError as exc:  # Geometry's range check: name the file whose calibration it is
+            raise FormatError(f"{self.path}: implausible voxel size ({exc})") from None
 
     def _check_page_count(self) -> None:
         # Writers such as ITK number their pages (i, n); fewer pages than n means a cut-off file.

@@ -17,7 +17,7 @@ from em_ingest.formats.dm import read_dm
 from em_ingest.formats.mrc import MRC_SUFFIXES, MrcVolume, read_mrc_header
 from em_ingest.formats.stack import DM_SUFFIXES, IMAGE_SUFFIXES, TIFF_SUFFIXES, PlaneStack, natural_order
 from em_ingest.formats.tiff import TiffStack
-from em_ingest.formats.units import NM_PER_ANGSTROM
+from em_ingest.formats.units import to_nm
 from em_ingest.formats.volume import ArrayVolume, Geometry, Volume
 from em_ingest.raw import Manifest, RawStore, Wanted, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest
@@ -112,7 +112,7 @@ def api_pixel_size_nm(imageset: dict[str, Any]) -> tuple[float, float] | None:
         return None
     if width <= 0 or height <= 0:
         return None
-    return (height * NM_PER_ANGSTROM, width * NM_PER_ANGSTROM)
+    return (to_nm(height, "Å", where="EMPIAR pixel_height"), to_nm(width, "Å", where="EMPIAR pixel_width"))
 
 
 def _wanted(relpath: str, pattern: str | None) -> bool:
@@ -276,13 +276,7 @@ class EmpiarSource(Source):
         record = entry_record(raw.read_document(ENTRY_DOCUMENT), request.key, self.entry_url(request.key))
         imageset = choose_imageset(record, options.imageset, self.entry_url(request.key))
         files = [raw.path(p) for p in self._raw_files(raw)]
-        fallback_xy = api_pixel_size_nm(imageset)
-        if len(files) == 1:
-            single = _single_file_volume(files[0], fallback_xy)
-            if single is not None:
-                return single
-        # The API states no slice spacing, so z comes from the files or from the curator override.
-        return PlaneStack(files, fallback_pixel_size_nm=fallback_xy, name=f"empiar/{request.key}")
+        return open_files(files, api_pixel_size_nm(imageset), name=f"empiar/{request.key}")
 
     # ---- helpers -----------------------------------------------------------------------------
     @staticmethod
@@ -309,10 +303,21 @@ def _union(first: list[tuple[str, str]], second: list[tuple[str, str]]) -> list[
 
 def _voxel_size_sources(volume: Volume) -> dict[str, str | None]:
     """Where each part of the voxel size came from ("file", "archive" API, or None: override needed)."""
-    if isinstance(volume, PlaneStack):
+    if isinstance(volume, (PlaneStack, TiffStack)):
         return {"xy": volume.pixel_size_from, "z": volume.z_spacing_from}
     origin = "file" if volume.geometry is not None else None
     return {"xy": origin, "z": origin}
+
+
+def open_files(files: list[Path], fallback_pixel_size_nm: tuple[float, float] | None, *, name: str) -> Volume:
+    """The volume of an imageset's downloaded files, in natural order: one file that is a volume by itself, else
+    a series of 2-D files as z. `fallback_pixel_size_nm` (y, x) is the API's, used where the files state none."""
+    if len(files) == 1:
+        single = _single_file_volume(files[0], fallback_pixel_size_nm)
+        if single is not None:
+            return single
+    # The API states no slice spacing, so z comes from the files or from the curator override.
+    return PlaneStack(files, fallback_pixel_size_nm=fallback_pixel_size_nm, name=name)
 
 
 def _single_file_volume(path: Path, fallback_xy: tuple[float, float] | None) -> Volume | None:
@@ -321,7 +326,8 @@ def _single_file_volume(path: Path, fallback_xy: tuple[float, float] | None) -> 
     if suffix in MRC_SUFFIXES and read_mrc_header(path).shape[0] > 1:
         return MrcVolume(path)
     if suffix in TIFF_SUFFIXES:
-        stack = TiffStack(path)
+        # The TIFF's own calibration (ImageJ, FEI) first, the API's pixel size where it states none.
+        stack = TiffStack(path, fallback_pixel_size_nm=fallback_xy)
         if stack.shape[0] > 1:
             return stack
         stack.close()

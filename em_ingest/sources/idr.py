@@ -17,15 +17,15 @@ from em_ingest.archives.omero import (
     Container,
     OmeroClient,
     container_in_paths,
+    img_data_parent,
     img_data_voxel_size_nm,
     map_values,
     study_of,
 )
 from em_ingest.errors import FormatError, SelectionError, SourceResponseError, TransferError, UnsupportedDataError
-from em_ingest.formats import imagej
+from em_ingest.formats import tiff
 from em_ingest.formats.mirrored_zarr import MirroredZarrVolume, chunk_keys, open_mirrored_array
 from em_ingest.formats.ome_ngff import Multiscale, multiscale_of
-from em_ingest.formats.tiff import TiffStack
 from em_ingest.formats.volume import Geometry, Volume
 from em_ingest.raw import Manifest, ManifestEntry, RawStore, Wanted, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest, load_selection
@@ -124,11 +124,13 @@ class IdrSource(Source):
         for key in selected:
             if not key.isdigit():
                 continue
-            meta = self._img_data(int(key)).document.get("meta") or {}
-            if isinstance(meta.get("projectId"), int):
-                seeds.append(("project", meta["projectId"]))
-            elif isinstance(meta.get("datasetId"), int):
-                seeds.append(("dataset", meta["datasetId"]))
+            img_data = self._img_data(int(key)).document
+            project_id, _ = img_data_parent(img_data, "project")
+            dataset_id, _ = img_data_parent(img_data, "dataset")
+            if project_id is not None:
+                seeds.append(("project", project_id))
+            elif dataset_id is not None:
+                seeds.append(("dataset", dataset_id))
         return list(dict.fromkeys(seeds)) or [("dataset", DEFAULT_DISCOVERY_DATASET)]
 
     def images_of_dataset(self, dataset_id: int, dataset_name: str | None = None,
@@ -182,9 +184,9 @@ class IdrSource(Source):
     def _container(self, raw: RawStore, image_id: int, img_data: dict[str, Any],
                    entries: list[ManifestEntry | None]) -> Container | None:
         """The image's project (named in imgData) or, for plate images, its screen (via paths_to_object)."""
-        meta = img_data.get("meta") or {}
-        if isinstance(meta.get("projectId"), int):
-            return Container("project", meta["projectId"], meta.get("projectName"))
+        project_id, project_name = img_data_parent(img_data, "project")
+        if project_id is not None:
+            return Container("project", project_id, project_name)
         paths = self.omero.paths_to_object(image_id)
         entries.append(raw.store_document(PATHS_TO_OBJECT, paths.url, paths.document))
         found = container_in_paths(paths.document)
@@ -285,12 +287,14 @@ class IdrSource(Source):
         voxels, voxel_url = self._voxel_origin(raw, image_id)
         omero_nm = img_data_voxel_size_nm(img_data)
         file_nm = self._file_voxel_size_nm(raw, image_id, voxels)
-        container_name = meta.get("projectName") if isinstance(meta.get("projectId"), int) else \
-            self._container_name(raw)
+        # imgData names the image's project and dataset; a plate image has neither ("Multiple": unknown).
+        project_id, project_name = img_data_parent(img_data, "project")
+        dataset_id, dataset_name = img_data_parent(img_data, "dataset")
+        container_name = project_name if project_id is not None else self._container_name(raw)
         extra: dict[str, Any] = {
             "image_id": image_id, "image_name": image_name, "voxels_from": voxels, "voxels_url": voxel_url,
             "project_or_screen": container_name, "study": study_of(container_name),
-            "dataset": meta.get("datasetName"), "dataset_id": meta.get("datasetId"),
+            "dataset": dataset_name, "dataset_id": dataset_id,
             "publication_doi": bare_doi(first("Publication DOI", sources=(study_values,))),
             "publication_title": first("Publication Title", sources=(study_values,)),
             "copyright": first("Copyright", sources=(study_values,)),
@@ -305,7 +309,7 @@ class IdrSource(Source):
             description=first("Image Description", "Assay Description", sources=(image_values,))
             or meta.get("imageDescription") or meta.get("projectDescription") or None,
             organism=first("Organism"),
-            sample=first("Cell Line", sources=(image_values,)) or meta.get("datasetName") or None,
+            sample=first("Cell Line", sources=(image_values,)) or dataset_name,
             imaging_method=first("Imaging Method", sources=(study_values, image_values)),
             source_url=self.omero.viewer_url(image_id),
             doi=bare_doi(first("Data DOI", sources=(study_values,))),
@@ -336,7 +340,7 @@ class IdrSource(Source):
         if voxels == VOXELS_ZARR:
             where = str(raw.path(f"{zarr_root(image_id)}/.zattrs"))
             return read_multiscale(raw, zarr_root(image_id), url=where).voxel_size_nm(where=where)
-        calibration = imagej.read_calibration(self._original_path(raw))
+        calibration = tiff.read_calibration(self._original_path(raw))
         return calibration.voxel_size_nm if calibration else None
 
     def _original_path(self, raw: RawStore) -> Path:
@@ -355,12 +359,9 @@ class IdrSource(Source):
         voxels, _ = self._voxel_origin(raw, image_id)
         if voxels == VOXELS_ZARR:
             return self._open_zarr(raw, image_id, omero_nm)
-        path = self._original_path(raw)
-        calibration = imagej.read_calibration(path)
-        file_nm = calibration.voxel_size_nm if calibration else None
-        voxel_size_nm = file_nm or omero_nm
-        geometry = Geometry(voxel_size_nm, "source-metadata") if voxel_size_nm else None
-        return TiffStack(path, geometry)
+        # The file's own calibration (ImageJ, FEI) axis by axis, OMERO's physical sizes where it states none.
+        return tiff.TiffStack(self._original_path(raw), fallback_pixel_size_nm=omero_nm[1:] if omero_nm else None,
+                              fallback_z_spacing_nm=omero_nm[0] if omero_nm else None)
 
     def _open_zarr(self, raw: RawStore, image_id: int, omero_nm: tuple[float, float, float] | None) -> Volume:
         root = zarr_root(image_id)

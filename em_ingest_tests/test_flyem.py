@@ -312,3 +312,65 @@ class TestFlyemContract(SourceContract):
         replica.volume = changed
         replica.publish_precomputed(changed)
         replica._set_expected()
+
+
+# ---- 2-D image chunks of any width and height (Pillow as the independent writer) ---------------------
+
+def _image_chunk_info(encoding: str) -> PrecomputedInfo:
+    # 12 x 6 x 4 (x, y, z) voxels in 8 x 6 x 4 chunks: a full chunk of 192 voxels and an edge chunk of 96.
+    return PrecomputedInfo.from_json({"type": "image", "data_type": "uint8", "num_channels": 1, "scales": [
+        {"key": "8.0x8.0x8.0", "size": [12, 6, 4], "resolution": [8, 8, 8], "chunk_sizes": [[8, 6, 4]],
+         "encoding": encoding}]}, "test info")
+
+
+def _pillow_chunk(voxels_zyx: np.ndarray, width: int, fmt: str) -> bytes:
+    """The chunk as Pillow writes it: rows concatenated are the [x, y, z] Fortran-order (= [z, y, x] C-order) voxels."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image = Image.fromarray(voxels_zyx.reshape(-1, width), mode="L")
+    image.save(buffer, format=fmt, **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("grid", "width"), [
+    ((0, 0, 0), 16),   # 16 x 12: neither x wide (8) nor x * y wide (48)
+    ((0, 0, 0), 48),   # x * y wide, z tall
+    ((0, 0, 0), 192),  # one row
+    ((1, 0, 0), 12),   # the 4 x 6 x 4 edge chunk as 12 x 8
+])
+def test_image_chunks_of_any_shape_with_the_chunks_pixel_count(grid, width):
+    import io
+
+    from PIL import Image
+
+    from em_ingest.formats.precomputed import decode_chunk
+
+    z, y, x = np.meshgrid(np.arange(4), np.arange(6), np.arange(12), indexing="ij")
+    truth = (30 + 12 * x + 9 * y + 7 * z).astype(np.uint8)  # (z, y, x)
+    for encoding, fmt in (("png", "PNG"), ("jpeg", "JPEG")):
+        scale = _image_chunk_info(encoding).full_resolution()
+        (x0, y0, z0), (x1, y1, z1) = scale.chunk_box(grid)
+        voxels = truth[z0:z1, y0:y1, x0:x1]
+        data = _pillow_chunk(voxels, width, fmt)
+        decoded = decode_chunk(data, scale, grid, "uint8", 1, where=f"chunk {scale.chunk_name(grid)}")
+        assert decoded.shape == voxels.shape
+        if encoding == "png":  # lossless: exactly the voxels, so the order is the format's
+            np.testing.assert_array_equal(decoded, voxels)
+        else:  # lossy: what Pillow itself decodes, put in the format's order, up to libjpeg rounding
+            by_pillow = np.asarray(Image.open(io.BytesIO(data))).reshape(voxels.shape)
+            assert np.abs(decoded.astype(int) - by_pillow.astype(int)).max() <= 1
+            assert np.abs(decoded.astype(int) - voxels.astype(int)).max() <= 8
+
+
+def test_image_chunk_with_the_wrong_pixel_count_is_refused_naming_the_chunk():
+    from em_ingest.errors import FormatError
+
+    info = _image_chunk_info("jpeg")
+    scale = info.full_resolution()
+    wrong = _pillow_chunk(np.zeros(100, np.uint8), 10, "JPEG")  # 10 x 10 = 100 pixels for a 192-voxel chunk
+    crop = PrecomputedCrop(info, scale, (0, 0, 0), (4, 6, 12), lambda grid: wrong, None, name="hemibrain")
+    with pytest.raises(FormatError, match=r"hemibrain chunk 8\.0x8\.0x8\.0/0-8_0-6_0-4: .* 10x10 pixels \(100\).*192"):
+        crop.read((slice(0, 4), slice(0, 6), slice(0, 8)))

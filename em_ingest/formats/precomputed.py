@@ -297,10 +297,13 @@ def decode_chunk(data: bytes, scale: Scale, grid: XYZ, dtype: str, num_channels:
         raise FormatError(f"{where}: cannot decode {scale.encoding} chunk ({type(exc).__name__}: {exc})") from None
     if image.ndim == 3:
         image = image[..., 0]
-    # The image's rows are the chunk's (z, y) rows stacked: width x, height y * z.
-    if image.shape != (ny * nz, nx):
-        raise FormatError(f"{where}: {scale.encoding} chunk is {image.shape[1]}x{image.shape[0]} pixels, "
-                          f"expected {nx}x{ny * nz} for a {nx}x{ny}x{nz} chunk")
+    # The format lets the image have any width and height with the chunk's pixel count: its rows, concatenated,
+    # are the chunk flattened in [x, y, z] Fortran order, i.e. [z, y, x] C order. Writers mostly use x wide and
+    # y * z tall (neuroglancer, cloud-volume) or x * y wide and z tall; DVID's blocks are 64 wide, 4096 tall.
+    if image.ndim != 2 or image.size != nx * ny * nz:
+        size = f"{image.shape[1]}x{image.shape[0]}" if image.ndim == 2 else f"of shape {image.shape}"
+        raise FormatError(f"{where}: {scale.encoding} chunk image is {size} pixels ({image.size}), but a "
+                          f"{nx}x{ny}x{nz} (x, y, z) chunk needs an image of {nx * ny * nz} pixels")
     return image.reshape(nz, ny, nx).astype(dtype, copy=False)
 
 

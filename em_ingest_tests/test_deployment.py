@@ -205,10 +205,14 @@ def dockerignore_allows(relpath: str) -> bool:
         if not pattern or pattern.startswith("#"):
             continue
         negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").rstrip("/").removeprefix("**/")
+        pattern = pattern.lstrip("!").rstrip("/")
+        # Patterns are anchored at the context's root; only a leading **/ matches at any depth.
+        anywhere = pattern.startswith("**/")
+        pattern = pattern.removeprefix("**/")
         parts = relpath.split("/")
         prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        if any(fnmatch.fnmatch(p, pattern) for p in prefixes) or any(fnmatch.fnmatch(x, pattern) for x in parts):
+        tails = ["/".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
+        if any(fnmatch.fnmatch(p, pattern) for p in (tails if anywhere else prefixes)):
             allowed = negate
     return allowed
 

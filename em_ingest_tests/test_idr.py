@@ -9,6 +9,7 @@ from itertools import product
 import numcodecs
 import numpy as np
 import pytest
+import tifffile
 import zarr
 
 from em_ingest import catalog
@@ -31,7 +32,8 @@ def test_big_endian_imagej_tiff_reads_exact_voxels_and_calibration(tmp_path):
     path.write_bytes(imagej_tiff(volume, pixel_size_um=0.008, spacing_um=0.05))
     assert path.read_bytes()[:2] == b"MM"  # really big-endian on disk
 
-    calibration = imagej.read_calibration(path)
+    with tifffile.TiffFile(path) as tif:  # the ImageJ part of the one TIFF calibration reader
+        calibration = imagej.calibration_of(tif, where=str(path))
     assert calibration is not None and calibration.byteorder == ">"
     assert calibration.unit == "µm"  # ImageJ's ASCII escape \u00B5m undone
     assert calibration.voxel_size_nm == pytest.approx((50.0, 8.0, 8.0))

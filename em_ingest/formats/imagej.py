@@ -6,7 +6,6 @@ import math
 import re
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import tifffile
 
@@ -59,16 +58,6 @@ class ImageJCalibration:
             z = self.pixel_width_nm
         y, x = self.pixel_height_nm, self.pixel_width_nm
         return None if z is None or y is None or x is None else (z, y, x)
-
-
-def read_calibration(path: Path) -> ImageJCalibration | None:
-    """The calibration of the ImageJ TIFF at `path`, or None if it is not an ImageJ TIFF."""
-    try:
-        tif = tifffile.TiffFile(path)
-    except _TIFF_ERRORS as exc:
-        raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
-    with tif:
-        return calibration_of(tif, where=str(path))
 
 
 def calibration_of(tif: tifffile.TiffFile, *, where: str) -> ImageJCalibration | None:

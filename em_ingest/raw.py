@@ -28,6 +28,7 @@ MANIFEST_VERSION = 1
 _SAFE_PART = re.compile(r"^[A-Za-z0-9._ ()+,=@~-]+$")
 # Zarr v2 metadata objects are dot-files by specification: data to mirror, not hidden files.
 _ZARR_DOTNAMES = frozenset({".zarray", ".zattrs", ".zgroup", ".zmetadata"})
+_RANGE_VERSION = re.compile(r"bytes=(\d+)-(\d+)")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,12 @@ class Wanted:
 
 def _range_version(byte_range: tuple[int, int]) -> str:
     return f"bytes={byte_range[0]}-{byte_range[1] - 1}"
+
+
+def byte_range_of(entry: ManifestEntry) -> tuple[int, int] | None:
+    """[start, stop) of the object that `entry` holds, if it holds a byte range of it (see `Wanted`)."""
+    match = _RANGE_VERSION.fullmatch(entry.version or "")
+    return (int(match[1]), int(match[2]) + 1) if match else None
 
 
 def astuple(stats: TransferStats) -> tuple[int, int, int, int]:

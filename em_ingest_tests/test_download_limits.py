@@ -335,3 +335,16 @@ def test_ftp_file_of_unknown_size_under_the_ceiling_is_downloaded(ftp_file, tmp_
     result = FtpClient(roomy).download(url, dest, expected=RemoteObject(url, size=None))
     assert dest.stat().st_size == size == result.size
     assert leftovers(dest) == [dest]
+
+
+def test_s3_object_larger_than_max_body_bytes_is_not_read(replicas, tmp_path):
+    from em_ingest.transfer.s3 import S3Client
+
+    replica = replicas["openorganelle"]
+    endpoint, bucket = replica.env["EM_INGEST_OPENORGANELLE_ENDPOINT"], replica.env["EM_INGEST_OPENORGANELLE_BUCKET"]
+    key = "jrc_mus-nacc-2/jrc_mus-nacc-2.zarr/recon-2/em/fibsem-int16/s0/.zarray"
+    assert S3Client(endpoint, bucket).get(key)  # readable with the default limit
+    small = S3Client(endpoint, bucket, TransferSettings(max_body_bytes=16, max_attempts=2))
+    with pytest.raises(IntegrityError, match=r"max_body_bytes=16") as info:
+        small.fetch(small.url(key), tmp_path / "zarray")
+    assert key in str(info.value) and not (tmp_path / "zarray").exists()

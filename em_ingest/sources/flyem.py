@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -25,7 +24,7 @@ from em_ingest.errors import FormatError, SelectionError, SourceResponseError, T
 from em_ingest.formats.dvid import DvidTileVolume, Tile
 from em_ingest.formats.precomputed import XYZ, PrecomputedCrop, PrecomputedInfo, Scale, ShardingSpec, iter_shard_groups
 from em_ingest.formats.volume import Geometry, Volume
-from em_ingest.raw import Manifest, ManifestEntry, RawStore, TransferStats, Wanted
+from em_ingest.raw import Manifest, ManifestEntry, RawStore, TransferStats, Wanted, byte_range_of
 from em_ingest.selection import DatasetOptions, DatasetRequest
 from em_ingest.settings import Setting
 from em_ingest.sources.base import Description, InventoryItem, Source, options_as
@@ -60,7 +59,6 @@ DVID_COMMIT_DOC = "dvid/commit.json"
 DVID_INFO_DOC = "dvid/info.json"
 
 # The manifest version of a chunk cut from a shard: its byte range, inclusive end.
-_RANGE_VERSION = re.compile(r"bytes=(\d+)-(\d+)")
 
 
 class FlyemOptions(DatasetOptions):
@@ -384,10 +382,10 @@ def _known_ranges(raw: RawStore, remote: RemoteObject, chunks: dict[str, int], r
     ranges: dict[int, tuple[int, int]] = {}
     for key, chunk_id in chunks.items():
         entry = raw.previous_entry(relpaths[chunk_id])
-        match = _RANGE_VERSION.fullmatch(entry.version or "") if entry is not None else None
-        if (entry is not None and match and entry.url == remote.url
+        cut = byte_range_of(entry) if entry is not None else None
+        if (entry is not None and cut is not None and entry.url == remote.url
                 and remote.same_version_as(entry.as_dict(), compare_size=False)):
-            ranges[chunk_id] = (int(match[1]), int(match[2]) + 1)
+            ranges[chunk_id] = cut
         elif key not in absent_before:
             return None
     return ranges

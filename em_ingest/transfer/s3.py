@@ -247,7 +247,12 @@ class S3Client(Transport):
         if if_match:
             kwargs["IfMatch"] = if_match
         response = await s3.get_object(**kwargs)
+        length = response.get("ContentLength")
         try:
+            # Objects are read whole (chunks and metadata): one larger than max_body_bytes is not read at all.
+            if length is not None and length > self.settings.max_body_bytes:
+                raise IntegrityError(f"{self.url(key)}: {length} bytes, more than max_body_bytes="
+                                     f"{self.settings.max_body_bytes} read whole; not read", url=self.url(key))
             body = await response["Body"].read()
         finally:
             response["Body"].close()

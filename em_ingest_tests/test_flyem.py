@@ -302,9 +302,9 @@ def test_another_dataset_needs_its_own_grayscale(workspace, replicas):
 
 class TestFlyemContract(SourceContract):
     source, key = "flyem", PRECOMPUTED_KEY  # sharded precomputed (the DVID path is covered above)
-    # The crop's 15 chunks share one shard, so its new version brings all 15 ranges again, plus chunks.json
-    # (which records the shard versions); the neuPrint documents and info stay skipped.
-    refetched_after_change = 16
+    # The crop's 15 chunks lie in four shards; the changed one holds 3 of them, whose ranges come again, plus
+    # chunks.json (it records the shard versions). The other shards, the neuPrint documents and info stay skipped.
+    refetched_after_change = 4
 
     def change_one_object(self, replica) -> None:
         changed = replica.volume.copy()

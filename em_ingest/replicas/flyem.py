@@ -115,7 +115,7 @@ def _shard_files(chunks: dict[int, bytes], spec: dict) -> dict[str, bytes]:
             table = np.array([np.diff(ids, prepend=0), np.subtract(starts, ends), sizes], dtype="<u8")
             encoded = table.tobytes()
             if spec["minishard_index_encoding"] == "gzip":
-                encoded = gzip.compress(encoded)
+                encoded = gzip.compress(encoded, mtime=0)  # same bytes in, same shard out
             struct.pack_into("<QQ", index, 16 * minishard, len(body), len(body) + len(encoded))
             body += encoded
         files[f"{shard:0{(sb + 3) // 4}x}.shard"] = bytes(index + body)

@@ -420,6 +420,16 @@ class TestIdrContract(SourceContract):
         replica.expected[self.key].volume = changed
 
 
+# ---- OMERO's micrometres in nanometres, without float noise ------------------------------------
+
+def test_omero_micrometres_become_the_nearest_decimal_nanometres():
+    from em_ingest.archives.omero import img_data_voxel_size_nm
+
+    assert 0.0079983 * 1000 != 7.9983  # the noise a plain product leaves in the catalog
+    img_data = {"pixel_size": {"x": 0.0079983, "y": 0.0024, "z": 0.05}, "size": {"z": 40}}
+    assert img_data_voxel_size_nm(img_data) == (50.0, 2.4, 7.9983)
+
+
 # ---- OMERO's "Multiple": no single project or dataset, not a name ---------------------------------
 
 def test_omero_multiple_is_no_name():

@@ -213,3 +213,13 @@ def test_imagej_calibration_wins_over_fei_and_plain_resolution_tags_are_none(tmp
     with open_files([dpi], (65.0, 65.0), name="empiar/plain") as volume:
         assert isinstance(volume, TiffStack) and volume.geometry is None
         assert (volume.pixel_size_from, volume.z_spacing_from) == ("archive", None)
+
+
+def test_fei_metres_become_the_nearest_decimal_nanometres(tmp_path):
+    """7.9983e-09 m is 7.9983 nm exactly as printed, not the 7.998299999999999 of multiplying by 1e9."""
+    assert 7.9983e-09 * 1e9 != 7.9983  # the noise a plain product leaves in the catalog
+    path = tmp_path / "fei_fine.tif"
+    tifffile.imwrite(path, np.zeros((4, 6), np.uint8),
+                     extratags=[(34682, "s", 0, "[Scan]\nPixelWidth=7.9983e-09\nPixelHeight=2.4e-09\n", True)])
+    calibration = tiff.read_calibration(path)
+    assert calibration is not None and calibration.pixel_size_nm == (2.4, 7.9983)

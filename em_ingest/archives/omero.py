@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from em_ingest.errors import SourceResponseError
-from em_ingest.formats.units import nm_per_unit
+from em_ingest.formats.units import to_nm
 from em_ingest.transfer.http import HttpClient
 
 # What the JSON API (`/api/v0/m/...`) is asked for per page.
@@ -91,8 +91,8 @@ def img_data_voxel_size_nm(img_data: dict[str, Any]) -> tuple[float, float, floa
     sizes = [v for v in (z, y, x) if isinstance(v, (int, float)) and not v <= 0]
     if len(sizes) != 3:
         return None
-    nm_per_um = nm_per_unit("micrometer", where="imgData")
-    return (float(sizes[0]) * nm_per_um, float(sizes[1]) * nm_per_um, float(sizes[2]) * nm_per_um)
+    z_nm, y_nm, x_nm = (to_nm(float(v), "micrometer", where="imgData pixel_size") for v in sizes)
+    return (z_nm, y_nm, x_nm)
 
 
 def container_in_paths(paths: Any) -> tuple[str, int] | None:

@@ -18,7 +18,7 @@ import zarr
 
 from em_ingest.errors import FormatError, UnsupportedDataError
 from em_ingest.formats import imagej
-from em_ingest.formats.units import nm_per_unit
+from em_ingest.formats.units import to_nm
 from em_ingest.formats.volume import Geometry, Region, Volume, triple
 from em_ingest.limits import check_chunk
 
@@ -115,9 +115,9 @@ def fei_metadata(page: tifffile.TiffPage) -> dict[str, dict[str, Any]]:
 def fei_pixel_size_nm(page: tifffile.TiffPage, *, where: str) -> tuple[float, float] | None:
     """(y, x) pixel size from FEI's `[Scan] PixelHeight/PixelWidth` (metres), or None if absent or not positive."""
     scan = fei_metadata(page).get("Scan") or {}
-    nm_per_metre = nm_per_unit("m", where=f"{where}: FEI tag {FEI_TAG}")
     try:
-        height, width = (float(scan[key]) * nm_per_metre for key in ("PixelHeight", "PixelWidth"))
+        height, width = (to_nm(float(scan[key]), "m", where=f"{where}: FEI tag {FEI_TAG}")
+                         for key in ("PixelHeight", "PixelWidth"))
     except (KeyError, TypeError, ValueError):
         return None  # an FEI image without a scan (e.g. a navigation camera's) states no pixel size
     if not (math.isfinite(height) and math.isfinite(width) and height > 0 and width > 0):

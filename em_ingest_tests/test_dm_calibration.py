@@ -104,6 +104,16 @@ def test_origin_places_the_first_pixel(tmp_path: Path) -> None:
         image.translation_nm, abs=1e-3)
 
 
+def test_3d_origin_places_the_volume(tmp_path: Path) -> None:
+    """A 3-D DM file's origins (pixels) become the volume's translation, z included, as ncempy's coordinates say."""
+    path = write(tmp_path, "placed.dm4", stack(), calibrations=((4.0, "µm", 2.0), (3.0, "nm", -10.0), (2.0, "pm", 0.0)))
+    reference = dmReader(str(path))
+    volume = _single_file_volume(path, None)
+    assert volume.geometry is not None and volume.geometry.translation_nm == (-8000.0, 30.0, 0.0)
+    first_nm = tuple(float(c[0]) * NM_PER[str(u)] for c, u in zip(reference["coords"], reference["pixelUnit"]))
+    assert first_nm == pytest.approx(volume.geometry.translation_nm)
+
+
 @pytest.mark.parametrize("name", ["colour.dm3", "colour.dm4"])
 def test_rgba_dm_image_is_refused_as_a_colour_image(tmp_path: Path, name: str) -> None:
     rgba = np.random.default_rng(5).integers(0, 255, (32, 40, 4), dtype=np.uint8)

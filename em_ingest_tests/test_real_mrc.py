@@ -23,6 +23,9 @@ EMD_3197 = DATA / "EMD-3197.map"  # sub-tomogram average, standard axes, 11.4 Å
 # Voxel sizes (z, y, x) in nm worked out by hand from each header's CELLA / (MX, MY, MZ), in Å:
 # EMD-3001: x 17.93 / 40 = 0.44825, y 4.71 / 12 = 0.3925, z 33.03 / 72 = 0.45875; EMD-3197: 228 / 20 = 11.4.
 VOXEL_NM = {EMD_3001: (0.045875, 0.03925, 0.044825), EMD_3197: (1.14, 1.14, 1.14)}
+# Where voxel 0 sits, (z, y, x) nm, by hand: ORIGIN is zero in both, so the grid start times the voxel size.
+# EMD-3001 starts columns (z) at 0, rows (x) at -21, sections (y) at -12; EMD-3197 starts columns (x) at -2.
+ORIGIN_NM = {EMD_3001: (0.0, -12 * 0.03925, -21 * 0.044825), EMD_3197: (0.0, 0.0, -2 * 1.14)}
 SHAPE_ZYX = {EMD_3001: (73, 25, 43), EMD_3197: (20, 20, 20)}
 ALL_ORDERS = list(itertools.permutations((1, 2, 3)))
 
@@ -88,7 +91,7 @@ def test_real_map_reads_like_mrcfile_in_zyx_order(path):
     assert header.dtype == expected.dtype == np.dtype("float32")
     assert header.voxel_size_nm == VOXEL_NM[path]  # exactly: no float noise from Å → nm
     assert header.voxel_size_nm == pytest.approx(tuple(v / 10 for v in voxel_a[::-1]), rel=1e-6)
-    assert origin_a == (0.0, 0.0, 0.0) and header.origin_nm is None
+    assert origin_a == (0.0, 0.0, 0.0) and header.origin_nm == pytest.approx(ORIGIN_NM[path], abs=1e-12)
     with MrcVolume(path) as volume:
         assert volume.shape == expected.shape and volume.dtype == expected.dtype
         np.testing.assert_array_equal(volume.read(full(volume.shape)), expected)  # every voxel
@@ -105,7 +108,21 @@ def test_emd_3001_has_a_sheared_cell_so_no_geometry_is_claimed():
         assert volume.geometry is None  # the pipeline asks the curator instead
     with MrcVolume(EMD_3197) as volume:
         assert volume.geometry is not None and volume.geometry.voxel_size_nm == (1.14, 1.14, 1.14)
-        assert volume.geometry.voxel_size_origin == "source-metadata" and volume.geometry.translation_nm is None
+        assert volume.geometry.voxel_size_origin == "source-metadata"
+        assert volume.geometry.translation_nm == (0.0, 0.0, -2.28)  # no float noise either
+
+
+def test_origin_record_wins_over_the_grid_start_and_the_start_follows_the_axis_order(tmp_path):
+    zyx = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    path = tmp_path / "start.mrc"
+    # Columns are y, rows z, sections x; starts 3 (y), -1 (z), 2 (x); voxel (z, y, x) 2, 3, 4 Å.
+    write_copy(path, zyx, (2, 3, 1), cell_a=(24.0, 15.0, 8.0), grid=(6, 5, 4))
+    with mrcfile.open(path, mode="r+") as mrc:
+        mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = 3, -1, 2
+    assert read_mrc_header(path).origin_nm == (-0.2, 0.9, 0.8)
+    with mrcfile.open(path, mode="r+") as mrc:
+        mrc.header.origin = (10.0, 20.0, 30.0)  # x, y, z in Å
+    assert read_mrc_header(path).origin_nm == (3.0, 2.0, 1.0)
 
 
 @pytest.mark.parametrize("axes_crs", ALL_ORDERS, ids=lambda a: "mapc{}-mapr{}-maps{}".format(*a))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from decimal import Decimal
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,9 +178,11 @@ def _axis_sizes_nm(axes: tuple[DmAxis, ...], path: Path) -> tuple[float | None, 
 
 def _translation_nm(axes: tuple[DmAxis, ...], sizes: tuple[float | None, ...]) -> tuple[float, ...] | None:
     # Pixel 0 sits at (0 - origin) x scale; GMS stores the origin in pixels.
-    if any(s is None for s in sizes) or not all(math.isfinite(a.origin) for a in axes):
+    # None when every origin is 0 (GMS's default), as for the other formats that state no placement.
+    if any(s is None for s in sizes) or not all(math.isfinite(a.origin) for a in axes) or not any(a.origin for a in axes):
         return None
-    return tuple((0.0 - a.origin) * s for a, s in zip(axes, sizes) if s is not None)
+    # In decimal, so -171 px x 0.24853802 nm is 42.49999942 nm, without float noise in the catalog.
+    return tuple(float(-Decimal(repr(a.origin)) * Decimal(repr(s))) for a, s in zip(axes, sizes) if s is not None)
 
 
 def _slice_spacing_nm(tags: dict[str, Any], prefix: str, path: Path) -> float | None:

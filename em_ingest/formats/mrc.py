@@ -29,7 +29,8 @@ class MrcHeader:
 
     `voxel_size_nm` is (z, y, x) cell length over grid intervals (CELLA / MX, MY, MZ); None unless x and y are
     both set, and its z alone is None when the cell's z length is 0 — a single image, as EPU and FEI write
-    micrographs (mz = 1, cella.z = 0). `origin_nm` is the header's ORIGIN record, None when it is all zero.
+    micrographs (mz = 1, cella.z = 0). `origin_nm` is the ORIGIN record, else the grid start (NXSTART...) times
+    the voxel size; None when both are zero.
     """
 
     path: Path
@@ -113,12 +114,23 @@ def _voxel_size_nm(header: Any, path: Path) -> tuple[float | None, float, float]
     return (None if z is None else to_nm(z, "Å", where=where), to_nm(y, "Å", where=where), to_nm(x, "Å", where=where))
 
 
-def _origin_nm(header: Any, path: Path) -> tuple[float, float, float] | None:
+def _origin_nm(header: Any, path: Path, axes_crs: tuple[int, int, int],
+               voxel_size_nm: tuple[float | None, float, float] | None) -> tuple[float, float, float] | None:
+    """Where voxel 0 sits, (z, y, x) nm: the ORIGIN record when it is set, else the grid start (NXSTART, NYSTART,
+    NZSTART, in voxels along the file's columns, rows and sections) times the voxel size, as EMDB maps state it
+    (ChimeraX reads both the same way); None when both are zero."""
     origin = header.origin  # (x, y, z) in Å: physical axes, whatever the file's axis order
-    if not any(float(origin[axis]) for axis in "xyz"):
+    if any(float(origin[axis]) for axis in "xyz"):
+        where = f"{path}: MRC ORIGIN"
+        return triple(to_nm(_decimal(origin[axis]), "Å", where=where) for axis in "zyx")
+    starts = (int(header.nxstart), int(header.nystart), int(header.nzstart))  # columns, rows, sections
+    if not any(starts) or voxel_size_nm is None:
         return None
-    where = f"{path}: MRC ORIGIN"
-    return triple(to_nm(_decimal(origin[axis]), "Å", where=where) for axis in "zyx")
+    start_of = {axis: start for axis, start in zip(axes_crs, starts)}  # physical axis (x=1, y=2, z=3) -> start
+    sizes = dict(zip((3, 2, 1), voxel_size_nm))
+    if start_of[3] and sizes[3] is None:
+        return None  # a z start without a z spacing is no length
+    return triple(float(Decimal(start_of[axis]) * Decimal(repr(sizes[axis] or 0.0))) for axis in (3, 2, 1))
 
 
 def _zyx_view(mrc: Any, path: Path) -> tuple[np.ndarray, MrcHeader]:
@@ -134,8 +146,9 @@ def _zyx_view(mrc: Any, path: Path) -> tuple[np.ndarray, MrcHeader]:
     axes = _axes_crs(header, path)
     view = data if axes == STANDARD_AXES else data.transpose(_zyx_order(axes))
     angles = triple(float(header.cellb[name]) for name in ("alpha", "beta", "gamma"))
+    voxel_size = _voxel_size_nm(header, path)
     parsed = MrcHeader(path, triple(int(n) for n in view.shape), np.dtype(data.dtype).newbyteorder("="),
-                       _voxel_size_nm(header, path), _origin_nm(header, path), axes, angles)
+                       voxel_size, _origin_nm(header, path, axes, voxel_size), axes, angles)
     return view, parsed
 
 

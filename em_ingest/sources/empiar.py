@@ -18,7 +18,7 @@ from em_ingest.formats.mrc import MRC_SUFFIXES, MrcVolume, read_mrc_header
 from em_ingest.formats.stack import DM_SUFFIXES, IMAGE_SUFFIXES, TIFF_SUFFIXES, PlaneStack, natural_order
 from em_ingest.formats.tiff import TiffStack
 from em_ingest.formats.units import to_nm
-from em_ingest.formats.volume import ArrayVolume, Geometry, Volume
+from em_ingest.formats.volume import ArrayVolume, Geometry, Volume, triple
 from em_ingest.raw import Manifest, RawStore, Wanted, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest
 from em_ingest.settings import Setting, Settings
@@ -335,7 +335,10 @@ def _single_file_volume(path: Path, fallback_xy: tuple[float, float] | None) -> 
         image = read_dm(path)
         if len(image.shape) == 3:
             pixel = image.pixel_size_nm or fallback_xy
-            geometry = Geometry((image.slice_spacing_nm, *pixel), "source-metadata") \
+            # The file's own placement only with its own calibration: an origin in pixels means nothing at
+            # the archive's pixel size.
+            translation = triple(image.translation_nm) if image.translation_nm and image.pixel_size_nm else None
+            geometry = Geometry((image.slice_spacing_nm, *pixel), "source-metadata", translation) \
                 if pixel and image.slice_spacing_nm else None
             return ArrayVolume(image.array(), geometry, name=str(path))
     return None

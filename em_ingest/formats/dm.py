@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
-from decimal import Decimal
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 

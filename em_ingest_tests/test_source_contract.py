@@ -1,8 +1,8 @@
 """The contract every source passes, end to end through Dagster against its replica.
 
 For each dataset a replica offers for the demo: materialize raw + ome_zarr, compare s0 voxel for
-voxel with the replica's ground truth, check geometry and catalog fields, and re-run to prove
-that nothing is transferred or rewritten again.
+voxel with the replica's ground truth, open it with independent readers, check geometry and catalog
+fields, and re-run to prove that nothing is transferred or rewritten again.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from em_ingest import catalog
 from em_ingest.omezarr.validate import validate_ome_zarr
 from em_ingest.replicas import replica_classes
 from em_ingest.sources import source_classes
+from em_ingest_tests.independent import check_published_image
 
 CASES = [
     (source, key)
@@ -50,6 +51,8 @@ def test_source_end_to_end(workspace, replicas, source, key):
         np.testing.assert_array_equal(s0, expected.volume)
     assert summary.scales_nm[0] == pytest.approx(expected.voxel_size_nm)
     assert summary.translations_nm[0] == pytest.approx(expected.translation_nm or (0.0, 0.0, 0.0))
+    # Readers no one here wrote see the same image: ome-zarr-py, ngff-zarr (schema-validated), Neuroglancer's subset.
+    check_published_image(path, expected_s0=s0, voxel_size_nm=expected.voxel_size_nm)
 
     assert ws.materialize_catalog().success
     row = catalog.read_catalog(ws.data_root / "catalog" / "metadata_catalog.parquet").to_pylist()

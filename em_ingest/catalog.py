@@ -68,6 +68,8 @@ class CatalogRow:
     ingested_at: datetime | None = _column(pa.timestamp("us", tz="UTC"))
     status: str | None = _column(pa.string(), "ok, or unselected when no longer in the selection file")
     extra_json: str | None = _column(pa.string(), "source-specific fields and the untouched source record, as JSON")
+    labels: list[str] | None = _column(pa.list_(pa.string()), "names of the image's labels (under <zarr_path>/labels), "
+                                       "null when it has none")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ import pyarrow as pa
 from em_ingest import catalog, limits, storage
 from em_ingest.errors import EmIngestError, SelectionError, ValidationError
 from em_ingest.formats.volume import Geometry, Volume, triple
+from em_ingest.omezarr.labels import WrittenLabel, write_labels
 from em_ingest.omezarr.validate import validate_ome_zarr
 from em_ingest.omezarr.writer import WriteResult, ZarrLayout, write_ome_zarr
 from em_ingest.raw import Manifest, RawStore
@@ -158,7 +160,8 @@ class Pipeline:
             with storage.staged_directory(final, exclusive=True) as staging:
                 result = write_ome_zarr(volume, geometry, staging, name=f"{request.source}/{request.key}",
                                         layout=self.layout)
-                row = self._row(request, description, geometry, manifest, result, final)
+                labels = self._write_labels(request, source, raw, staging, result, geometry)
+                row = self._row(request, description, geometry, manifest, result, final, labels)
                 levels = [{"path": lv.path, "shape": list(lv.shape), "scale_nm": list(lv.scale_nm),
                            "translation_nm": list(lv.translation_nm)} for lv in result.levels]
                 sidecar = {"inputs_digest": digest, "catalog_row": row, "levels": levels,
@@ -167,8 +170,20 @@ class Pipeline:
                 (staging / catalog.SIDECAR_NAME).write_text(json.dumps(sidecar, indent=1, default=str))
         return Conversion(row, levels, final, final / "thumbnail.png", False, digest)
 
+    def _write_labels(self, request: DatasetRequest, source: Source, raw: RawStore, staging: Path,
+                      image: WriteResult, geometry: Geometry) -> list[WrittenLabel]:
+        """The labels the selection asks for, written under the image's `labels/` group."""
+        with ExitStack() as opened:
+            labels = source.open_labels(request, raw)
+            for label in labels:
+                opened.enter_context(label.volume)
+                limits.check_volume(label.volume.shape, np.dtype(label.volume.dtype).itemsize, self.settings.limits,
+                                    f"{request.source}/{request.key} label {label.name} ({label.volume.name})")
+            return write_labels(staging, labels, image, geometry, image_name=f"{request.source}/{request.key}",
+                                layout=self.layout)
+
     def _row(self, request: DatasetRequest, d: Description, geometry: Geometry, manifest: Manifest,
-             result: WriteResult, final: Path) -> dict[str, Any]:
+             result: WriteResult, final: Path, labels: list[WrittenLabel]) -> dict[str, Any]:
         shape = result.levels[0].shape
         translation = geometry.translation_nm or (None, None, None)
         row = catalog.CatalogRow(
@@ -188,8 +203,10 @@ class Pipeline:
             zarr_path=str(final), thumbnail_path=str(final / "thumbnail.png") if result.thumbnail else None,
             intensity_min=result.intensity_min, intensity_max=result.intensity_max,
             intensity_mean=result.intensity_mean,
-            extra_json=json.dumps({"ngff_version": result.ngff_version, "shards": result.shards, **d.extra},
+            extra_json=json.dumps({"ngff_version": result.ngff_version, "shards": result.shards, **d.extra,
+                                   **({"labels": {lb.name: lb.catalog_entry() for lb in labels}} if labels else {})},
                                   sort_keys=True, default=str),
+            labels=[label.name for label in labels] or None,
         )
         # The sidecar keeps the row as JSON: the timestamp as ISO text, the status set when the catalog is built.
         return {**row.as_dict(), "ingested_at": datetime.now(UTC).isoformat()}
@@ -205,9 +222,10 @@ class Pipeline:
         with source.open_volume(request, self.raw_store(request, source)) as volume:
             geometry = resolve_geometry(volume, request)
             expected = {"shape": list(volume.shape), "dtype": str(np.dtype(volume.dtype).newbyteorder("=")),
-                        "voxel_size_nm": [float(v) for v in geometry.voxel_size_nm]}
+                        "voxel_size_nm": [float(v) for v in geometry.voxel_size_nm],
+                        "labels": sorted(getattr(request.options, "labels", None) or {})}
         found = {"shape": list(summary.shapes[0]), "dtype": summary.dtype,
-                 "voxel_size_nm": [float(v) for v in summary.scales_nm[0]]}
+                 "voxel_size_nm": [float(v) for v in summary.scales_nm[0]], "labels": sorted(summary.labels)}
         mismatched = tuple(k for k in expected if expected[k] != found[k])
         return Verification(summary.ngff_version, len(summary.paths), None, expected, found, mismatched)
 

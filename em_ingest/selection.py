@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
 from em_ingest.errors import SelectionError
+from em_ingest.formats.label import check_label_name
 from em_ingest.formats.volume import VOXEL_SIZE_RANGE_NM
 
 # A key names a folder and a partition: it starts with a letter or digit, so it is never `.`, `..`,
@@ -22,6 +23,19 @@ DATASET_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_SELECTION_BYTES = 4 << 20
 VoxelLength = Annotated[float, Field(strict=True, ge=VOXEL_SIZE_RANGE_NM[0], le=VOXEL_SIZE_RANGE_NM[1],
                                      allow_inf_nan=False)]
+
+
+def _label_sources(value: dict[str, str]) -> dict[str, str]:
+    for name, where in value.items():
+        check_label_name(name, "labels")
+        if not where.strip():
+            raise ValueError(f"labels: {name!r} names no place in the source")
+    return value
+
+
+# Option `labels` of a source that publishes labels beside its images: label name -> where the source keeps it.
+LabelSources = Annotated[dict[str, str], AfterValidator(_label_sources),
+                         Field(description="label name -> where the source keeps it (a file, a group path)")]
 
 
 class DatasetOptions(BaseModel):

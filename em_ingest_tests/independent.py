@@ -48,6 +48,35 @@ def check_published_image(path: Path, *, expected_s0: np.ndarray | None = None,
 Levels = list[tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]]  # (shape, scale, translation)
 
 
+def check_published_labels(path: Path, expected: dict[str, tuple[np.ndarray, tuple[Any, Any]]]) -> None:
+    """The image's labels as ome-zarr-py finds them (Label nodes) and ngff-zarr reads each: the names expected,
+    s0 equal to the expected ids, each level's values among s0's (a mode never invents an id), the s0 placement
+    as expected, and as many levels as the image (a level for each of the image's)."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    nodes = list(Reader(parse_url(str(path)))())  # type: ignore[arg-type]
+    found = {str(node.metadata["name"]).rsplit("/", 1)[-1]: node for node in nodes
+             if any(isinstance(spec, Label) for spec in node.specs)}
+    if set(found) != set(expected):
+        raise IndependentReadError(f"{path}: ome-zarr-py finds labels {sorted(found)}, expected {sorted(expected)}")
+    image_levels = read_with_ome_zarr_py(path)
+    for name, (ids, (scale_nm, translation_nm)) in expected.items():
+        levels = read_with_ngff_zarr(path / "labels" / name)
+        if len(levels) != len(image_levels):
+            raise IndependentReadError(f"{path}/labels/{name}: {len(levels)} levels for the image's {len(image_levels)}")
+        if not (np.allclose(levels[0][1], scale_nm) and np.allclose(levels[0][2], translation_nm)):
+            raise IndependentReadError(f"{path}/labels/{name}: s0 at {levels[0][1:]}, expected {scale_nm, translation_nm}")
+        data = [np.asarray(level) for level in found[name].data]
+        if data[0].dtype != ids.dtype or not np.array_equal(data[0], ids):
+            raise IndependentReadError(f"{path}/labels/{name}: s0 differs from the source's ids")
+        present = np.unique(data[0])
+        for k, level in enumerate(data[1:], 1):
+            invented = np.setdiff1d(np.unique(level), present)
+            if invented.size:
+                raise IndependentReadError(f"{path}/labels/{name}/s{k}: values {invented[:5]} are not in s0")
+
+
 def read_with_ome_zarr_py(path: Path) -> Levels:
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Reader

@@ -15,7 +15,7 @@ from em_ingest import catalog
 from em_ingest.omezarr.validate import validate_ome_zarr
 from em_ingest.replicas import replica_classes
 from em_ingest.sources import source_classes
-from em_ingest_tests.independent import check_published_image
+from em_ingest_tests.independent import check_published_image, check_published_labels
 
 CASES = [
     (source, key)
@@ -53,6 +53,8 @@ def test_source_end_to_end(workspace, replicas, source, key):
     assert summary.translations_nm[0] == pytest.approx(expected.translation_nm or (0.0, 0.0, 0.0))
     # Readers no one here wrote see the same image: ome-zarr-py, ngff-zarr (schema-validated), Neuroglancer's subset.
     check_published_image(path, expected_s0=s0, voxel_size_nm=expected.voxel_size_nm)
+    assert summary.labels == tuple(expected.labels)
+    check_published_labels(path, expected.labels)
 
     assert ws.materialize_catalog().success
     row = catalog.read_catalog(ws.data_root / "catalog" / "metadata_catalog.parquet").to_pylist()
@@ -64,6 +66,7 @@ def test_source_end_to_end(workspace, replicas, source, key):
     assert (row["shape_z"], row["shape_y"], row["shape_x"]) == expected.volume.shape
     for column, value in expected.catalog.items():
         assert row[column] == value, column
+    assert row["labels"] == (list(expected.labels) or None)
 
     again = ws.materialize(source, key)
     raw_meta = again.get_asset_materialization_events()[0].materialization.metadata

@@ -37,13 +37,16 @@ def level_factors(shape: Shape, scale_nm: Vec) -> Shape:
     return triple(2 if n > 1 and s <= finest * ANISOTROPY_TOLERANCE else 1 for s, n in zip(scale_nm, shape))
 
 
-def plan_pyramid(shape: Shape, voxel_size_nm: Vec, translation_nm: Vec, chunks: Shape) -> list[Level]:
-    """Levels s0..sN: keep adding one while any axis of the last level is longer than one chunk."""
+def plan_pyramid(shape: Shape, voxel_size_nm: Vec, translation_nm: Vec, chunks: Shape,
+                 count: int | None = None) -> list[Level]:
+    """Levels s0..sN: keep adding one while any axis of the last level is longer than one chunk; or exactly
+    `count` levels (a label's pyramid has as many as its image's, so each level has a partner), the last ones
+    repeating the coarsest grid once every axis is down to one voxel."""
     levels = [Level("s0", shape, voxel_size_nm, translation_nm, (1, 1, 1))]
-    while any(n > c for n, c in zip(levels[-1].shape, chunks)):
+    while (len(levels) < count) if count is not None else any(n > c for n, c in zip(levels[-1].shape, chunks)):
         last = levels[-1]
         factors = level_factors(last.shape, last.scale_nm)
-        if factors == (1, 1, 1):
+        if factors == (1, 1, 1) and count is None:
             break
         new_shape = triple(-(-n // f) for n, f in zip(last.shape, factors))
         new_scale = triple(s * f for s, f in zip(last.scale_nm, factors))
@@ -101,3 +104,19 @@ def downsample(block: np.ndarray, factors: Shape) -> np.ndarray:
         total >>= shift
         return total.astype(block.dtype)
     return (total / n).astype(block.dtype)
+
+
+def downsample_labels(block: np.ndarray, factors: Shape) -> np.ndarray:
+    """The most frequent value of each window of `factors` (ties go to the smallest value), for label images.
+
+    Averaging would invent ids that are in no window; the mode takes a value that is there, so every level's
+    values are a subset of s0's and ids of any integer width (uint64 included) survive exactly. A window cut
+    by the volume's edge takes the mode of the voxels it has. tensorstore's `mode` downsampling does the work
+    in C++ (its tie rule is the smallest value, so a level does not depend on where a window starts).
+    """
+    if factors == (1, 1, 1):
+        return block
+    import tensorstore
+
+    reduced: np.ndarray = tensorstore.downsample(tensorstore.array(block), list(factors), "mode").read().result()
+    return reduced

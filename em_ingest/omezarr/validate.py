@@ -26,6 +26,7 @@ class ImageSummary:
     scales_nm: tuple[tuple[float, ...], ...]
     translations_nm: tuple[tuple[float, ...], ...]
     dtype: str
+    labels: tuple[str, ...] = ()  # label images under labels/, each valid as an image-label (integer ids)
 
 
 def validate_ome_zarr(path: Path | str) -> ImageSummary:
@@ -53,7 +54,7 @@ def validate_ome_zarr(path: Path | str) -> ImageSummary:
             raise ValidationError(f"{path}: no OME-NGFF 'multiscales' metadata")
     except PydanticValidationError as exc:
         raise ValidationError(f"{path}: invalid OME-NGFF metadata: {exc}") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # RuntimeError: its labels disagree with it
         raise ValidationError(f"{path}: invalid OME-NGFF image: {exc}") from None
     from ome_zarr_models.common.coordinate_transformations import VectorScale, VectorTranslation
 
@@ -82,4 +83,22 @@ def validate_ome_zarr(path: Path | str) -> ImageSummary:
     for p, shape, array in zip(paths, shapes, arrays):
         if len(shape) != 3 or str(array.dtype) != dtype:
             raise ValidationError(f"{path}/{p}: expected a 3-D {dtype} array, got {shape} {array.dtype}")
-    return ImageSummary(version, tuple(paths), tuple(shapes), tuple(scales), tuple(translations), dtype)
+    labels = _validate_labels(group, path, len(paths))
+    return ImageSummary(version, tuple(paths), tuple(shapes), tuple(scales), tuple(translations), dtype, labels)
+
+
+def _validate_labels(group: zarr.Group, path: Path | str, levels: int) -> tuple[str, ...]:
+    """The names the `labels` group lists, each checked as an image of its own (axes, inline transforms) with
+    integer values and as many levels as the image; the spec models already checked the image-label metadata."""
+    if "labels" not in group:
+        return ()
+    attrs = group["labels"].attrs.asdict()
+    names = (attrs.get("ome") or attrs).get("labels")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValidationError(f"{path}/labels: expected a list of label names, got {names!r}")
+    for name in names:
+        label = validate_ome_zarr(f"{path}/labels/{name}")
+        if label.labels or len(label.paths) != levels or not label.dtype.startswith(("int", "uint")):
+            raise ValidationError(f"{path}/labels/{name}: expected {levels} levels of integer values, got "
+                                  f"{len(label.paths)} of {label.dtype}")
+    return tuple(names)

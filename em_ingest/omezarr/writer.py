@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import product
@@ -238,17 +238,21 @@ class _BoundedWriter:
 
 
 def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
-                   layout: ZarrLayout = ZarrLayout(), attributes: dict[str, Any] | None = None) -> WriteResult:
+                   layout: ZarrLayout = ZarrLayout(), attributes: dict[str, Any] | None = None,
+                   reduce: Callable[[np.ndarray, tuple[int, int, int]], np.ndarray] = downsample,
+                   level_count: int | None = None, thumbnail: bool = True) -> WriteResult:
     """Write `volume` as a multiscale OME-Zarr image at `dest` (a new, empty staging directory).
 
     Each s0 block is read once and feeds every level: it is written, downsampled into the next
     level's open block, and so on up the pyramid as blocks complete. Nothing is read back.
     Peak memory is a few blocks per level plus the writes in flight, whatever the volume's size.
+    A label image passes its own `reduce` (a window's mode, never a mean), its image's `level_count`,
+    and no thumbnail.
     """
     dtype = np.dtype(volume.dtype).newbyteorder("=")
     translation = geometry.translation_nm or (0.0, 0.0, 0.0)
     chunks0 = layout.chunks_for(volume.shape)
-    levels = plan_pyramid(volume.shape, geometry.voxel_size_nm, translation, chunks0)
+    levels = plan_pyramid(volume.shape, geometry.voxel_size_nm, translation, chunks0, level_count)
 
     root = zarr.open_group(zarr.storage.LocalStore(dest), mode="w-", zarr_format=layout.zarr_format)
     root.attrs.update({**(attributes or {}), **multiscales_attributes(levels, name, layout.ngff_version)})
@@ -267,7 +271,7 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
         if k + 1 < len(levels):
             factors = levels[k + 1].factors
             coarse = triple(slice(r.start // f, -(-r.stop // f)) for r, f in zip(region, factors))
-            for block_region, block in assemblers[k + 1].add(coarse, downsample(data, factors)):
+            for block_region, block in assemblers[k + 1].add(coarse, reduce(data, factors)):
                 emit(k + 1, block_region, block)
 
     def read(region: Region) -> np.ndarray:
@@ -295,12 +299,12 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
     finally:
         writer.settle()
 
-    thumbnail = write_thumbnail(arrays, dest / "thumbnail.png")
+    thumbnail_path = write_thumbnail(arrays, dest / "thumbnail.png") if thumbnail else None
     stored = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     return WriteResult(
         path=dest, levels=tuple(levels), dtype=dtype.name, chunks=chunks0, shards=layout.shards_for(volume.shape),
         ngff_version=layout.ngff_version, compression=layout.compression, stored_bytes=stored,
-        intensity_min=stats.min, intensity_max=stats.max, intensity_mean=stats.mean, thumbnail=thumbnail,
+        intensity_min=stats.min, intensity_max=stats.max, intensity_mean=stats.mean, thumbnail=thumbnail_path,
     )
 
 

@@ -20,6 +20,9 @@ class Expected:
     translation_nm: tuple[float, float, float] | None = None
     catalog: dict[str, Any] = field(default_factory=dict)  # catalog columns the row must have
     tolerance: float = 0.0  # max abs voxel difference allowed (lossy encodings such as JPEG)
+    # Label name -> (its s0 exactly, its s0 (scale, translation) in nm); empty when the dataset has no labels.
+    labels: dict[str, tuple[np.ndarray, tuple[tuple[float, float, float], tuple[float, float, float]]]] = field(
+        default_factory=dict)
 
 
 class Replica:

@@ -40,9 +40,11 @@ class EpflReplica(Replica):
             volumes[f"{split}_groundtruth.tif"] = np.where(volumes[f"{split}.tif"] > 150, 255, 0).astype(np.uint8)
         for name, volume in volumes.items():
             self.set_file(name, volume)
+        self.expected["hippocampus-training"].labels = {
+            "mitochondria": (volumes["training_groundtruth.tif"], ((5.0, 5.0, 5.0), (0.0, 0.0, 0.0)))}
         self.env = {"EM_INGEST_EPFL_URL": server.url + FOLDER.replace(" ", "%20")}
         self.selection = {
-            "hippocampus-training": {"file": "training.tif"},
+            "hippocampus-training": {"file": "training.tif", "labels": {"mitochondria": "training_groundtruth.tif"}},
             "hippocampus-volumedata": {"file": "volumedata.tif"},
         }
         return self
@@ -52,8 +54,10 @@ class EpflReplica(Replica):
         self.http.add_file(f"{FOLDER}/{name}", itk_tiff(volume), content_type="image/tiff")
         key = {"training.tif": "hippocampus-training", "volumedata.tif": "hippocampus-volumedata"}.get(name)
         if key:
+            labels = self.expected[key].labels if key in self.expected else {}  # the masks are files of their own
             self.expected[key] = Expected(volume, (5.0, 5.0, 5.0), "documented-default", None,
-                                          {"license": "unspecified; academic use", "sample": "CA1 hippocampus"})
+                                          {"license": "unspecified; academic use", "sample": "CA1 hippocampus"},
+                                          labels=labels)
 
 
 REPLICA = EpflReplica

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from em_ingest.errors import SelectionError
+from em_ingest.formats.label import LabelImage
 from em_ingest.formats.volume import Volume
 from em_ingest.raw import Manifest, RawStore
 from em_ingest.selection import DatasetOptions, DatasetRequest
@@ -86,6 +87,10 @@ class Source(ABC):
     @abstractmethod
     def open_volume(self, request: DatasetRequest, raw: RawStore) -> Volume:
         """The raw bytes as a lazy (z, y, x) volume, with geometry where the data gives it."""
+
+    def open_labels(self, request: DatasetRequest, raw: RawStore) -> list[LabelImage]:
+        """The label volumes the selection asks for (option `labels`), from the raw store; none by default."""
+        return []
 
 
 def options_as(request: DatasetRequest, model: type[OptionsT]) -> OptionsT:

@@ -6,10 +6,11 @@ from collections.abc import Iterable
 
 from pydantic import field_validator
 
+from em_ingest.formats.label import LabelImage
 from em_ingest.formats.tiff import TiffStack
 from em_ingest.formats.volume import Geometry, Volume
-from em_ingest.raw import Manifest, RawStore, safe_relative_path
-from em_ingest.selection import DatasetOptions, DatasetRequest
+from em_ingest.raw import Manifest, RawStore, Wanted, safe_relative_path
+from em_ingest.selection import DatasetOptions, DatasetRequest, LabelSources
 from em_ingest.settings import Setting
 from em_ingest.sources.base import Description, InventoryItem, Source, options_as
 
@@ -28,6 +29,7 @@ FILES = {
     "testing.tif": "Testing sub-volume",
     "testing_groundtruth.tif": "Testing sub-volume, mitochondria ground truth (0 / 255)",
 }
+MASK_RGBA = (255, 0, 255, 255)  # the masks' one class (255), drawn in magenta over the grey image
 CITATIONS = [
     "Lucchi et al., Supervoxel-Based Segmentation of Mitochondria in EM Image Stacks with Learned Shape "
     "Features, IEEE Transactions on Medical Imaging, 2012",
@@ -38,14 +40,25 @@ CITATIONS = [
 
 class EpflOptions(DatasetOptions):
     file: str
+    # e.g. {mitochondria: training_groundtruth.tif}: a mask of the same shape, in the same folder.
+    labels: LabelSources | None = None
 
     @field_validator("file")
     @classmethod
     def _tiff_file(cls, value: str) -> str:
-        safe_relative_path(value)
-        if "/" in value or not value.lower().endswith((".tif", ".tiff")):
-            raise ValueError(f"expected a TIFF file name in the EPFL folder, got {value!r}")
-        return value
+        return _tiff_file_name(value)
+
+    @field_validator("labels")
+    @classmethod
+    def _label_files(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return None if value is None else {name: _tiff_file_name(file) for name, file in value.items()}
+
+
+def _tiff_file_name(value: str) -> str:
+    safe_relative_path(value)
+    if "/" in value or not value.lower().endswith((".tif", ".tiff")):
+        raise ValueError(f"expected a TIFF file name in the EPFL folder, got {value!r}")
+    return value
 
 
 class EpflSource(Source):
@@ -69,9 +82,11 @@ class EpflSource(Source):
 
     def fetch_raw(self, request: DatasetRequest, raw: RawStore) -> Manifest:
         options = options_as(request, EpflOptions)
-        entry = raw.fetch(self.file_url(options.file), options.file)
-        assert entry is not None  # not optional: an absent file raised
-        return raw.commit([entry], request.options_dict(), source_version=entry.etag or entry.last_modified)
+        files = [options.file, *(options.labels or {}).values()]
+        entries = raw.mirror(Wanted(self.file_url(file), file) for file in dict.fromkeys(files))
+        image = entries[0]
+        assert image is not None  # not optional: an absent file raised
+        return raw.commit(entries, request.options_dict(), source_version=image.etag or image.last_modified)
 
     def describe(self, request: DatasetRequest, raw: RawStore) -> Description:
         options = options_as(request, EpflOptions)
@@ -90,6 +105,12 @@ class EpflSource(Source):
     def open_volume(self, request: DatasetRequest, raw: RawStore) -> Volume:
         options = options_as(request, EpflOptions)
         return TiffStack(raw.path(options.file), Geometry(DOCUMENTED_VOXEL_SIZE_NM, "documented-default"))
+
+    def open_labels(self, request: DatasetRequest, raw: RawStore) -> list[LabelImage]:
+        # The ground truth masks are the image's own grid: 0 background, 255 mitochondria.
+        options = options_as(request, EpflOptions)
+        return [LabelImage(name, TiffStack(raw.path(file)), file, colors={255: MASK_RGBA})
+                for name, file in (options.labels or {}).items()]
 
 
 SOURCE = EpflSource

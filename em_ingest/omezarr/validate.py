@@ -93,7 +93,8 @@ def _validate_labels(group: zarr.Group, path: Path | str, levels: int) -> tuple[
     if "labels" not in group:
         return ()
     attrs = group["labels"].attrs.asdict()
-    names = (attrs.get("ome") or attrs).get("labels")
+    ome = attrs.get("ome")
+    names = (ome if isinstance(ome, dict) else attrs).get("labels")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValidationError(f"{path}/labels: expected a list of label names, got {names!r}")
     for name in names:

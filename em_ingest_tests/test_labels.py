@@ -7,6 +7,7 @@ import itertools
 import json
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import pytest
 import zarr
@@ -136,3 +137,43 @@ def test_a_changed_ground_truth_alone_is_fetched_and_written_again(tmp_path, fre
     path = ws.data_root / "zarr" / "epfl" / f"{KEY}.ome.zarr"
     np.testing.assert_array_equal(zarr.open_group(str(path / "labels" / "mitochondria"), mode="r")["s0"][...], mask)
     assert json.loads(conversion.row["extra_json"])["labels"]["mitochondria"]["origin"] == "training_groundtruth.tif"
+
+
+# ---- OpenOrganelle: a segmentation group of the same container, at a coarser level ----------------------
+
+NACC = "jrc_mus-nacc-2"
+
+
+def test_a_changed_segmentation_chunk_alone_is_fetched_and_written_again(tmp_path, fresh_replica):
+    from em_ingest.replicas.openorganelle import NACC_NUC, zarr_chunk
+
+    replica = fresh_replica("openorganelle")
+    ws = workspace_for(tmp_path, replica, selection={"openorganelle": {NACC: replica.selection[NACC]}})
+    request = ws.pipeline.request("openorganelle", NACC)
+    ws.pipeline.fetch_raw(request)
+    ws.pipeline.convert(request)
+    label = next(i for i in replica.images if i.is_label and i.image == NACC_NUC)
+    ids = label.levels[0]
+    ids[16:20, 32:64, 32:64] = np.uint64(2**64 - 2)  # one chunk of s0 (16 x 32 x 32) gets a new id
+    codec = numcodecs.get_codec(label.compressor)
+    replica.moto.put(f"{label.prefix}/s0/1/1/1", zarr_chunk(ids, label.chunks, (1, 1, 1), codec))
+    replica._set_expected(NACC)
+    second = ws.pipeline.fetch_raw(request)
+    assert second.stats.fetched_objects == 1  # that chunk; the image and the label's metadata are unchanged
+    assert not ws.pipeline.convert(request).skipped
+    path = ws.data_root / "zarr" / "openorganelle" / f"{NACC}.ome.zarr"
+    check_published_labels(path, replica.expected[NACC].labels)
+    assert 2**64 - 2 in np.unique(zarr.open_group(str(path / "labels" / "nuc"), mode="r")["s0"][...]).tolist()
+
+
+@pytest.mark.parametrize(("place", "message"), [
+    ("labels/mito_seg", r"label 'mito' \(.*labels/mito_seg\): not a multiscale group"),
+    ({"group": "labels/mito_seg", "level": "s0"}, r"label 'mito' .*states no voxel size"),
+    ({"group": "labels/mito_seg", "level": "s3"}, r"label 'mito': level 's3' is not an array of .*labels/mito_seg"),
+])
+def test_a_label_that_cannot_be_placed_is_refused_naming_it(tmp_path, fresh_replica, place, message):
+    """The N5 dataset's segmentation is a bare array, with no multiscale attributes and no voxel size."""
+    replica = fresh_replica("openorganelle")
+    ws = workspace_for(tmp_path, replica, selection={"openorganelle": {"jrc_sum159-1": {"labels": {"mito": place}}}})
+    with pytest.raises(SelectionError, match=message):
+        ws.pipeline.fetch_raw(ws.pipeline.request("openorganelle", "jrc_sum159-1"))

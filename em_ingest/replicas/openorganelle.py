@@ -34,6 +34,7 @@ LICENSE = "CC-BY-4.0"
 _HOP_BY_HOP = {"content-length", "content-type", "transfer-encoding", "connection", "keep-alive", "server", "date"}
 _FORWARDED_REQUEST_HEADERS = ("Range", "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
 _bucket_names = itertools.count()
+NACC_NUC = "recon-2/labels/inference/segmentations/nuc"
 _moto_lock = threading.Lock()
 
 
@@ -53,6 +54,8 @@ class ReplicaImage:
     separator: str = "/"
     seed: int = 0
     levels: list[np.ndarray] = field(default_factory=list)
+    origin_nm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # where s0's voxel 0 sits (a coarser label's offset)
+    is_label: bool = False  # instance ids: blobs of large uint64 ids, levels by taking every other voxel
 
     @property
     def container(self) -> str:
@@ -67,15 +70,31 @@ class ReplicaImage:
 
     def translation(self, level: int) -> tuple[float, float, float]:
         # Windowed-average downsampling shifts level k by half of the grown voxel (as CellMap writes it).
-        return triple((s * 2 ** level - s) / 2 for s in self.scale_nm)
+        return triple(o + (s * 2 ** level - s) / 2 for o, s in zip(self.origin_nm, self.scale_nm))
 
     def generate(self) -> None:
         """Make the level arrays, unless the caller supplied them (e.g. a benchmark's large s0)."""
         if self.levels:
             return
+        if self.is_label:
+            self.levels = [instance_ids(self.shape, self.seed)]
+            for _ in range(1, self.n_levels):
+                self.levels.append(self.levels[-1][::2, ::2, ::2].copy())
+            return
         self.levels = [synthetic_em(self.shape, self.dtype, seed=self.seed)]
         for _ in range(1, self.n_levels):
             self.levels.append(downsample_mean(self.levels[-1]))
+
+
+def instance_ids(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """A segmentation: boxes of ids above 2**53 (where a float would round them) on a background of 0."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros(shape, np.uint64)
+    for _ in range(12):
+        low = [int(rng.integers(0, n)) for n in shape]
+        high = [min(n, a + int(rng.integers(2, max(3, n // 2)))) for a, n in zip(low, shape)]
+        ids[tuple(slice(a, b) for a, b in zip(low, high))] = np.uint64(2**60) + np.uint64(rng.integers(1, 1 << 20))
+    return ids
 
 
 def downsample_mean(volume: np.ndarray) -> np.ndarray:
@@ -221,6 +240,9 @@ def replica_images() -> list[ReplicaImage]:
                                           "blocksize": 0}, ".", seed=13),
         ReplicaImage("jrc_hela-2", "n5", "em/fibsem-uint8", (32, 96, 96), "uint8", (32, 32, 32),
                      (4.0, 4.0, 4.0), 2, {"type": "raw"}, seed=13),
+        # Nucleus instances of the default dataset at twice its voxel, placed as CellMap places a coarser level.
+        ReplicaImage("jrc_mus-nacc-2", "zarr", NACC_NUC, (20, 75, 85), "uint64", (16, 32, 32), (5.92, 8.0, 8.0), 2,
+                     {"id": "gzip", "level": 5}, "/", seed=14, origin_nm=(1.48, 2.0, 2.0), is_label=True),
     ]
 
 
@@ -311,7 +333,7 @@ class OpenOrganelleReplica(Replica):
     DEMO_KEYS = ("jrc_mus-nacc-2", "jrc_sum159-1", "jrc_hela-2")
     # Demo/test selections: a region of the default dataset, a whole N5 level, a region of a coarser level.
     SELECTIONS: ClassVar[dict[str, dict[str, Any]]] = {
-        "jrc_mus-nacc-2": {"roi": {"z": [5, 37], "y": [20, 140], "x": [30, 160]}},
+        "jrc_mus-nacc-2": {"roi": {"z": [5, 37], "y": [20, 140], "x": [30, 160]}, "labels": {"nuc": NACC_NUC}},
         "jrc_sum159-1": {},
         "jrc_hela-2": {"level": "s1", "roi": {"z": [2, 14], "y": [4, 40], "x": [0, 48]}},
     }
@@ -334,9 +356,7 @@ class OpenOrganelleReplica(Replica):
         for dataset in sorted({i.dataset for i in self.images}):
             for key, data in companion_objects(dataset).items():
                 self.moto.put(key, data)
-        for key, data in {**label_objects("jrc_mus-nacc-2/jrc_mus-nacc-2.zarr", "zarr",
-                                          "recon-2/labels/inference/segmentations/nuc"),
-                          **label_objects("jrc_sum159-1/jrc_sum159-1.n5", "n5", "labels/mito_seg")}.items():
+        for key, data in label_objects("jrc_sum159-1/jrc_sum159-1.n5", "n5", "labels/mito_seg").items():
             self.moto.put(key, data)
         # A dataset with only an old Neuroglancer precomputed copy: nothing discovery can ingest.
         self.moto.put("aic_desmosome-1/neuroglancer/em/fibsem-uint8.precomputed/info",
@@ -361,7 +381,8 @@ class OpenOrganelleReplica(Replica):
 
     def image(self, dataset: str, layout: str | None = None) -> ReplicaImage:
         """The image the source picks by default for `dataset` (Zarr before N5), or the one in `layout`."""
-        found = [i for i in self.images if i.dataset == dataset and (layout is None or i.layout == layout)]
+        found = [i for i in self.images
+                 if i.dataset == dataset and not i.is_label and (layout is None or i.layout == layout)]
         found.sort(key=lambda i: i.layout != "zarr")
         return found[0]
 
@@ -377,7 +398,27 @@ class OpenOrganelleReplica(Replica):
         catalog = {"license": LICENSE, "imaging_method": "FIB-SEM", "dtype": image.dtype}
         if dataset == "jrc_mus-nacc-2":
             catalog["organism"] = "Mus musculus"
-        return Expected(volume[region].copy(), image.scale(level), "source-metadata", translation, catalog)
+        labels = {name: self._expected_label(image, level, starts, volume[region].shape, group)
+                  for name, group in (options.get("labels") or {}).items()}
+        return Expected(volume[region].copy(), image.scale(level), "source-metadata", translation, catalog,
+                        labels=labels)
+
+    def _expected_label(self, image: ReplicaImage, level: int, starts: list[int], shape: tuple[int, ...],
+                        group: str) -> tuple[np.ndarray, tuple[tuple[float, float, float], tuple[float, float, float]]]:
+        """The label voxels whose boxes overlap the image region's box, found by testing every voxel's box."""
+        label = next(i for i in self.images if i.is_label and i.dataset == image.dataset and i.image == group)
+        ids = label.levels[0]
+        keep = []
+        for axis in range(3):
+            scale_i, origin_i = image.scale(level)[axis], image.translation(level)[axis]
+            low = origin_i + (starts[axis] - 0.5) * scale_i
+            high = low + shape[axis] * scale_i
+            centres = label.translation(0)[axis] + np.arange(ids.shape[axis]) * label.scale_nm[axis]
+            half = label.scale_nm[axis] / 2
+            keep.append(np.flatnonzero((centres + half > low + 1e-6) & (centres - half < high - 1e-6)))
+        crop = ids[np.ix_(*keep)]
+        translation = triple(label.translation(0)[a] + keep[a][0] * label.scale_nm[a] for a in range(3))
+        return crop, (label.scale_nm, translation)
 
     def _set_expected(self, key: str) -> None:
         self.expected[key] = self.expected_for(key, self.selection[key])

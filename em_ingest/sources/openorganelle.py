@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from em_ingest import limits
 from em_ingest.errors import FormatError, SelectionError, SourceResponseError, UnsafePathError
 from em_ingest.formats import cosem
+from em_ingest.formats.label import LabelImage, check_label_name
 from em_ingest.formats.n5 import N5Array
 from em_ingest.formats.volume import Geometry, Volume
 from em_ingest.formats.window import Window, WindowVolume
-from em_ingest.raw import Manifest, RawStore, Wanted, safe_relative_path
+from em_ingest.raw import Manifest, ManifestEntry, RawStore, Wanted, safe_relative_path
 from em_ingest.selection import DatasetOptions, DatasetRequest
 from em_ingest.settings import Setting, Settings
 from em_ingest.sources.base import Description, InventoryItem, Source, options_as
@@ -77,29 +79,70 @@ class Roi(BaseModel):
         return tuple(out)
 
 
+class LabelPlace(BaseModel):
+    """Where a label lives in the dataset's container: a multiscale group, and the level to take."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group: str  # e.g. recon-1/labels/inference/segmentations/mito
+    level: str | None = None  # None: the finest level whose voxel is at least the image level's
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        return _group_path(value)
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str | None) -> str | None:
+        return None if value is None else _one_name(value)
+
+
 class OpenOrganelleOptions(DatasetOptions):
     dataset: str | None = None
     image: str | None = None
     level: str = "s0"
     roi: Roi | None = None
+    # Label name -> its multiscale group in the same container (a path, or {group, level}).
+    labels: dict[str, str | LabelPlace] | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _label_places(cls, value: dict[str, str | LabelPlace] | None) -> dict[str, str | LabelPlace] | None:
+        if value is None:
+            return None
+        for name in value:
+            check_label_name(name, "labels")
+        return {name: place if isinstance(place, LabelPlace) else LabelPlace(group=place)
+                for name, place in value.items()}
+
+    def label_places(self) -> dict[str, LabelPlace]:
+        return {name: place for name, place in (self.labels or {}).items() if isinstance(place, LabelPlace)}
 
     @field_validator("dataset", "level")
     @classmethod
     def _one_name(cls, value: str | None) -> str | None:
-        if value is not None and (not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value.startswith(".")):
-            raise ValueError(f"expected a single name (letters, digits, '.', '_', '-'), got {value!r}")
-        return value
+        return None if value is None else _one_name(value)
 
     @field_validator("image")
     @classmethod
     def _group_path(cls, value: str | None) -> str | None:
-        if value is not None:
-            value = value.strip("/")
-            try:
-                safe_relative_path(value)
-            except UnsafePathError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return None if value is None else _group_path(value)
+
+
+def _one_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value.startswith("."):
+        raise ValueError(f"expected a single name (letters, digits, '.', '_', '-'), got {value!r}")
+    return value
+
+
+def _group_path(value: str) -> str:
+    value = value.strip("/")
+    try:
+        safe_relative_path(value)
+    except UnsafePathError as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -225,41 +268,75 @@ class OpenOrganelleSource(Source):
         options = options_as(request, OpenOrganelleOptions)
         where = f"{self.name}.{request.key}"
         resolved = self.resolve(request)
-        names = cosem.METADATA_NAMES[resolved.layout]
-        level_prefix = f"{resolved.prefix}/{options.level}/"
-        # Metadata objects of every group from the container root down to the level array.
-        parts = resolved.image.split("/") + [options.level]
-        groups = [resolved.container] + [f"{resolved.container}/{'/'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
-        listings = self.s3.map_bounded(lambda g: self.s3.list_level(f"{g}/").objects, groups)
-        metadata = [o for objects in listings for o in objects if o.key.rsplit("/", 1)[-1] in names]
-        metadata_entries = raw.mirror(self._wanted(o) for o in metadata)
-        documents = {o.key: self._json(raw, o.key) for o in metadata}
-
-        group_attrs = self._group_attrs(resolved, documents)
-        array_doc = documents.get(level_prefix + ("attributes.json" if resolved.layout == "n5" else ".zarray"))
-        if array_doc is None:
-            levels = cosem.level_paths(resolved.layout, group_attrs, where)
-            raise SelectionError(f"{where}: level {options.level!r} is not an array of "
-                                 f"{self.s3.url(resolved.prefix)} (levels: {', '.join(levels) or 'none'})")
-        grid = cosem.grid(resolved.layout, array_doc, self.s3.url(level_prefix))
-        region = (options.roi or Roi()).bounds(grid.shape, where)
-        region_shape = [b - a for a, b in region]
-        where_level = f"{where} ({self.s3.url(level_prefix)})"
-        # Before listing: a declared shape can ask for more chunk listings than memory or time allow.
-        limits.check_volume(region_shape, grid.dtype.itemsize, self.settings.limits, where_level)
-
-        chunks = self._chunk_objects(grid, level_prefix, region)
-        # Before downloading: the bytes the bucket holds for the region must be plausible for its size.
-        limits.check_volume(region_shape, grid.dtype.itemsize, self.settings.limits, where_level,
-                            raw_bytes=sum(o.size for o in chunks))
-        chunk_entries = raw.mirror(self._wanted(o) for o in chunks)
+        fetched = _Fetched()
+        image = self._mirror_level(raw, resolved.layout, resolved.container, resolved.image, options.level, where, fetched)
+        region = (options.roi or Roi()).bounds(image.grid.shape, where)
+        chunk_objects = self._mirror_region(raw, image, region, where, fetched)
+        labels = {name: self._fetch_label(raw, resolved, image, region, name, place, where, fetched)
+                  for name, place in options.label_places().items()}
         info = {"dataset": resolved.dataset, "layout": resolved.layout, "container": resolved.container,
                 "image": resolved.image, "level": options.level, "region": [list(r) for r in region],
-                "chunk_objects": len(chunks)}
+                "chunk_objects": chunk_objects, **({"labels": labels} if labels else {})}
         info_entry = raw.store_document(_RAW_INFO, self.s3.url(resolved.prefix), info)
-        versions = sorted(o.last_modified for o in [*metadata, *chunks] if o.last_modified)
-        return raw.commit([*metadata_entries, *chunk_entries, info_entry], {**request.options_dict(), "resolved": info},
+        versions = sorted(o.last_modified for o in fetched.objects if o.last_modified)
+        return raw.commit([*fetched.entries.values(), info_entry], {**request.options_dict(), "resolved": info},
                           source_version=versions[-1] if versions else None)
+
+    def _mirror_level(self, raw: RawStore, layout: str, container: str, group: str, level: str | None, where: str,
+                      fetched: _Fetched, *, at_least_nm: tuple[float, float, float] | None = None) -> _Level:
+        """Mirror the metadata of every group from the container root down to array `level` of `group` (None:
+        the finest level whose voxel is at least `at_least_nm`), and read what it says of that level."""
+        names = cosem.METADATA_NAMES[layout]
+        parts = group.split("/")
+        groups = [container] + [f"{container}/{'/'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
+        listings = self.s3.map_bounded(lambda g: self.s3.list_level(f"{g}/").objects, groups)
+        documents = self._mirror_metadata(raw, [o for objects in listings for o in objects], names, fetched)
+        group_prefix = f"{container}/{group}"
+        group_attrs = documents.get(f"{group_prefix}/{'.zattrs' if layout == 'zarr' else 'attributes.json'}") or {}
+        if not isinstance(group_attrs, dict):
+            raise SourceResponseError(f"{self.s3.url(group_prefix)}: group attributes must be a JSON object")
+        if level is None:
+            level = _finest_level_at_least(layout, group_attrs, at_least_nm, f"{where} ({self.s3.url(group_prefix)})")
+        level_prefix = f"{group_prefix}/{level}/"
+        documents.update(self._mirror_metadata(raw, self.s3.list_level(level_prefix).objects, names, fetched))
+        array_doc = documents.get(level_prefix + ("attributes.json" if layout == "n5" else ".zarray"))
+        if array_doc is None:
+            levels = cosem.level_paths(layout, group_attrs, where)
+            raise SelectionError(f"{where}: level {level!r} is not an array of "
+                                 f"{self.s3.url(group_prefix)} (levels: {', '.join(levels) or 'none'})")
+        array_attrs = array_doc if layout == "n5" else (documents.get(level_prefix + ".zattrs") or {})
+        return _Level(layout, container, group, level, cosem.grid(layout, array_doc, self.s3.url(level_prefix)),
+                      cosem.level_geometry(layout, group_attrs, level, array_attrs, self.s3.url(group_prefix)))
+
+    def _mirror_metadata(self, raw: RawStore, objects: Sequence[S3Object], names: tuple[str, ...],
+                         fetched: _Fetched) -> dict[str, Any]:
+        metadata = [o for o in objects if o.key.rsplit("/", 1)[-1] in names]
+        fetched.add(metadata, raw.mirror(self._wanted(o) for o in metadata))
+        return {o.key: self._json(raw, o.key) for o in metadata}
+
+    def _mirror_region(self, raw: RawStore, level: _Level, region: tuple[tuple[int, int], ...], where: str,
+                       fetched: _Fetched) -> int:
+        """Mirror the chunks of `level` that `region` touches; returns how many objects the bucket holds for it."""
+        region_shape = [b - a for a, b in region]
+        where_level = f"{where} ({self.s3.url(level.prefix)})"
+        # Before listing: a declared shape can ask for more chunk listings than memory or time allow.
+        limits.check_volume(region_shape, level.grid.dtype.itemsize, self.settings.limits, where_level)
+        chunks = self._chunk_objects(level.grid, level.prefix + "/", region)
+        # Before downloading: the bytes the bucket holds for the region must be plausible for its size.
+        limits.check_volume(region_shape, level.grid.dtype.itemsize, self.settings.limits, where_level,
+                            raw_bytes=sum(o.size for o in chunks))
+        fetched.add(chunks, raw.mirror(self._wanted(o) for o in chunks))
+        return len(chunks)
+
+    def _fetch_label(self, raw: RawStore, resolved: ResolvedImage, image: _Level, region: tuple[tuple[int, int], ...],
+                     name: str, place: LabelPlace, where: str, fetched: _Fetched) -> dict[str, Any]:
+        """Mirror the part of a label group that covers the image region in physical space; returns its record."""
+        where_label = f"{where}: label {name!r}"
+        label = self._mirror_level(raw, resolved.layout, resolved.container, place.group, place.level, where_label,
+                                   fetched, at_least_nm=image.geometry.scale_nm if image.geometry else None)
+        label_region = _overlapping_region(image, region, label, f"{where_label} ({self.s3.url(label.prefix)})")
+        self._mirror_region(raw, label, label_region, where_label, fetched)
+        return {"group": place.group, "level": label.level, "region": [list(r) for r in label_region]}
 
     def _chunk_objects(self, grid: cosem.ChunkGrid, level_prefix: str,
                        region: tuple[tuple[int, int], ...]) -> list[S3Object]:
@@ -288,14 +365,6 @@ class OpenOrganelleSource(Source):
             return json.loads(path.read_bytes())
         except (ValueError, UnicodeDecodeError) as exc:
             raise SourceResponseError(f"{self.s3.url(key)}: expected a JSON metadata document ({exc})") from None
-
-    @staticmethod
-    def _group_attrs(resolved: ResolvedImage, documents: dict[str, Any]) -> dict[str, Any]:
-        name = ".zattrs" if resolved.layout == "zarr" else "attributes.json"
-        attrs = documents.get(f"{resolved.prefix}/{name}") or {}
-        if not isinstance(attrs, dict):
-            raise SourceResponseError(f"{resolved.prefix}/{name}: expected a JSON object")
-        return attrs
 
     # ---- offline, from the raw store ----------------------------------------------------------
     def _raw_info(self, raw: RawStore, request: DatasetRequest) -> dict[str, Any]:
@@ -337,14 +406,30 @@ class OpenOrganelleSource(Source):
 
     def open_volume(self, request: DatasetRequest, raw: RawStore) -> Volume:
         info = self._raw_info(raw, request)
-        layout, level = info["layout"], info["level"]
-        prefix = f"{info['container']}/{info['image']}"
+        return self._open_level(raw, info["layout"], info["container"], info["image"], info["level"], info["region"])
+
+    def open_labels(self, request: DatasetRequest, raw: RawStore) -> list[LabelImage]:
+        info = self._raw_info(raw, request)
+        labels = []
+        for name, label in (info.get("labels") or {}).items():
+            volume = self._open_level(raw, info["layout"], info["container"], label["group"], label["level"],
+                                      label["region"])
+            if volume.geometry is None:  # fetch_raw refuses such a label; a hand-edited raw store could still hold one
+                volume.close()
+                raise FormatError(f"{volume.name}: the label states no voxel size, so it cannot be placed on the image")
+            labels.append(LabelImage(name, volume, f"{label['group']}/{label['level']}", volume.geometry))
+        return labels
+
+    def _open_level(self, raw: RawStore, layout: str, container: str, group: str, level: str,
+                    region: list[list[int]]) -> WindowVolume:
+        """`region` ([start, stop) per axis) of array `level` of `group`, from the raw store, placed in space."""
+        prefix = f"{container}/{group}"
         where = str(raw.dir / prefix)
         if layout == "zarr":
             array_doc = self._local_document(raw, f"{prefix}/{level}/.zarray")
             group_attrs = self._local_document(raw, f"{prefix}/.zattrs")
             array_attrs = self._local_document(raw, f"{prefix}/{level}/.zattrs")
-            array = self._open_zarr(raw.dir / info["container"], f"{info['image']}/{level}")
+            array = self._open_zarr(raw.dir / container, f"{group}/{level}")
         else:
             array_doc = self._local_document(raw, f"{prefix}/{level}/attributes.json")
             group_attrs = self._local_document(raw, f"{prefix}/attributes.json")
@@ -353,7 +438,7 @@ class OpenOrganelleSource(Source):
         grid = cosem.grid(layout, array_doc, f"{where}/{level}")
         if tuple(array.shape) != grid.shape:
             raise FormatError(f"{where}/{level}: array shape {tuple(array.shape)} differs from its metadata {grid.shape}")
-        (z0, z1), (y0, y1), (x0, x1) = info["region"]  # [start, stop) per axis, as fetch_raw recorded it
+        (z0, z1), (y0, y1), (x0, x1) = region  # [start, stop) per axis, as fetch_raw recorded it
         window: Window = ((z0, z1), (y0, y1), (x0, x1))
         geometry = None
         level_geometry = cosem.level_geometry(layout, group_attrs, level, array_attrs, where)
@@ -373,6 +458,79 @@ class OpenOrganelleSource(Source):
                                    mode="r", zarr_format=2)
         except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
             raise FormatError(f"{root}/{path}: not a readable Zarr v2 array ({exc})") from None
+
+
+@dataclass
+class _Fetched:
+    """What one fetch mirrored: manifest entries by path (a document reached twice counts once), and the
+    listed objects whose versions make the source version."""
+
+    entries: dict[str, ManifestEntry] = field(default_factory=dict)
+    objects: list[S3Object] = field(default_factory=list)
+
+    def add(self, objects: Sequence[S3Object], entries: list[ManifestEntry | None]) -> None:
+        self.objects.extend(objects)
+        self.entries.update((e.path, e) for e in entries if e is not None)
+
+
+@dataclass(frozen=True)
+class _Level:
+    """One array of a multiscale group in the bucket, with what its metadata says of it."""
+
+    layout: str
+    container: str
+    group: str
+    level: str
+    grid: cosem.ChunkGrid
+    geometry: cosem.LevelGeometry | None
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.container}/{self.group}/{self.level}"
+
+
+def _finest_level_at_least(layout: str, group_attrs: dict[str, Any], scale_nm: tuple[float, float, float] | None,
+                           where: str) -> str:
+    """The finest level whose voxel is at least `scale_nm` on every axis (a label never finer than its image),
+    else the coarsest; the first level when the image's voxel is unknown."""
+    paths = cosem.level_paths(layout, group_attrs, where)
+    if not paths:
+        raise SelectionError(f"{where}: not a multiscale group (its attributes list no levels); name one with "
+                             "{group, level}")
+    if scale_nm is None:
+        return paths[0]
+    for path in paths:
+        geometry = cosem.level_geometry(layout, group_attrs, path, {}, where)
+        if geometry is not None and all(g >= s * (1 - 1e-6) for g, s in zip(geometry.scale_nm, scale_nm)):
+            return path
+    return paths[-1]
+
+
+def _overlapping_region(image: _Level, region: tuple[tuple[int, int], ...], label: _Level,
+                        where: str) -> tuple[tuple[int, int], ...]:
+    """The label voxels ([start, stop) per axis) whose boxes overlap the image region's box in physical space.
+
+    Voxel i of a level is centred at translation + i x scale and spans half a voxel either side; a level that
+    states no translation starts at 0.
+    """
+    if image.geometry is None or label.geometry is None:
+        raise SelectionError(f"{where}: {'the image' if image.geometry is None else 'the label'} states no voxel "
+                             "size, so the label cannot be placed on the image")
+    out = []
+    for axis in range(3):
+        scale_i, scale_l = image.geometry.scale_nm[axis], label.geometry.scale_nm[axis]
+        origin_i = image.geometry.translation_nm[axis] if image.geometry.translation_nm else 0.0
+        origin_l = label.geometry.translation_nm[axis] if label.geometry.translation_nm else 0.0
+        low = origin_i + (region[axis][0] - 0.5) * scale_i
+        high = origin_i + (region[axis][1] - 0.5) * scale_i
+        # A hair of tolerance: an edge that falls on a voxel boundary must not take the neighbour.
+        start = max(0, math.floor((low - origin_l) / scale_l + 0.5 + 1e-9))
+        stop = min(label.grid.shape[axis], math.ceil((high - origin_l) / scale_l + 0.5 - 1e-9))
+        if stop <= start:
+            raise SelectionError(f"{where}: the label does not overlap the image region along {'zyx'[axis]} "
+                                 f"({low:g}-{high:g} nm)")
+        out.append((start, stop))
+    return tuple(out)
 
 
 SOURCE = OpenOrganelleSource

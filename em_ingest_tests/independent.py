@@ -70,6 +70,7 @@ def check_published_labels(path: Path, expected: dict[str, tuple[np.ndarray, tup
         data = [np.asarray(level) for level in found[name].data]
         if data[0].dtype != ids.dtype or not np.array_equal(data[0], ids):
             raise IndependentReadError(f"{path}/labels/{name}: s0 differs from the source's ids")
+        check_neuroglancer_can_decode(path / "labels" / name)  # a segmentation layer reads the same arrays
         present = np.unique(data[0])
         for k, level in enumerate(data[1:], 1):
             invented = np.setdiff1d(np.unique(level), present)

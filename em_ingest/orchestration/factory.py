@@ -2,6 +2,7 @@
 
 
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,6 +146,8 @@ def build_source_assets(source_cls: type[Source], partition_keys: list[str]) -> 
                 "raw_manifest_sha256": row["raw_manifest_sha256"],
                 "skipped_unchanged": conversion.skipped,
                 "thumbnail": _thumbnail_markdown(conversion.thumbnail_path),
+                # Label name -> what it holds; the same record as the catalog's extra_json.
+                "labels": dg.MetadataValue.json(json.loads(row["extra_json"] or "{}").get("labels") or {}),
             },
             data_version=dg.DataVersion(conversion.inputs_digest),
         )

@@ -73,3 +73,4 @@ def test_source_end_to_end(workspace, replicas, source, key):
     zarr_meta = again.get_asset_materialization_events()[1].materialization.metadata
     assert raw_meta["fetched_bytes"].value == 0
     assert zarr_meta["skipped_unchanged"].value is True
+    assert sorted(zarr_meta["labels"].value) == sorted(expected.labels)

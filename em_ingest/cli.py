@@ -1,4 +1,5 @@
-"""The `em-ingest` command: an offline demo on the replicas, the replicas themselves, the catalog, discovery."""
+"""The `em-ingest` command: an offline demo on the replicas, the replicas themselves, the catalog, discovery,
+and a Neuroglancer view of the ingested images."""
 
 from __future__ import annotations
 
@@ -259,6 +260,89 @@ def _discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _view(args: argparse.Namespace) -> int:
+    from em_ingest import view
+    from em_ingest.catalog import read_catalog
+    from em_ingest.settings import core_setting
+    from em_ingest.storage import catalog_path, local_root, zarr_path
+
+    if args.layout not in view.LAYOUTS:
+        raise view.ViewError(f"--layout {args.layout!r}: expected one of {', '.join(view.LAYOUTS)}")
+    if args.public_url is not None and not args.no_serve:
+        raise EmIngestError("--public-url goes with --no-serve (which prints a link for data served there); "
+                            "without it the data root is served here")
+    data_root = local_root(args.data_root if args.data_root is not None else str(core_setting("data_root")))
+    path = catalog_path(data_root)
+    if not path.exists():
+        raise EmIngestError(f"no catalog at {path}; materialize catalog/metadata_catalog first "
+                            "(or pass --data-root, or set EM_INGEST_DATA_ROOT)")
+    rows = read_catalog(path).to_pylist()
+    images = []
+    for row in view.select_images(rows, args.images, path):
+        image_dir = zarr_path(data_root, row["source"], row["dataset_key"])
+        if not args.no_serve and not ((image_dir / "zarr.json").exists() or (image_dir / ".zattrs").exists()):
+            message = f"{row['source']}/{row['dataset_key']}: the catalog lists it but {image_dir} holds no image"
+            if args.images:
+                raise view.ViewError(message + "; materialize its ome_zarr partition again")
+            print(f"em-ingest: skipped {message}", file=sys.stderr)
+            continue
+        images.append(view.ImageView.from_row(row, view.label_names(image_dir)))
+    if not images:
+        raise view.ViewError(f"no image of the catalog at {path} is present under {data_root / 'zarr'}")
+
+    if args.no_serve:
+        what = "--public-url" if args.public_url is not None else "EM_INGEST_PUBLIC_URL"
+        base = view.public_base(args.public_url if args.public_url is not None else core_setting("public_url"), what)
+        if base is None:
+            raise EmIngestError("--no-serve needs --public-url URL (or EM_INGEST_PUBLIC_URL): where browsers "
+                                "reach this data root")
+        print(view.state_link(view.viewer_state(images, base, layout=args.layout)))
+        print(f"(a link to Neuroglancer's public demo app, {view.NEUROGLANCER_DEMO_APP}, which reads the images "
+              f"from {base}/zarr/... in the browser: that location must allow cross-origin GET and Range requests)",
+              file=sys.stderr)
+        return 0
+    return _serve_view(images, data_root, args)
+
+
+def _serve_view(images: list[Any], data_root: Path, args: argparse.Namespace) -> int:
+    """The data root on a read-only loopback server, Neuroglancer's bundled client on another, until Ctrl-C."""
+    from urllib.parse import urlsplit
+
+    import neuroglancer  # here only: the code location never pays for it
+
+    from em_ingest import view
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    neuroglancer.set_server_bind_address(view.LOOPBACK, args.port)
+    try:
+        viewer = neuroglancer.Viewer()  # starts Neuroglancer's server
+    except OSError as exc:
+        raise view.ViewError(f"cannot start Neuroglancer on {view.LOOPBACK}:{args.port}: {exc.strerror or exc}; "
+                             "choose another port (--port)") from None
+    try:
+        viewer_url = viewer.get_viewer_url()
+        origin = urlsplit(viewer_url)
+        # Only the Neuroglancer page may read the data from another origin.
+        origins = {f"{origin.scheme}://{host}:{origin.port}" for host in (view.LOOPBACK, "localhost")}
+        with view.DataRootServer(data_root, port=args.data_port, allow_origins=origins) as server:
+            viewer.set_state(neuroglancer.ViewerState(view.viewer_state(images, server.url, layout=args.layout)))
+            print(f"Neuroglancer: {viewer_url}")
+            print(f"data root {data_root}, read-only at {server.url}/")
+            for image in images:
+                print(f"  {image.name}: {' x '.join(map(str, image.shape_zyx))} voxels (z, y, x) of "
+                      f"{' x '.join(f'{v:g}' for v in image.voxel_size_nm)} nm"
+                      + (f", labels {', '.join(image.labels)}" if image.labels else ""))
+            print("Ctrl-C to stop", flush=True)
+            try:
+                stop.wait()
+            except KeyboardInterrupt:
+                pass
+    finally:
+        neuroglancer.stop()
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with usage errors on one line, in the same form as every other em-ingest error."""
 
@@ -298,6 +382,22 @@ def parser() -> argparse.ArgumentParser:
     cat.add_argument("--columns", help="comma-separated columns to show")
     cat.add_argument("--format", choices=["table", "csv", "json"], default="table")
     cat.set_defaults(func=_catalog)
+
+    vw = sub.add_parser("view", help="open ingested images in Neuroglancer (offline, on this machine), "
+                                     "or print a Neuroglancer link for data served elsewhere",
+                        description="Serve the data root read-only on 127.0.0.1 and open the images in the Neuroglancer "
+                                    "client that the neuroglancer package bundles (no internet needed); print its URL "
+                                    "and stay up until Ctrl-C. With --no-serve, only print a link to Neuroglancer's "
+                                    "public demo app for a data root that browsers reach at --public-url.")
+    vw.add_argument("images", nargs="*", metavar="SOURCE/KEY", help="images to show (default: every image in the catalog)")
+    vw.add_argument("--data-root", help="default: $EM_INGEST_DATA_ROOT or ./data")
+    vw.add_argument("--port", type=int, default=0, help="port of the Neuroglancer viewer on 127.0.0.1 (default: a free one)")
+    vw.add_argument("--data-port", type=int, default=0, help="port of the data server on 127.0.0.1 (default: a free one)")
+    vw.add_argument("--layout", default="4panel", help="Neuroglancer layout: 4panel (default), xy, xz, yz, 3d, xy-3d, ...")
+    vw.add_argument("--no-serve", action="store_true", help="serve nothing; print a Neuroglancer link for --public-url")
+    vw.add_argument("--public-url", help="with --no-serve: where browsers reach the data root "
+                                         "(default: $EM_INGEST_PUBLIC_URL)")
+    vw.set_defaults(func=_view)
 
     disc = sub.add_parser("discover", help="list what an archive offers")
     disc.add_argument("source")

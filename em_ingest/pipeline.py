@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from em_ingest import catalog, limits, storage
+from em_ingest import catalog, limits, storage, view
 from em_ingest.errors import EmIngestError, SelectionError, ValidationError
 from em_ingest.formats.volume import Geometry, Volume, triple
 from em_ingest.omezarr.labels import WrittenLabel, write_labels
@@ -102,6 +102,17 @@ class Pipeline:
         if key not in datasets:
             raise SelectionError(f"{self.settings.datasets_file}: no dataset {key!r} under {source!r}")
         return datasets[key]
+
+    def public_url(self) -> str | None:
+        """Where browsers reach the data root (checked), or None when it is not published."""
+        return view.public_base(self.settings.public_url)
+
+    def neuroglancer_url(self, row: dict[str, Any], zarr_dir: Path) -> str | None:
+        """A Neuroglancer link to one published image (labels included), or None without a public URL."""
+        base = self.public_url()
+        if base is None:
+            return None
+        return view.neuroglancer_link(row, base, view.label_names(zarr_dir))
 
     def raw_store(self, request: DatasetRequest, source: Source) -> RawStore:
         return RawStore(self.root, request.source, request.key, source.transports,
@@ -233,6 +244,7 @@ class Pipeline:
         """A row for every image em-ingest published under the data root, and the images whose sidecar
         cannot be read (reported, never silently left out)."""
         selection = self.selection()
+        self.public_url()  # a malformed public URL fails here, before any row is made
         rows, problems = [], []
         for zarr_dir in sorted((self.root / "zarr").glob("*/*.ome.zarr")):
             key = f"{zarr_dir.parent.name}/{zarr_dir.name.removesuffix('.ome.zarr')}"
@@ -247,8 +259,28 @@ class Pipeline:
                     "materialize its ome_zarr partition again", key))
                 continue
             row["status"] = "ok" if row["dataset_key"] in selection.get(row["source"], {}) else "unselected"
+            self._add_link(row, zarr_dir)
             rows.append(row)
         return rows, problems
+
+    def _add_link(self, row: dict[str, Any], zarr_dir: Path) -> None:
+        # Made when the catalog is built, not kept in the sidecar, so a changed public URL needs no
+        # reconversion: extra_json's `neuroglancer_url` always points at the current one.
+        try:
+            link = self.neuroglancer_url(row, zarr_dir)
+        except view.ViewError as exc:
+            log.warning("%s/%s: no Neuroglancer link: %s", row["source"], row["dataset_key"], exc)
+            return
+        if link is None:
+            return
+        try:
+            extra = json.loads(row["extra_json"]) if row.get("extra_json") else {}
+        except ValueError:
+            extra = {}
+        if not isinstance(extra, dict):
+            extra = {"source_extra": extra}
+        extra["neuroglancer_url"] = link
+        row["extra_json"] = json.dumps(extra, sort_keys=True, default=str)
 
     def build_catalog(self) -> tuple[pa.Table, Path, list[catalog.CatalogProblem]]:
         """One row per published OME-Zarr under the data root, written to catalog/metadata_catalog.parquet;

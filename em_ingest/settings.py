@@ -26,7 +26,20 @@ class Setting:
 CORE_SETTINGS = (
     Setting("data_root", "EM_INGEST_DATA_ROOT", "./data", "root of raw/, zarr/ and catalog/ (a local path or file:// URL)"),
     Setting("datasets_file", "EM_INGEST_DATASETS", "./datasets.yaml", "the selection file"),
+    Setting("public_url", "EM_INGEST_PUBLIC_URL", None,
+            "where browsers reach the data root (https://, http://, s3:// or gs://); when set, each image's "
+            "materialization and catalog row carry a Neuroglancer link"),
 )
+
+
+def core_setting(field: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """One core setting's value from the environment (or its default), without loading the sources:
+    for commands that need only the data root or the public URL and should start fast."""
+    setting = next((s for s in CORE_SETTINGS if s.field == field), None)
+    if setting is None:
+        raise KeyError(f"no core setting {field!r}; core settings: {', '.join(s.field for s in CORE_SETTINGS)}")
+    environ = os.environ if environ is None else environ
+    return environ.get(setting.env) or setting.default
 
 
 def declared_settings() -> tuple[Setting, ...]:

@@ -12,6 +12,7 @@ from em_ingest.orchestration.resources import EmIngestResource
 from em_ingest.pipeline import CONVERTER_VERSION, Conversion, Pipeline
 from em_ingest.selection import DatasetRequest
 from em_ingest.sources import Source
+from em_ingest.view import view_command
 
 RAW_CODE_VERSION = "1"
 
@@ -118,6 +119,7 @@ def build_source_assets(source_cls: type[Source], partition_keys: list[str]) -> 
     def ome_zarr(context: dg.AssetExecutionContext, em_ingest: EmIngestResource):
         pipeline = em_ingest.pipeline()
         request = pipeline.request(name, context.partition_key)
+        pipeline.public_url()  # a malformed EM_INGEST_PUBLIC_URL fails before the conversion, not after
         conversion = pipeline.convert(request)
         row = conversion.row
         if conversion.skipped:
@@ -148,12 +150,24 @@ def build_source_assets(source_cls: type[Source], partition_keys: list[str]) -> 
                 "thumbnail": _thumbnail_markdown(conversion.thumbnail_path),
                 # Label name -> what it holds; the same record as the catalog's extra_json.
                 "labels": dg.MetadataValue.json(json.loads(row["extra_json"] or "{}").get("labels") or {}),
+                "neuroglancer": _neuroglancer_metadata(pipeline, request, conversion),
             },
             data_version=dg.DataVersion(conversion.inputs_digest),
         )
         yield from _check_results(pipeline, request, conversion, zarr_key)
 
     return [raw, ome_zarr]
+
+
+def _neuroglancer_metadata(pipeline: Pipeline, request: DatasetRequest, conversion: Conversion) -> dg.MetadataValue:
+    """A clickable link to the image in Neuroglancer when the data root is public, else the command
+    that opens it in a local one."""
+    link = pipeline.neuroglancer_url(conversion.row, conversion.zarr_path)
+    if link is not None:
+        return dg.MetadataValue.url(link)
+    return dg.MetadataValue.text(
+        f"{view_command(request.source, request.key, pipeline.root)}   (no EM_INGEST_PUBLIC_URL is set: run this "
+        "command where the data root is, or set EM_INGEST_PUBLIC_URL to where browsers reach it for a link here)")
 
 
 def _itemsize(dtype: str) -> int:

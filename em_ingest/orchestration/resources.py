@@ -12,7 +12,7 @@ from pydantic import Field
 
 from em_ingest.limits import Limits
 from em_ingest.pipeline import Pipeline
-from em_ingest.settings import CORE_SETTINGS, Settings, TransferSettings, declared_settings
+from em_ingest.settings import Settings, TransferSettings, declared_settings
 
 
 class _EmIngestResourceBase(dg.ConfigurableResource):
@@ -62,15 +62,16 @@ class _EmIngestResourceBase(dg.ConfigurableResource):
 
 
 def _resource_class() -> type[_EmIngestResourceBase]:
-    """The resource class with one optional string field per source setting (its default and description
-    shown in the UI's launchpad)."""
-    core = {s.field for s in CORE_SETTINGS}
-    sources = [s for s in declared_settings() if s.field not in core]
+    """The resource class with one optional string field per declared setting the base class does not
+    define itself (each source's, and core ones such as `public_url`), its default and description
+    shown in the UI's launchpad."""
+    defined = set(_EmIngestResourceBase.model_fields)
+    added = [s for s in declared_settings() if s.field not in defined]
     namespace: dict[str, Any] = {
         "__module__": __name__, "__qualname__": "EmIngestResource",
         "__doc__": "Where the archives are, where data goes, how hard transfers try, and what a dataset may ask for.",
-        "__annotations__": {s.field: Optional[str] for s in sources},  # noqa: UP045 - evaluated by pydantic
-        **{s.field: Field(default=s.default, description=f"{s.description} (${s.env})") for s in sources},
+        "__annotations__": {s.field: Optional[str] for s in added},  # noqa: UP045 - evaluated by pydantic
+        **{s.field: Field(default=s.default, description=f"{s.description} (${s.env})") for s in added},
     }
     return type("EmIngestResource", (_EmIngestResourceBase,), namespace)
 

@@ -185,13 +185,18 @@ def test_no_serve_prints_a_demo_app_link_for_a_public_data_root(ingested, capsys
     assert out.count("\n") == 1 and out.startswith(view.NEUROGLANCER_DEMO_APP + "#!")
     assert "neuroglancer-demo.appspot.com" in err and "cross-origin" in err
     state = parse_link(out.strip())
-    assert [layer["source"] for layer in state["layers"]] == [
-        f"zarr3://{PUBLIC}/zarr/epfl/{EPFL_KEY}.ome.zarr/", f"zarr3://{PUBLIC}/zarr/openorganelle/{OO_KEY}.ome.zarr/"]
+    # Each image, and the OpenOrganelle image's nucleus label as a segmentation layer over it.
+    assert [(layer["type"], layer["source"]) for layer in state["layers"]] == [
+        ("image", f"zarr3://{PUBLIC}/zarr/epfl/{EPFL_KEY}.ome.zarr/"),
+        ("image", f"zarr3://{PUBLIC}/zarr/openorganelle/{OO_KEY}.ome.zarr/"),
+        ("segmentation", f"zarr3://{PUBLIC}/zarr/openorganelle/{OO_KEY}.ome.zarr/labels/nuc/")]
 
     monkeypatch.setenv("EM_INGEST_PUBLIC_URL", "gs://bucket/em")  # the variable is the default
     assert main(["view", "--data-root", root, "--no-serve", f"openorganelle/{OO_KEY}"]) == 0
     state = parse_link(capsys.readouterr().out.strip())
-    assert [layer["source"] for layer in state["layers"]] == [f"zarr3://gs://bucket/em/zarr/openorganelle/{OO_KEY}.ome.zarr/"]
+    assert [layer["source"] for layer in state["layers"]] == [
+        f"zarr3://gs://bucket/em/zarr/openorganelle/{OO_KEY}.ome.zarr/",
+        f"zarr3://gs://bucket/em/zarr/openorganelle/{OO_KEY}.ome.zarr/labels/nuc/"]
 
 
 # ---- the link in Dagster metadata and the catalog ---------------------------------------------

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import tensorstore as ts
 import zarr
+from hypothesis import given
+from hypothesis import strategies as st
 
 from em_ingest import catalog
 from em_ingest.errors import ConfigurationError, SelectionError
-from em_ingest.formats.precomputed import PrecomputedCrop, PrecomputedInfo
+from em_ingest.formats.precomputed import PrecomputedCrop, PrecomputedInfo, murmurhash3_x86_128_low64, sharding_hash
 from em_ingest.replicas.flyem import DVID_MAX_BYTES, ORIGIN_XYZ
 from em_ingest.sources.flyem import DVID_TILE_EDGE, PRECOMPUTED_URL, FlyemSource, dvid_tiles
 from em_ingest_tests.contract import SourceContract
@@ -79,6 +81,27 @@ def test_reader_matches_tensorstore_written_volume(tmp_path, sharding):
     np.testing.assert_array_equal(got, want)
     # Sub-regions read through the cache give the same voxels.
     np.testing.assert_array_equal(crop.read((slice(3, 7), slice(5, 30), slice(40, 51))), want[3:7, 5:30, 40:51])
+
+
+def test_murmurhash_sharding_names_every_shard_tensorstore_writes(tmp_path):
+    """With shard_bits 64 and no minishard bits, tensorstore names each chunk's shard by its whole 64-bit hash."""
+    sharding = {"@type": "neuroglancer_uint64_sharded_v1", "preshift_bits": 0, "hash": "murmurhash3_x86_128",
+                "minishard_bits": 0, "shard_bits": 64, "minishard_index_encoding": "raw", "data_encoding": "raw"}
+    data_xyz = np.arange(1, 106, dtype=np.uint8).reshape(5, 3, 7)  # a 5x3x7 chunk grid: compressed Morton ids
+    _tensorstore_volume(tmp_path, data_xyz, {"size": [5, 3, 7], "resolution": [1, 1, 1], "chunk_size": [1, 1, 1],
+                                             "encoding": "raw", "sharding": sharding})
+    info = PrecomputedInfo.from_json(json.loads((tmp_path / "info").read_text()), "info")
+    scale = info.full_resolution()
+    assert scale.sharding is not None
+    written = {p.name for p in (tmp_path / scale.key).iterdir()}
+    grids = [(x, y, z) for x in range(5) for y in range(3) for z in range(7)]
+    predicted = {scale.sharding.shard_name(scale.sharding.locate(scale.chunk_id(g))[0]) for g in grids}
+    assert len(written) == 105 and predicted == written
+
+
+@given(st.integers(min_value=0, max_value=2**64 - 1))
+def test_mmh3_sharding_hash_equals_the_former_implementation(value):
+    assert sharding_hash(value) == murmurhash3_x86_128_low64(value)
 
 
 def test_replica_volumes_read_by_tensorstore_equal_the_ground_truth(replicas):

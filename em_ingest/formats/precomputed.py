@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import imagecodecs
+import mmh3
 import numpy as np
 
 from em_ingest.errors import FormatError, SourceResponseError, UnsupportedDataError
@@ -71,6 +72,13 @@ def murmurhash3_x86_128_low64(value: int, seed: int = 0) -> int:
     return (h2 << 32) | h1
 
 
+def sharding_hash(value: int) -> int:
+    """neuroglancer's `murmurhash3_x86_128` sharding hash: the low 64 bits of MurmurHash3_x86_128 (seed 0)
+    of the preshifted chunk id as 8 little-endian bytes."""
+    low64: int = mmh3.hash64((value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"), 0, x64arch=False, signed=False)[0]
+    return low64
+
+
 @dataclass(frozen=True)
 class ShardingSpec:
     """How chunks are packed into shard files (see neuroglancer's precomputed `sharded.md`)."""
@@ -110,7 +118,7 @@ class ShardingSpec:
         """(shard number, minishard number) that hold `chunk_id`."""
         hashed = chunk_id >> self.preshift_bits
         if self.hash == "murmurhash3_x86_128":
-            hashed = murmurhash3_x86_128_low64(hashed)
+            hashed = sharding_hash(hashed)
         minishard = hashed & ((1 << self.minishard_bits) - 1)
         shard = (hashed >> self.minishard_bits) & ((1 << self.shard_bits) - 1)
         return shard, minishard

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,12 +12,13 @@ import tensorstore as ts
 import zarr
 
 from em_ingest import catalog
-from em_ingest.errors import ConfigurationError, SelectionError
-from em_ingest.formats.precomputed import PrecomputedCrop, PrecomputedInfo
+from em_ingest.archives.neuprint import META_QUERY, NeuprintClient
+from em_ingest.errors import ConfigurationError, IntegrityError, SelectionError, TransferError
+from em_ingest.formats.precomputed import PrecomputedCrop, PrecomputedInfo, sharding_hash
 from em_ingest.replicas.flyem import DVID_MAX_BYTES, ORIGIN_XYZ
 from em_ingest.sources.flyem import DVID_TILE_EDGE, PRECOMPUTED_URL, FlyemSource, dvid_tiles
 from em_ingest_tests.contract import SourceContract
-from em_ingest_tests.harness import files_containing, materialize_cli_side_by_side, workspace_for
+from em_ingest_tests.harness import FAST_TRANSFER, files_containing, materialize_cli_side_by_side, workspace_for
 
 PRECOMPUTED_KEY, DVID_KEY = "hemibrain-crop", "hemibrain-crop-dvid"
 
@@ -79,6 +81,31 @@ def test_reader_matches_tensorstore_written_volume(tmp_path, sharding):
     np.testing.assert_array_equal(got, want)
     # Sub-regions read through the cache give the same voxels.
     np.testing.assert_array_equal(crop.read((slice(3, 7), slice(5, 30), slice(40, 51))), want[3:7, 5:30, 40:51])
+
+
+def test_murmurhash_sharding_names_every_shard_tensorstore_writes(tmp_path):
+    """With shard_bits 64 and no minishard bits, tensorstore names each chunk's shard by its whole 64-bit hash."""
+    sharding = {"@type": "neuroglancer_uint64_sharded_v1", "preshift_bits": 0, "hash": "murmurhash3_x86_128",
+                "minishard_bits": 0, "shard_bits": 64, "minishard_index_encoding": "raw", "data_encoding": "raw"}
+    data_xyz = np.arange(1, 106, dtype=np.uint8).reshape(5, 3, 7)  # a 5x3x7 chunk grid: compressed Morton ids
+    _tensorstore_volume(tmp_path, data_xyz, {"size": [5, 3, 7], "resolution": [1, 1, 1], "chunk_size": [1, 1, 1],
+                                             "encoding": "raw", "sharding": sharding})
+    info = PrecomputedInfo.from_json(json.loads((tmp_path / "info").read_text()), "info")
+    scale = info.full_resolution()
+    assert scale.sharding is not None
+    written = {p.name for p in (tmp_path / scale.key).iterdir()}
+    grids = [(x, y, z) for x in range(5) for y in range(3) for z in range(7)]
+    predicted = {scale.sharding.shard_name(scale.sharding.locate(scale.chunk_id(g))[0]) for g in grids}
+    assert len(written) == 105 and predicted == written
+
+
+@pytest.mark.parametrize(("value", "hashed"), [
+    (0, 0x4772B084E028AE41), (1, 0xE8BD67D616D4CE9A), (123456789, 0x126576FC191A1827), (2**64 - 1, 0x574F66BD212B5D1A),
+])
+def test_sharding_hash_known_values(value, hashed):
+    """Low 64 bits of MurmurHash3_x86_128 (seed 0) of the id's 8 little-endian bytes: the shard names tensorstore gives
+    these chunk ids (shard_bits 64, no minishard bits) in a 2**21 x 2**21 x 2**22 grid of one-voxel chunks."""
+    assert sharding_hash(value) == hashed
 
 
 def test_replica_volumes_read_by_tensorstore_equal_the_ground_truth(replicas):
@@ -215,6 +242,47 @@ def test_discovery_lists_the_neuprint_datasets(workspace, replicas):
     items = list(FlyemSource(ws.settings).discover())
     assert [(i.dataset_key, i.detail["dataset"]) for i in items] == [("hemibrain-v1.2.1", "hemibrain:v1.2.1"),
                                                                        ("manc-v1.0", "manc:v1.0")]
+
+
+# ---- neuPrint over HTTPS, through neuprint-python -----------------------------------------------
+
+def _neuprint_client(replica, **transfer) -> NeuprintClient:
+    settings = dataclasses.replace(FAST_TRANSFER, **transfer)
+    return NeuprintClient(replica.neuprint.url, replica.token, settings, ca_bundle=replica.env["NEUPRINT_CA_BUNDLE"])
+
+
+def test_neuprint_is_https_trusted_through_the_ca_bundle_setting_only(replicas):
+    replica = replicas["flyem"]
+    assert replica.env["NEUPRINT_SERVER"].startswith("https://")
+    assert "hemibrain:v1.2.1" in _neuprint_client(replica).datasets()
+    # Without the bundle the replica's authority is trusted by nothing: a clear error at once, not retries.
+    replica.neuprint.traffic.reset()
+    untrusting = NeuprintClient(replica.neuprint.url, replica.token, FAST_TRANSFER)
+    with pytest.raises(TransferError, match="TLS failed .*CERTIFICATE_VERIFY_FAILED.*NEUPRINT_CA_BUNDLE"):
+        untrusting.datasets()
+    assert replica.neuprint.traffic.requests == []  # the handshake failed before any request was sent
+    with pytest.raises(ConfigurationError, match="NEUPRINT_SERVER must be an https:// URL"):
+        NeuprintClient(replica.neuprint.url.replace("https://", "http://"), replica.token, FAST_TRANSFER)
+
+
+def test_neuprint_requests_follow_the_transfer_rules(replicas):
+    replica = replicas["flyem"]
+    faults = replica.neuprint.faults
+    # 503 with Retry-After, then a stalled body past the read timeout: both retried by the one retry policy.
+    faults.statuses, faults.retry_after, faults.path_contains = [503, 503], "0", "/api/custom"
+    faults.stalls, faults.stall_s = 1, 1.5
+    replica.neuprint.traffic.reset()
+    assert _neuprint_client(replica, read_timeout_s=0.5).query("hemibrain:v1.2.1", META_QUERY)["data"]
+    custom = [r for r in replica.neuprint.traffic.requests if r[1] == "/api/custom/custom"]
+    assert len(custom) == 4  # two 503s, the stalled answer, and the one that came through
+    faults.clear()
+    # A body larger than max_body_bytes is refused, not read whole.
+    with pytest.raises(IntegrityError, match="max_body_bytes=100"):
+        _neuprint_client(replica, max_body_bytes=100).datasets()
+    # A server error that does not go away ends in a TransferError naming the URL, within the attempts.
+    faults.statuses = [500] * 20
+    with pytest.raises(TransferError, match=r"giving up on https://127\.0\.0\.1:\d+/api/dbmeta/datasets"):
+        _neuprint_client(replica, max_attempts=3).datasets()
 
 
 # ---- the token ---------------------------------------------------------------------------------

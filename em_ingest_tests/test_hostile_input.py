@@ -13,6 +13,7 @@ import struct
 import time
 
 import dagster as dg
+import numcodecs
 import numpy as np
 import pytest
 import tifffile
@@ -25,6 +26,7 @@ from em_ingest.formats.volume import Geometry
 from em_ingest.limits import MAX_CHUNK_BYTES, Limits
 from em_ingest.orchestration.resources import EmIngestResource
 from em_ingest.raw import MANIFEST_NAME, ManifestEntry, RawStore
+from em_ingest.replicas import n5_writer
 from em_ingest.transfer.s3 import S3Client
 from em_ingest_tests.harness import failure_text, workspace_for
 
@@ -201,18 +203,43 @@ def test_the_limits_are_resource_fields(tmp_path, fresh_replica):
     assert run(Limits(max_expansion=5000.0)).success  # sparse data is allowed once the curator raises the limit
 
 
-def test_n5_blocks_cannot_declare_or_inflate_past_their_size():
-    dtype = n5.N5_DTYPES["uint8"]
+def _n5_dataset(path, block_file: bytes, *, dimensions=(64, 64, 64), block_size=(64, 64, 64), compression=None):
+    """An N5 uint8 dataset (sizes x, y, z) whose block 0/0/0 holds exactly `block_file`."""
+    compression = compression or {"type": "raw"}
+    path.mkdir(parents=True)
+    (path / "attributes.json").write_text(json.dumps({"dimensions": list(dimensions), "blockSize": list(block_size),
+                                                      "dataType": "uint8", "compression": compression}))
+    (path / "0" / "0").mkdir(parents=True)
+    (path / "0" / "0" / "0").write_bytes(block_file)
+    return n5.N5Array(path)
+
+
+def test_n5_blocks_cannot_declare_or_inflate_past_their_size(tmp_path):
     huge = struct.pack(">HH3I", 0, 3, 1 << 16, 1 << 16, 1 << 16) + b"\0" * 16
-    with pytest.raises(UnsupportedDataError, match="above the"):
-        n5.decode_block(huge, dtype, {"type": "raw"}, "blk")
+    with pytest.raises(FormatError, match=r"huge/0/0/0.*exceeds blockSize"):
+        _n5_dataset(tmp_path / "huge", huge)[0:64, 0:64, 0:64]
     over_block = struct.pack(">HH3I", 0, 3, 128, 64, 64) + b"\0" * (128 * 64 * 64)
-    with pytest.raises(FormatError, match="more than the dataset's blockSize"):
-        n5.decode_block(over_block, dtype, {"type": "raw"}, "blk", (64, 64, 64))
-    # A gzip bomb: the header says 64^3 voxels, the payload inflates to 64 MiB of zeros.
+    with pytest.raises(FormatError, match=r"over/0/0/0.*exceeds blockSize"):
+        _n5_dataset(tmp_path / "over", over_block)[0:64, 0:64, 0:64]
+    # A gzip bomb: the header says 64^3 voxels, the payload would inflate to 64 MiB of zeros. Decompression
+    # stops at the announced 256 KiB, and the block is refused for the bytes that follow.
     bomb = struct.pack(">HH3I", 0, 3, 64, 64, 64) + gzip.compress(b"\0" * (64 << 20), 9)
-    block = n5.decode_block(bomb, dtype, {"type": "gzip"}, "blk", (64, 64, 64))
-    assert block.shape == (64, 64, 64)  # only what the header allows was inflated
+    with pytest.raises(FormatError, match=r"bomb/0/0/0.*at uncompressed byte 262144"):
+        _n5_dataset(tmp_path / "bomb", bomb, compression={"type": "gzip"})[0:64, 0:64, 0:64]
+    # blosc is the one codec tensorstore inflates whole to the size its own header states: refused before that.
+    blosc = {"type": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1, "blocksize": 0}
+    blosc_bomb = struct.pack(">HH3I", 0, 3, 64, 64, 64) + bytes(numcodecs.Blosc("lz4", 5, 1).encode(b"\0" * (64 << 20)))
+    with pytest.raises(FormatError, match=r"blosc-bomb/0/0/0: the blosc block states 67108864 decompressed bytes"):
+        _n5_dataset(tmp_path / "blosc-bomb", blosc_bomb, compression=blosc)[0:64, 0:64, 0:64]
+    block = np.arange(64 ** 3, dtype=np.uint8).reshape(64, 64, 64)
+    fine = struct.pack(">HH3I", 0, 3, 64, 64, 64) + bytes(numcodecs.Blosc("lz4", 5, 1).encode(block.tobytes()))
+    np.testing.assert_array_equal(_n5_dataset(tmp_path / "blosc", fine, compression=blosc)[0:64, 0:64, 0:64], block)
+    # A dataset declaring 2^40 voxels a side opens, and a region of it reads only the blocks it touches.
+    vast = _n5_dataset(tmp_path / "vast", n5_writer.encode_block(block, {"type": "raw"}), dimensions=(1 << 40,) * 3)
+    np.testing.assert_array_equal(vast[60:70, 0:5, 62:66], np.pad(block[60:64, 0:5, 62:64], ((0, 6), (0, 0), (0, 2))))
+    # A block size above what em-ingest decodes at once is refused when the dataset is opened.
+    with pytest.raises(UnsupportedDataError, match=r"vast-block/attributes.json.*above the"):
+        _n5_dataset(tmp_path / "vast-block", b"", block_size=(2048, 2048, 384))
     assert MAX_CHUNK_BYTES == 1 << 30 and Limits().max_expansion == 256
 
 

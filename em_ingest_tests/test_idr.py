@@ -15,10 +15,11 @@ import zarr
 from em_ingest import catalog
 from em_ingest.errors import FormatError, SelectionError, UnsupportedDataError
 from em_ingest.formats import imagej
+from em_ingest.formats.ome_ngff import Level, Multiscale, multiscale_of
 from em_ingest.formats.tiff import TiffStack
 from em_ingest.replicas.idr import IdrReplica, ReplicaImage, imagej_tiff
 from em_ingest.replicas.volumes import synthetic_em
-from em_ingest.sources.idr import IdrSource, Multiscale, bare_doi, map_values, multiscale_of, study_of
+from em_ingest.sources.idr import IdrSource, bare_doi, map_values, study_of
 from em_ingest_tests.contract import SourceContract
 
 DEFAULT, ZARR_IMAGE, TWO_CHANNELS = "9846137", "90000001", "90000002"
@@ -118,19 +119,47 @@ def test_ngff_versions_levels_and_refusals():
     assert cellmap.translation_nm("s1", where="c", default_unit="nanometer") == (1.0, 0.0, 0.0)
     with pytest.raises(FormatError, match="no level 's9'"):
         cellmap.voxel_size_nm("s9", where="c")
-    with pytest.raises(UnsupportedDataError, match="version '0.5'"):
+    with pytest.raises(UnsupportedDataError, match="version '0.5' in 'multiscales'"):
         multiscale_of({"multiscales": [{"version": "0.5", "datasets": [{"path": "0"}]}]}, where="v")
-    affine = {"multiscales": [{"version": "0.4", "axes": ["z", "y", "x"], "datasets": [
-        {"path": "0", "coordinateTransformations": [{"type": "affine", "affine": [1, 2, 3]}]}]}]}
-    with pytest.raises(UnsupportedDataError, match="affine"):
-        multiscale_of(affine, where="a").voxel_size_nm(where="a")
+    with pytest.raises(UnsupportedDataError, match="coordinateTransformations in OME-NGFF 0.3"):
+        multiscale_of({"multiscales": [{"version": "0.3", "axes": ["z", "y", "x"], "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 2, 3]}]}]}]}, where="o")
     with pytest.raises(FormatError, match="one finite number per axis"):
-        Multiscale({"datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 2]}]}]},
-                   ["z", "y", "x"], {}, "0").voxel_size_nm(where="s")
+        Multiscale((Level("0", scale=(1.0, 2.0)),), ["z", "y", "x"]).voxel_size_nm(where="s")
+
+
+def test_ngff_04_and_05_are_read_through_the_spec_models():
+    axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
+    level = {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [8, 4, 4]},
+                                                         {"type": "translation", "translation": [1, 2, 3]}]}
+    v05 = multiscale_of({"ome": {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [level]}]}}, where="zarr.json")
+    assert (v05.version, v05.voxel_size_nm(where="j"), v05.translation_nm(where="j")) == ("0.5", (8, 4, 4), (1, 2, 3))
+    unversioned = multiscale_of({"multiscales": [{"axes": axes, "datasets": [level]}]}, where="u")  # the 0.4 shape
+    assert unversioned.version == "0.4" and unversioned.voxel_size_nm(where="u") == (8, 4, 4)
+    # What the models refuse is a FormatError naming the document, the place in it and what was found there.
+    affine = {"multiscales": [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "affine", "affine": [1, 2, 3]}]}]}]}
+    with pytest.raises(FormatError, match=r"a/\.zattrs: not valid OME-NGFF 0\.4 .*datasets\[0\]\.coordinateTransformations"
+                                          r"\[0\]\.type: .*\(found 'affine'\)"):
+        multiscale_of(affine, where="a/.zattrs")
+    with pytest.raises(FormatError, match=r"b: not valid OME-NGFF 0\.4 .*axes\[0\]: .*found 'z'"):
+        multiscale_of({"multiscales": [{"version": "0.4", "axes": ["z", "y", "x"], "datasets": [level]}]}, where="b")
+    with pytest.raises(FormatError, match=r"c: not valid OME-NGFF 0\.5 .*Got 3 axes, but the scale transform has dimension"):
+        multiscale_of({"ome": {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 2]}]}]}]}}, where="c")
+    stored_in_file = {"multiscales": [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "path": "scale.bin"}]}]}]}
+    with pytest.raises(UnsupportedDataError, match="scale stored in a file"):
+        multiscale_of(stored_in_file, where="f")
+    # JSON parsers let NaN through; the spec models do too.
+    nan = {"multiscales": [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [float("nan"), 1, 1]}]}]}]}
+    with pytest.raises(FormatError, match="one finite number per axis"):
+        multiscale_of(nan, where="n").voxel_size_nm(where="n")
 
 
 def test_zarr_copy_with_several_channels_is_refused():
-    multiscale = Multiscale({"datasets": [{"path": "0"}]}, ["t", "c", "z", "y", "x"], {}, "0")
+    multiscale = Multiscale((Level("0"),), ["t", "c", "z", "y", "x"])
     with pytest.raises(UnsupportedDataError, match="'c': 3"):
         multiscale.check_axes((1, 3, 10, 20, 20), where="idr0900A/1.zarr")
 

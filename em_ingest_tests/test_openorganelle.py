@@ -13,6 +13,7 @@ import zarr
 from em_ingest.errors import IntegrityError, SelectionError, TransferError
 from em_ingest.formats import cosem, n5
 from em_ingest.omezarr.validate import validate_ome_zarr
+from em_ingest.replicas import n5_writer
 from em_ingest.sources.openorganelle import OpenOrganelleSource, raw_relpath
 from em_ingest.transfer.s3 import S3Client
 from em_ingest_tests.contract import SourceContract
@@ -224,7 +225,7 @@ def test_n5_reader_reads_regions_across_cut_edge_blocks(tmp_path, compression):
     rng = np.random.default_rng(0)
     volume = rng.integers(0, 60000, size=(11, 13, 17), dtype=np.uint16)
     block = (4, 5, 6)
-    (tmp_path / "attributes.json").write_text(json.dumps(n5.array_attributes(volume.shape, block, "uint16",
+    (tmp_path / "attributes.json").write_text(json.dumps(n5_writer.array_attributes(volume.shape, block, "uint16",
                                                                              compression)))
     for iz in range(3):
         for iy in range(3):
@@ -234,7 +235,7 @@ def test_n5_reader_reads_regions_across_cut_edge_blocks(tmp_path, compression):
                     continue  # a missing block reads as zeros
                 path = tmp_path / str(ix) / str(iy) / str(iz)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(n5.encode_block(data, compression))
+                path.write_bytes(n5_writer.encode_block(data, compression))
     expected = volume.copy()
     expected[4:8, 5:10, 6:12] = 0
     array = n5.N5Array(tmp_path)

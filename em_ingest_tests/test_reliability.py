@@ -14,10 +14,11 @@ from em_ingest import storage
 from em_ingest.errors import EmIngestError, FormatError, IntegrityError, TransferError, UnsafePathError
 from em_ingest.formats.dm import read_dm
 from em_ingest.formats.mrc import MrcVolume
-from em_ingest.formats.n5 import decode_block, encode_block
+from em_ingest.formats.n5 import N5Array
 from em_ingest.raw import UNCOMMITTED_MARKER, RawStore, safe_relative_path
 from em_ingest.replicas.dm_writer import dm_bytes
 from em_ingest.replicas.empiar import TREE, mrc_bytes
+from em_ingest.replicas.n5_writer import array_attributes, encode_block
 from em_ingest.replicas.volumes import synthetic_em
 from em_ingest.settings import TransferSettings
 from em_ingest.transfer.ftp import FtpClient
@@ -200,15 +201,20 @@ def test_corrupt_dm3_and_mrc_fail_naming_the_file(tmp_path):
             MrcVolume(tmp_path / name)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong-count"])
-def test_corrupt_n5_block_fails_naming_it(damage):
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong-count", "empty"])
+def test_corrupt_n5_block_fails_naming_it(tmp_path, damage):
     block = synthetic_em((4, 8, 8), "uint16", seed=3)
     compression = {"type": "gzip", "level": 1}
     data = encode_block(block, compression)
     bad = {"truncated": data[: len(data) // 2], "garbage": data[:16] + b"\x13" * (len(data) - 16),
-           "wrong-count": data[:4] + (999).to_bytes(4, "big") + data[8:]}[damage]
-    with pytest.raises(FormatError, match="s0/1/2/3"):
-        decode_block(bad, np.dtype(">u2"), compression, "s0/1/2/3")
+           "wrong-count": data[:4] + (999).to_bytes(4, "big") + data[8:], "empty": b""}[damage]
+    (tmp_path / "attributes.json").write_text(json.dumps(array_attributes((8, 24, 32), (4, 8, 8), "uint16", compression)))
+    (tmp_path / "3" / "2").mkdir(parents=True)
+    (tmp_path / "3" / "2" / "1").write_bytes(bad)  # block x=3, y=2, z=1
+    array = N5Array(tmp_path)
+    np.testing.assert_array_equal(array[0:4, 0:8, 0:8], 0)  # a missing block is the fill value
+    with pytest.raises(FormatError, match=f"{tmp_path}/3/2/1"):
+        array[0:8, 0:24, 0:32]
 
 
 def test_corrupt_slices_over_the_archive_fail_naming_them_and_keep_the_previous_zarr(tmp_path, fresh_replica):

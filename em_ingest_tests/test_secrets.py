@@ -58,7 +58,7 @@ def test_token_stays_out_of_logs_events_instance_and_data(replicas, tmp_path, mo
 @pytest.fixture
 def neuprint_down():
     """A neuPrint that answers every request with a server error."""
-    with ReplicaHTTPServer("neuprint-down") as server:
+    with ReplicaHTTPServer("neuprint-down", tls=True) as server:
         server.add_handler("/", lambda request: None)
         server.faults.statuses = [500] * 100
         yield server
@@ -79,7 +79,7 @@ TOKEN = "test-token-" + secrets.token_urlsafe(24)
 )
 def test_errors_never_contain_the_token(neuprint_down, tmp_path, token, expected, caplog):
     settings = Settings(neuprint_server=neuprint_down.url, neuprint_token=token, transfer=FAST_TRANSFER,
-                        data_root=str(tmp_path))
+                        neuprint_ca_bundle=neuprint_down.ca_bundle, data_root=str(tmp_path))
     caplog.set_level(logging.DEBUG)
     with pytest.raises(EmIngestError) as info:
         list(FlyemSource(settings).discover())

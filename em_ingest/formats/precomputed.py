@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import imagecodecs
+import mmh3
 import numpy as np
 
 from em_ingest.errors import FormatError, SourceResponseError, UnsupportedDataError
@@ -40,35 +41,11 @@ def _xyz(value: Any, field: str, where: str, *, positive: bool = False) -> XYZ:
 
 # ---- sharding (neuroglancer_uint64_sharded_v1) ------------------------------------------------
 
-def _rotl32(x: int, r: int) -> int:
-    return ((x << r) | (x >> (32 - r))) & 0xFFFFFFFF
-
-
-def _fmix32(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
-def murmurhash3_x86_128_low64(value: int, seed: int = 0) -> int:
-    """Low 64 bits of MurmurHash3_x86_128 of `value` as 8 little-endian bytes (the sharding hash)."""
-    # An 8-byte key never fills a 16-byte block: only the tail rounds for k1 and k2 run.
-    c1, c2, c3 = 0x239B961B, 0xAB0E9789, 0x38B34AE5
-    h1 = h2 = h3 = h4 = seed
-    k1, k2 = struct.unpack("<II", struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF))
-    k2 = (_rotl32((k2 * c2) & 0xFFFFFFFF, 16) * c3) & 0xFFFFFFFF
-    h2 ^= k2
-    k1 = (_rotl32((k1 * c1) & 0xFFFFFFFF, 15) * c2) & 0xFFFFFFFF
-    h1 ^= k1
-    h1, h2, h3, h4 = (h ^ 8 for h in (h1, h2, h3, h4))
-    h1 = (h1 + h2 + h3 + h4) & 0xFFFFFFFF
-    h2, h3, h4 = ((h + h1) & 0xFFFFFFFF for h in (h2, h3, h4))
-    h1, h2, h3, h4 = (_fmix32(h) for h in (h1, h2, h3, h4))
-    h1 = (h1 + h2 + h3 + h4) & 0xFFFFFFFF
-    h2 = (h2 + h1) & 0xFFFFFFFF
-    return (h2 << 32) | h1
+def sharding_hash(value: int) -> int:
+    """neuroglancer's `murmurhash3_x86_128` sharding hash: the low 64 bits of MurmurHash3_x86_128 (seed 0)
+    of the preshifted chunk id as 8 little-endian bytes."""
+    low64: int = mmh3.hash64((value & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"), 0, x64arch=False, signed=False)[0]
+    return low64
 
 
 @dataclass(frozen=True)
@@ -110,7 +87,7 @@ class ShardingSpec:
         """(shard number, minishard number) that hold `chunk_id`."""
         hashed = chunk_id >> self.preshift_bits
         if self.hash == "murmurhash3_x86_128":
-            hashed = murmurhash3_x86_128_low64(hashed)
+            hashed = sharding_hash(hashed)
         minishard = hashed & ((1 << self.minishard_bits) - 1)
         shard = (hashed >> self.minishard_bits) & ((1 << self.shard_bits) - 1)
         return shard, minishard

@@ -193,7 +193,9 @@ class FlyemReplica(Replica):
 
     def start(self) -> FlyemReplica:
         for name in ("neuprint", "gcs", "dvid"):
-            self.servers.append(ReplicaHTTPServer(f"flyem-{name}").start())
+            # neuPrint speaks only HTTPS (its clients refuse plain HTTP), with a certificate trusted through
+            # NEUPRINT_CA_BUNDLE below; the storage and DVID replicas answer plain HTTP.
+            self.servers.append(ReplicaHTTPServer(f"flyem-{name}", tls=name == "neuprint").start())
         volume = synthetic_em(SHAPE_ZYX, "uint8", seed=62)
         x, y, z = (slice(s.start - o, s.stop - o) for s, o in zip(EMPTY_XYZ, ORIGIN_XYZ))
         volume[z, y, x] = 0
@@ -204,6 +206,7 @@ class FlyemReplica(Replica):
         self.env = {
             "NEUPRINT_SERVER": self.neuprint.url,
             "NEUPRINT_TOKEN": self.token,
+            "NEUPRINT_CA_BUNDLE": str(self.neuprint.ca_bundle),
             "EM_INGEST_FLYEM_PRECOMPUTED_URL": self.sharded_url,
             "EM_INGEST_FLYEM_DVID_URL": self.dvid.url,
             "EM_INGEST_FLYEM_DVID_UUID": DVID_UUID,

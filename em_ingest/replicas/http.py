@@ -1,11 +1,14 @@
-"""A loopback HTTP server for replicas: static files with Range/ETag, JSON handlers, injectable faults."""
+"""A loopback HTTP(S) server for replicas: static files with Range/ETag, JSON handlers, injectable faults."""
 
 from __future__ import annotations
 
 import email.utils
 import hashlib
 import json
+import os
 import socket
+import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -92,10 +95,17 @@ Handler = Callable[[Request], Reply | None]
 
 
 class ReplicaHTTPServer:
-    """Serves `files` (path -> StaticFile) and `handlers` (path prefix -> function) on 127.0.0.1."""
+    """Serves `files` (path -> StaticFile) and `handlers` (path prefix -> function) on 127.0.0.1.
 
-    def __init__(self, name: str):
+    With `tls`, it serves HTTPS with a certificate for 127.0.0.1 and localhost, issued at start by a
+    certificate authority made for this server alone; `ca_bundle` is that authority's PEM file, which a
+    client must be configured to trust (nothing else trusts it).
+    """
+
+    def __init__(self, name: str, *, tls: bool = False):
         self.name = name
+        self.tls = tls
+        self.ca_bundle: str | None = None
         self.files: dict[str, StaticFile] = {}
         self.handlers: list[tuple[str, Handler]] = []
         self.faults = Faults()
@@ -119,7 +129,7 @@ class ReplicaHTTPServer:
     def url(self) -> str:
         assert self._server is not None, "server not started"
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     def start(self) -> ReplicaHTTPServer:
         replica = self
@@ -129,15 +139,37 @@ class ReplicaHTTPServer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
+        if self.tls:
+            # The handshake runs in the request's own thread (see `setup`), not in the accepting loop.
+            self._server.socket = self._tls_context().wrap_socket(self._server.socket, server_side=True,
+                                                                  do_handshake_on_connect=False)
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"replica-{self.name}", daemon=True)
         self._thread.start()
         return self
+
+    def _tls_context(self) -> ssl.SSLContext:
+        import trustme  # only servers that speak TLS need it
+
+        authority = trustme.CA(organization_name="em-ingest replica")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        authority.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        handle, path = tempfile.mkstemp(prefix=f"em-ingest-{self.name}-ca-", suffix=".pem")
+        os.close(handle)
+        authority.cert_pem.write_to_path(path)
+        self.ca_bundle = path
+        return context
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self.ca_bundle is not None:
+            try:
+                os.unlink(self.ca_bundle)
+            except FileNotFoundError:
+                pass
+            self.ca_bundle = None
 
     def __enter__(self) -> ReplicaHTTPServer:
         return self.start()
@@ -152,6 +184,21 @@ class _ReplicaRequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read traffic instead
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.handshake_failed = False
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(30)  # a client that never completes the handshake frees the thread
+            try:
+                self.request.do_handshake()
+            except (ssl.SSLError, OSError):
+                self.handshake_failed = True  # e.g. a client that does not trust the certificate hangs up
+            self.request.settimeout(None)
+
+    def handle(self) -> None:
+        if not self.handshake_failed:
+            super().handle()
 
     def do_GET(self) -> None:
         self._handle("GET")

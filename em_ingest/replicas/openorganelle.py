@@ -22,8 +22,8 @@ from urllib.parse import urlencode
 import numcodecs
 import numpy as np
 
-from em_ingest.formats import n5
 from em_ingest.formats.volume import triple
+from em_ingest.replicas import n5_writer
 from em_ingest.replicas.base import Expected, Replica
 from em_ingest.replicas.http import ReplicaHTTPServer, Reply, Request
 from em_ingest.replicas.volumes import synthetic_em
@@ -161,7 +161,7 @@ def n5_objects(image: ReplicaImage, level: int) -> dict[str, bytes]:
     """The `attributes.json` and block objects of one N5 level (edge blocks cut to the data, as N5 writes them)."""
     volume = image.levels[level]
     chunks = tuple(min(c, n) for c, n in zip(image.chunks, volume.shape))
-    attributes = n5.array_attributes(volume.shape, chunks, image.dtype, image.compressor)
+    attributes = n5_writer.array_attributes(volume.shape, chunks, image.dtype, image.compressor)
     attributes["pixelResolution"] = {"dimensions": list(image.scale(level)[::-1]), "unit": "nm"}
     attributes["transform"] = cosem_transform(image, level)
     prefix = f"{image.prefix}/s{level}"
@@ -173,7 +173,7 @@ def n5_objects(image: ReplicaImage, level: int) -> dict[str, bytes]:
 
 def n5_block(volume: np.ndarray, chunks: tuple[int, ...], index: tuple[int, ...], compression: dict) -> bytes:
     region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))
-    return n5.encode_block(volume[region], compression)
+    return n5_writer.encode_block(volume[region], compression)
 
 
 def image_objects(image: ReplicaImage) -> dict[str, bytes]:
@@ -221,8 +221,8 @@ def label_objects(container: str, layout: str, group: str) -> dict[str, bytes]:
                 f"{container}/{group}/s0/0.0.0": bytes(numcodecs.GZip(5).encode(labels.tobytes()))}
     compression = {"type": "gzip", "useZlib": False, "level": -1}
     return {f"{container}/{group}/s0/attributes.json":
-            json.dumps(n5.array_attributes(labels.shape, labels.shape, "uint64", compression)).encode(),
-            f"{container}/{group}/s0/0/0/0": n5.encode_block(labels, compression)}
+            json.dumps(n5_writer.array_attributes(labels.shape, labels.shape, "uint64", compression)).encode(),
+            f"{container}/{group}/s0/0/0/0": n5_writer.encode_block(labels, compression)}
 
 
 def replica_images() -> list[ReplicaImage]:

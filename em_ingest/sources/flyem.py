@@ -98,6 +98,8 @@ class FlyemSource(Source):
     configuration = (
         Setting("neuprint_server", "NEUPRINT_SERVER", "https://neuprint.janelia.org", "neuPrint base URL"),
         Setting("neuprint_token", "NEUPRINT_TOKEN", None, "neuPrint bearer token", secret=True),
+        Setting("neuprint_ca_bundle", "NEUPRINT_CA_BUNDLE", None,
+                "PEM file of the authorities trusted for neuPrint's HTTPS certificate (default: the system's)"),
         PRECOMPUTED_URL,
         Setting("flyem_dvid_url", "EM_INGEST_FLYEM_DVID_URL", "https://hemibrain-dvid.janelia.org", "DVID server"),
         DVID_UUID,
@@ -115,7 +117,8 @@ class FlyemSource(Source):
 
     def _neuprint(self) -> NeuprintClient:
         # Made per call, so a missing token fails only what needs neuPrint (not describe / open_volume).
-        return NeuprintClient(self.settings.neuprint_server, self.settings.neuprint_token, self.settings.transfer)
+        return NeuprintClient(self.settings.neuprint_server, self.settings.neuprint_token, self.settings.transfer,
+                              ca_bundle=self.settings.neuprint_ca_bundle)
 
     def _dvid_node(self) -> DvidNode:
         return DvidNode(self.http, self.settings.flyem_dvid_url, self.settings.flyem_dvid_uuid)

@@ -252,6 +252,12 @@ def test_cosem_transform_orders_and_units():
     attrs = {"pixelResolution": {"dimensions": [4.0, 4.0, 4.56], "unit": "nm"}, "scales": [[1, 1, 1], [2, 2, 2]]}
     found = cosem.level_geometry("n5", attrs, "s1", {}, "g")
     assert found.scale_nm == (9.12, 8.0, 8.0) and found.translation_nm is None
+    # Micrometres become the nearest decimal nanometres: 7.9983, not 0.0079983 * 1000 = 7.9982999999999995.
+    fine = cosem.cosem_transform({"axes": ["z", "y", "x"], "scale": [0.0079983, 0.0024, 0.0024],
+                                  "translate": [0.0012, 0, 0], "units": ["um"] * 3}, "t")
+    assert fine.scale_nm == (7.9983, 2.4, 2.4) and fine.translation_nm == (1.2, 0.0, 0.0)
+    assert cosem.level_geometry("n5", {"pixelResolution": {"dimensions": [0.0024, 0.0024, 0.0079983], "unit": "um"},
+                                       "scales": [[1, 1, 1]]}, "s0", {}, "g").scale_nm == (7.9983, 2.4, 2.4)
 
 
 def test_zarr_metadata_names_are_kept_but_escapes_refused():

@@ -28,11 +28,10 @@ METADATA_NAMES = {"zarr": (".zgroup", ".zattrs", ".zarray"), "n5": ("attributes.
 ZYX = ("z", "y", "x")
 
 
-def nm_per_unit(unit: Any, where: str) -> float:
-    """Nanometres in one `unit`; a missing unit means nm."""
-    if unit is None:
-        return 1.0  # COSEM and OME-NGFF files from CellMap always say nm; absent means the default
-    return units.nm_per_unit(str(unit), where=where)
+def to_nm(value: float, unit: Any, where: str) -> float:
+    """`value` in `unit` as nanometres, without float noise (µm 0.0079983 is 7.9983 nm); a missing unit means nm."""
+    # COSEM and OME-NGFF files from CellMap always say nm; absent means the default.
+    return units.to_nm(value, "nm" if unit is None else str(unit), where=where)
 
 
 @dataclass(frozen=True)
@@ -160,9 +159,8 @@ def cosem_transform(transform: dict[str, Any], where: str) -> LevelGeometry:
         raise SourceResponseError(f"{where}: transform lacks {exc}") from None
     if str(transform.get("order", "C")).upper() == "F":
         axes, scale, translate, units = axes[::-1], scale[::-1], translate[::-1], units[::-1]
-    factors = [nm_per_unit(u, where) for u in units]
-    scale_nm = _to_zyx(axes, [s * f for s, f in zip(scale, factors)], where)
-    translation_nm = _to_zyx(axes, [t * f for t, f in zip(translate, factors)], where)
+    scale_nm = _to_zyx(axes, [to_nm(s, u, where) for s, u in zip(scale, units)], where)
+    translation_nm = _to_zyx(axes, [to_nm(t, u, where) for t, u in zip(translate, units)], where)
     return LevelGeometry(scale_nm, translation_nm)
 
 
@@ -225,8 +223,7 @@ def _pixel_resolution(attrs: dict[str, Any], where: str) -> Vec3 | None:
     else:  # some writers store the bare list
         values, unit = resolution, "nm"
     xyz = _vec3(values, where, "pixelResolution.dimensions")
-    factor = nm_per_unit(unit, where)
-    return triple(v * factor for v in xyz[::-1])
+    return triple(to_nm(v, unit, where) for v in xyz[::-1])
 
 
 def level_geometry(layout: str, group_attrs: dict[str, Any], level: str, array_attrs: dict[str, Any],

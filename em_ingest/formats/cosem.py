@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
 from typing import Any
 
 import numpy as np
 
-from em_ingest.errors import SourceResponseError, UnsupportedDataError
+from em_ingest.errors import SelectionError, SourceResponseError, UnsupportedDataError
 from em_ingest.formats import ome_ngff, units
 from em_ingest.formats.n5 import N5_DTYPES
 from em_ingest.formats.volume import triple
@@ -260,3 +261,45 @@ def level_geometry(layout: str, group_attrs: dict[str, Any], level: str, array_a
     factors = _vec3(factors_xyz, where, "downsampling factors")[::-1]
     # Without a transform the files do not say where downsampled voxels sit: no translation.
     return LevelGeometry(triple(b * f for b, f in zip(base, factors)), None)
+
+
+def finest_level_at_least(layout: str, group_attrs: dict[str, Any], scale_nm: tuple[float, float, float] | None,
+                           where: str) -> str:
+    """The finest level whose voxel is at least `scale_nm` on every axis (a label never finer than its image),
+    else the coarsest; the first level when the image's voxel is unknown."""
+    paths = level_paths(layout, group_attrs, where)
+    if not paths:
+        raise SelectionError(f"{where}: not a multiscale group (its attributes list no levels); name one with "
+                             "{group, level}")
+    if scale_nm is None:
+        return paths[0]
+    for path in paths:
+        geometry = level_geometry(layout, group_attrs, path, {}, where)
+        if geometry is not None and all(g >= s * (1 - 1e-6) for g, s in zip(geometry.scale_nm, scale_nm)):
+            return path
+    return paths[-1]
+
+
+def overlapping_region(image: LevelGeometry, region: Sequence[tuple[int, int]], other: LevelGeometry,
+                       other_shape: Sequence[int], where: str) -> tuple[tuple[int, int], ...]:
+    """The voxels of another level ([start, stop) per axis, within `other_shape`) whose boxes overlap the box of
+    `region` of the image level in physical space, e.g. the part of a coarser label that covers an image crop.
+
+    Voxel i of a level is centred at translation + i x scale and spans half a voxel either side; a level that
+    states no translation starts at 0.
+    """
+    out = []
+    for axis in range(3):
+        scale_i, scale_l = image.scale_nm[axis], other.scale_nm[axis]
+        origin_i = image.translation_nm[axis] if image.translation_nm else 0.0
+        origin_l = other.translation_nm[axis] if other.translation_nm else 0.0
+        low = origin_i + (region[axis][0] - 0.5) * scale_i
+        high = origin_i + (region[axis][1] - 0.5) * scale_i
+        # A hair of tolerance: an edge that falls on a voxel boundary must not take the neighbour.
+        start = max(0, math.floor((low - origin_l) / scale_l + 0.5 + 1e-9))
+        stop = min(other_shape[axis], math.ceil((high - origin_l) / scale_l + 0.5 - 1e-9))
+        if stop <= start:
+            raise SelectionError(f"{where}: it does not overlap the image region along {'zyx'[axis]} "
+                                 f"({low:g}-{high:g} nm)")
+        out.append((start, stop))
+    return tuple(out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -296,7 +295,7 @@ class OpenOrganelleSource(Source):
         if not isinstance(group_attrs, dict):
             raise SourceResponseError(f"{self.s3.url(group_prefix)}: group attributes must be a JSON object")
         if level is None:
-            level = _finest_level_at_least(layout, group_attrs, at_least_nm, f"{where} ({self.s3.url(group_prefix)})")
+            level = cosem.finest_level_at_least(layout, group_attrs, at_least_nm, f"{where} ({self.s3.url(group_prefix)})")
         level_prefix = f"{group_prefix}/{level}/"
         documents.update(self._mirror_metadata(raw, self.s3.list_level(level_prefix).objects, names, fetched))
         array_doc = documents.get(level_prefix + ("attributes.json" if layout == "n5" else ".zarray"))
@@ -334,7 +333,11 @@ class OpenOrganelleSource(Source):
         where_label = f"{where}: label {name!r}"
         label = self._mirror_level(raw, resolved.layout, resolved.container, place.group, place.level, where_label,
                                    fetched, at_least_nm=image.geometry.scale_nm if image.geometry else None)
-        label_region = _overlapping_region(image, region, label, f"{where_label} ({self.s3.url(label.prefix)})")
+        where_placed = f"{where_label} ({self.s3.url(label.prefix)})"
+        if image.geometry is None or label.geometry is None:
+            raise SelectionError(f"{where_placed}: {'the image' if image.geometry is None else 'the label'} states "
+                                 "no voxel size, so the label cannot be placed on the image")
+        label_region = cosem.overlapping_region(image.geometry, region, label.geometry, label.grid.shape, where_placed)
         self._mirror_region(raw, label, label_region, where_label, fetched)
         return {"group": place.group, "level": label.level, "region": [list(r) for r in label_region]}
 
@@ -487,50 +490,6 @@ class _Level:
     @property
     def prefix(self) -> str:
         return f"{self.container}/{self.group}/{self.level}"
-
-
-def _finest_level_at_least(layout: str, group_attrs: dict[str, Any], scale_nm: tuple[float, float, float] | None,
-                           where: str) -> str:
-    """The finest level whose voxel is at least `scale_nm` on every axis (a label never finer than its image),
-    else the coarsest; the first level when the image's voxel is unknown."""
-    paths = cosem.level_paths(layout, group_attrs, where)
-    if not paths:
-        raise SelectionError(f"{where}: not a multiscale group (its attributes list no levels); name one with "
-                             "{group, level}")
-    if scale_nm is None:
-        return paths[0]
-    for path in paths:
-        geometry = cosem.level_geometry(layout, group_attrs, path, {}, where)
-        if geometry is not None and all(g >= s * (1 - 1e-6) for g, s in zip(geometry.scale_nm, scale_nm)):
-            return path
-    return paths[-1]
-
-
-def _overlapping_region(image: _Level, region: tuple[tuple[int, int], ...], label: _Level,
-                        where: str) -> tuple[tuple[int, int], ...]:
-    """The label voxels ([start, stop) per axis) whose boxes overlap the image region's box in physical space.
-
-    Voxel i of a level is centred at translation + i x scale and spans half a voxel either side; a level that
-    states no translation starts at 0.
-    """
-    if image.geometry is None or label.geometry is None:
-        raise SelectionError(f"{where}: {'the image' if image.geometry is None else 'the label'} states no voxel "
-                             "size, so the label cannot be placed on the image")
-    out = []
-    for axis in range(3):
-        scale_i, scale_l = image.geometry.scale_nm[axis], label.geometry.scale_nm[axis]
-        origin_i = image.geometry.translation_nm[axis] if image.geometry.translation_nm else 0.0
-        origin_l = label.geometry.translation_nm[axis] if label.geometry.translation_nm else 0.0
-        low = origin_i + (region[axis][0] - 0.5) * scale_i
-        high = origin_i + (region[axis][1] - 0.5) * scale_i
-        # A hair of tolerance: an edge that falls on a voxel boundary must not take the neighbour.
-        start = max(0, math.floor((low - origin_l) / scale_l + 0.5 + 1e-9))
-        stop = min(label.grid.shape[axis], math.ceil((high - origin_l) / scale_l + 0.5 - 1e-9))
-        if stop <= start:
-            raise SelectionError(f"{where}: the label does not overlap the image region along {'zyx'[axis]} "
-                                 f"({low:g}-{high:g} nm)")
-        out.append((start, stop))
-    return tuple(out)
 
 
 SOURCE = OpenOrganelleSource

@@ -166,3 +166,13 @@ class PlaneStack(Volume):
         for i, plane in enumerate(planes):
             out[i] = plane.read(ys, xs)
         return out
+
+    def read_into(self, region: Region, out: np.ndarray) -> np.ndarray:
+        zs, ys, xs = region
+        planes = self.planes[zs]
+        shape = (len(planes), len(range(*ys.indices(self.shape[1]))), len(range(*xs.indices(self.shape[2]))))
+        if out.shape != shape or out.dtype != np.dtype(self.dtype).newbyteorder("="):
+            return self.read(region)
+        for i, plane in enumerate(planes):
+            out[i] = plane.read(ys, xs)  # one plane at a time, converted to native byte order as it lands
+        return out

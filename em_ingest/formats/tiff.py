@@ -11,11 +11,9 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tifffile
-import zarr
 
 from em_ingest.errors import FormatError, UnsupportedDataError
 from em_ingest.formats import imagej
@@ -23,7 +21,17 @@ from em_ingest.formats.units import to_nm
 from em_ingest.formats.volume import Geometry, Region, Volume, triple
 from em_ingest.limits import check_chunk
 
-_TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
+if TYPE_CHECKING:
+    import tifffile
+    import zarr
+
+
+def _tiff_errors() -> tuple[type[Exception], ...]:
+    """What reading a damaged or unexpected TIFF raises (tifffile is imported where a TIFF is read)."""
+    import tifffile
+
+    return (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
+
 # FEI/Thermo SEM and FIB TIFFs keep an INI text in private tag 34682; "[Scan] PixelWidth=<metres>".
 FEI_TAG = 34682
 _FEI_LINE = re.compile(r"^\s*(\w+)\s*=\s*(.*?)\s*$")
@@ -58,9 +66,11 @@ class TiffCalibration:
 
 def read_calibration(path: Path) -> TiffCalibration | None:
     """The physical calibration the TIFF at `path` states, or None if it states none (see `calibration_of`)."""
+    import tifffile
+
     try:
         tif = tifffile.TiffFile(path)
-    except _TIFF_ERRORS as exc:
+    except _tiff_errors() as exc:
         raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     with tif:
         return calibration_of(tif, where=str(path))
@@ -88,7 +98,7 @@ def _plane_count(tif: tifffile.TiffFile, where: str) -> int:
     try:
         series = tif.series[0]
         return math.prod(n for n, axis in zip(series.shape, series.axes) if axis not in "YXS")
-    except _TIFF_ERRORS as exc:
+    except _tiff_errors() as exc:
         raise FormatError(f"{where}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
 
 
@@ -161,11 +171,13 @@ class TiffStack(Volume):
     def __init__(self, path: Path, geometry: Geometry | None = None, *,
                  fallback_pixel_size_nm: tuple[float, float] | None = None,
                  fallback_z_spacing_nm: float | None = None):
+        import tifffile
+
         self.path = Path(path)
         self.name = str(self.path)
         try:
             self._tif = tifffile.TiffFile(self.path)
-        except _TIFF_ERRORS as exc:
+        except _tiff_errors() as exc:
             raise FormatError(f"{self.path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
         try:
             self._open(geometry, fallback_pixel_size_nm, fallback_z_spacing_nm)
@@ -180,7 +192,7 @@ class TiffStack(Volume):
             shape = series.shape
             self.dtype = np.dtype(series.dtype)
             axes = series.axes
-        except _TIFF_ERRORS as exc:
+        except _tiff_errors() as exc:
             raise FormatError(f"{self.path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
         squeezed = [(n, a) for n, a in zip(shape, axes) if n != 1 or a in "YX"]
         if any(a in "CS" and n > 1 for n, a in zip(shape, axes)):
@@ -230,9 +242,11 @@ class TiffStack(Volume):
         if series.dataoffset is not None:  # uncompressed and contiguous: read ranges, hold nothing
             file_dtype = series.dtype.newbyteorder(self._tif.byteorder)
             return _ContiguousArray(self.path, file_dtype, series.dataoffset, self.shape)
+        import zarr  # only for compressed or tiled files: contiguous ones are read without it
+
         try:
             return _SqueezedZarr(zarr.open_array(series.aszarr(), mode="r"))
-        except _TIFF_ERRORS as exc:
+        except _tiff_errors() as exc:
             raise FormatError(f"{self.path}: cannot index TIFF strips or tiles ({exc})") from None
 
     def read(self, region: Region) -> np.ndarray:
@@ -240,7 +254,7 @@ class TiffStack(Volume):
             raise ValueError(f"{self.path}: read after close")
         try:
             data = self._array[region]
-        except _TIFF_ERRORS as exc:
+        except _tiff_errors() as exc:
             raise FormatError(f"{self.path}: failed reading {region}: {type(exc).__name__}: {exc}") from None
         return np.ascontiguousarray(data, dtype=self.dtype.newbyteorder("="))
 

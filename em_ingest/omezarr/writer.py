@@ -9,18 +9,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import numcodecs
 import numpy as np
-import tensorstore
-import zarr
-from zarr.codecs import ZstdCodec
 
 from em_ingest.errors import EmIngestError, FormatError
 from em_ingest.formats.volume import Geometry, Region, Volume, triple
 from em_ingest.omezarr.pyramid import Level, WindowMean, plan_pyramid
 from em_ingest.omezarr.thumbnail import thumbnail_level, write_thumbnail_plane
+
+if TYPE_CHECKING:  # imported where they are used: importing the writer (e.g. for ZarrLayout) stays light
+    import tensorstore
+    import zarr
 
 NGFF_VERSIONS = ("0.5", "0.4")  # 0.5 = Zarr v3 with sharding; 0.4 = Zarr v2
 # s0 blocks read ahead of the one being downsampled and written (each is one block of memory).
@@ -282,6 +282,8 @@ class _BoundedWriter:
     """
 
     def __init__(self, workers: int, written: Callable[[Path, Region], None] = lambda path, region: None):
+        import tensorstore
+
         self._written = written  # told of each block once its write has succeeded
         self._limit = 2 * workers
         self._context = tensorstore.Context({"data_copy_concurrency": {"limit": workers},
@@ -291,6 +293,8 @@ class _BoundedWriter:
         self._opened: dict[str, tensorstore.TensorStore] = {}
 
     def open(self, path: Path, zarr_format: int) -> None:
+        import tensorstore
+
         spec = {"driver": "zarr3" if zarr_format == 3 else "zarr", "kvstore": {"driver": "file", "path": str(path)}}
         self._opened[str(path)] = tensorstore.open(spec, open=True, context=self._context).result()
 
@@ -383,6 +387,8 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
     block buffers and the downsampling's scratch arrays are reused from block to block. When it
     returns, every file of the image is durable (fsynced), so it can be published at once.
     """
+    import zarr
+
     dtype = np.dtype(volume.dtype).newbyteorder("=")
     translation = geometry.translation_nm or (0.0, 0.0, 0.0)
     chunks0 = layout.chunks_for(volume.shape)
@@ -482,6 +488,9 @@ def _block_files(level_dir: Path, region: Region, block: tuple[int, int, int], c
 
 
 def _create_level(root: zarr.Group, level: Level, dtype: np.dtype, layout: ZarrLayout) -> zarr.Array[Any]:
+    import numcodecs
+    from zarr.codecs import ZstdCodec
+
     kwargs: dict[str, Any] = {}
     if layout.zarr_format == 3:
         kwargs.update(shards=layout.shards_for(level.shape), compressors=ZstdCodec(level=layout.zstd_level),

@@ -1,16 +1,22 @@
-"""The em-ingest performance harness: five measurements, each a ratio against a reference taken in the same run.
+"""The em-ingest performance harness: each measurement a ratio against a reference taken in the same run.
 
     .venv/bin/python benchmarks/run.py                 # full: 1 GiB and 4 GiB volumes, 2048 S3 chunks
     .venv/bin/python benchmarks/run.py --quick         # a minute or two, for CI-like smoke runs
     .venv/bin/python benchmarks/run.py --only conversion,refresh --workdir /big/disk/tmp
 
 1. conversion: synthetic EM-like uint8 multipage TIFF -> OME-Zarr with the full pyramid, vs `cp` of
-   the same file on the same disk (both fsync what they wrote; median of --repeats, interleaved).
+   the same file on the same disk (both fsync what they wrote; median of --repeats, interleaved);
+   CPU seconds per GiB beside it.
 2. memory: peak RSS of the conversion at the small and the large input size.
 3. latency: OpenOrganelle chunk mirroring from the S3 replica, 20 ms injected per request vs 0 ms.
 4. refresh: re-materializing an ingested EPFL partition when nothing changed at the source.
 5. orchestration: a tiny partition through the `dagster` CLI, in-process `materialize()`, and the
-   same core functions called directly (in a fresh process and in a warm one).
+   same core functions called directly (in a fresh process and in a warm one); the floor (a code
+   location of one no-op asset through the same CLI) and the code location's import time.
+6. cli_conversion: the conversion's input as an EPFL partition, converted by `dagster asset materialize`
+   of its `epfl/ome_zarr` (the raw download done before), net of a tiny partition's same command, vs `cp`.
+7. anchor: the same file written by ome-zarr-py's `write_image`, in a virtualenv of its own that this
+   harness makes (ome-zarr-py and its dependencies; the project's are not touched), vs `cp`.
 
 Machines are noisy: every goal is a ratio of two numbers measured minutes apart in one run. Prints
 a table and writes JSON (default benchmarks/results/benchmarks.json).
@@ -45,9 +51,13 @@ from synthetic import write_synthetic_tiff  # noqa: E402
 
 PYTHON = sys.executable
 GIB = 2**30
-MEASUREMENTS = ("conversion", "memory", "latency", "refresh", "orchestration")
+MEASUREMENTS = ("conversion", "memory", "latency", "refresh", "orchestration", "cli_conversion", "anchor")
+ANCHOR_REQUIREMENTS = ("ome-zarr==0.18.0", "tifffile")  # the release the first anchor figure was measured with
 GOALS = {
     "conversion_over_copy": ("<=", 2.0),
+    "conversion_cpu_seconds_per_gib": ("<=", 4.0),
+    "cli_conversion_net_over_copy": ("<=", 2.0),
+    "cli_seconds_tiny_partition": ("<=", 5.0),
     "peak_rss_large_mib": ("<=", 1024.0),
     "peak_rss_large_over_small": ("<=", 1.2),
     "throughput_latency_over_none": (">=", 0.5),
@@ -108,13 +118,16 @@ def bench_conversion(workdir: Path, shape: tuple[int, int, int], repeats: int) -
     finally:
         source.unlink(missing_ok=True)
     copy_s, convert_s = median_of(copies, "seconds"), median_of(conversions, "seconds")
+    cpu_s = float(statistics.median(r["user_seconds"] + r["system_seconds"] for r in conversions))
     return {"input_shape_zyx": shape, "input_mib": int(np.prod(shape)) / 2**20, "copy_seconds": copy_s,
             "conversion_seconds": convert_s, "conversion_over_copy": convert_s / copy_s,
             "copy_mib_per_s": int(np.prod(shape)) / 2**20 / copy_s,
             "conversion_mib_per_s": int(np.prod(shape)) / 2**20 / convert_s,
             "copy_cpu_seconds": median_of(copies, "cpu_seconds"),
-            "conversion_cpu_seconds": float(statistics.median(r["user_seconds"] + r["system_seconds"]
-                                                              for r in conversions)),
+            "conversion_cpu_seconds": cpu_s, "conversion_cpu_seconds_per_gib": cpu_s / (int(np.prod(shape)) / GIB),
+            "conversion_user_seconds": median_of(conversions, "user_seconds"),
+            "conversion_system_seconds": median_of(conversions, "system_seconds"),
+            "conversion_cores_busy": cpu_s / convert_s,
             "stored_mib": conversions[0]["stored_bytes"] / 2**20, "levels": conversions[0]["levels"],
             "peak_rss_mib": max(r["peak_rss_mib"] for r in conversions),
             "rss_after_imports_mib": conversions[0]["rss_after_imports_mib"],
@@ -252,11 +265,103 @@ pipeline.convert(request)
 """
 
 
+def run_measured(command: list[str], *, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Wall seconds, peak RSS (MiB, of the largest process of the command's tree) and the result of `command`."""
+    wrapper = ("import json, resource, subprocess, sys\n"
+               "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+               "sys.stderr.write(done.stderr)\n"
+               "print(json.dumps([done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))\n")
+    started = time.perf_counter()
+    done = subprocess.run([PYTHON, "-c", wrapper, *command], env=env, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    returncode, maxrss_kib = json.loads(done.stdout.strip().splitlines()[-1])
+    return seconds, maxrss_kib / 1024, subprocess.CompletedProcess(command, returncode, "", done.stderr)
+
+
+def _dagster_materialize(ws: Any, select: str, key: str) -> tuple[float, float]:
+    """`dagster asset materialize` of `select` for partition `key`, as a user types it: seconds, peak RSS (MiB)."""
+    command = [str(Path(PYTHON).with_name("dagster")), "asset", "materialize", "-m", "em_ingest.definitions",
+               "--select", select, "--partition", key]
+    seconds, peak_mib, done = run_measured(command, env=ws.cli_env(), cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"dagster asset materialize {select} {key} failed:\n{done.stderr[-3000:]}")
+    return seconds, peak_mib
+
+
+_NOOP_CODE_LOCATION = """import dagster as dg
+
+
+@dg.asset
+def noop() -> None:
+    return None
+
+
+defs = dg.Definitions(assets=[noop], executor=dg.in_process_executor)
+"""
+
+
+def bench_floor(workdir: Path, repeats: int) -> dict[str, float]:
+    """The same CLI on a code location of one no-op asset: what any `dagster asset materialize` costs here."""
+    folder = workdir / "floor"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "noop_code_location.py").write_text(_NOOP_CODE_LOCATION)
+    dagster = str(Path(PYTHON).with_name("dagster"))
+    fresh: list[float] = []
+    warm: list[float] = []
+    for i in range(repeats):
+        home = folder / f"home-{i}"
+        home.mkdir()
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        env = {**os.environ, "DAGSTER_HOME": str(home)}
+        for runs in (fresh, warm):  # a new instance (its SQLite files to create), then the same one again
+            seconds, _, done = run_measured([dagster, "asset", "materialize", "-m", "noop_code_location",
+                                             "--select", "noop"], env=env, cwd=folder)
+            if done.returncode != 0:
+                raise RuntimeError(f"no-op materialization failed:\n{done.stderr[-3000:]}")
+            runs.append(seconds)
+    imports = []
+    for _ in range(repeats):
+        imports.append(_timed(lambda: subprocess.run([PYTHON, "-c", "import dagster"], check=True)))
+    return {"floor_cli_fresh_instance_seconds": float(statistics.median(fresh)),
+            "floor_cli_warm_instance_seconds": float(statistics.median(warm)),
+            "import_dagster_seconds": float(statistics.median(imports))}
+
+
+_IMPORT_PROBE = "import em_ingest.definitions as code_location; code_location.defs()"
+HEAVY_MODULES = ("tensorstore", "zarr", "numcodecs", "pyarrow", "pandas", "s3fs", "aiobotocore", "botocore", "aiohttp",
+                 "moto", "PIL", "tifffile", "mrcfile", "ncempy", "scipy", "matplotlib", "numpy", "requests")
+
+
+def bench_imports(repeats: int) -> dict[str, Any]:
+    """A fresh `python` importing the code location and building its Definitions (what loading it costs),
+    and `python -X importtime`'s account of the import: Dagster's share, and the heavy libraries it pulled in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EM_INGEST_")}
+    walls = [_timed(lambda: subprocess.run([PYTHON, "-c", _IMPORT_PROBE], env=env, cwd=REPO, check=True))
+             for _ in range(repeats)]
+    done = subprocess.run([PYTHON, "-X", "importtime", "-c", _IMPORT_PROBE], env=env, cwd=REPO, check=True,
+                          capture_output=True, text=True)
+    cumulative: dict[str, float] = {}  # module -> seconds, itself and what it imported first
+    for line in done.stderr.splitlines():
+        parts = line.split("|")
+        if line.startswith("import time:") and len(parts) == 3 and parts[1].strip().isdigit():
+            name = parts[2].strip()
+            cumulative[name] = max(cumulative.get(name, 0.0), int(parts[1]) / 1e6)
+    total = sum(seconds for name, seconds in cumulative.items() if "." not in name)
+    return {"import_code_location_seconds": float(statistics.median(walls)),
+            "importtime_seconds": total, "importtime_dagster_seconds": cumulative.get("dagster", 0.0),
+            "importtime_em_ingest_seconds": cumulative.get("em_ingest.definitions", 0.0)
+            - cumulative.get("dagster", 0.0) + cumulative.get("em_ingest", 0.0),
+            "importtime_heavy_seconds": {name: round(cumulative[name], 3) for name in HEAVY_MODULES
+                                         if name in cumulative}}
+
+
 def bench_orchestration(workdir: Path, repeats: int) -> dict[str, Any]:
     from em_ingest.replicas.epfl import EpflReplica
 
     key = "hippocampus-training"
-    timings: dict[str, list[float]] = {"core_warm": [], "core_process": [], "materialize": [], "cli": []}
+    timings: dict[str, list[float]] = {"core_warm": [], "core_process": [], "materialize": [], "cli": [],
+                                       "cli_warm_instance": []}
     with EpflReplica() as replica:
         for i in range(repeats + 1):
             counted = i > 0  # round 0 warms imports and caches in this process and is not counted
@@ -277,18 +382,107 @@ def bench_orchestration(workdir: Path, repeats: int) -> dict[str, Any]:
             timings["core_process"].append(_timed(lambda: subprocess.run(
                 [PYTHON, "-c", script], env=ws.cli_env(), check=True, capture_output=True)))
 
+            # Two partitions in one DAGSTER_HOME, as a user's instance is: the first run also creates the
+            # instance's SQLite files; the second (same file, same work) finds them in place.
             ws = _epfl_workspace(workdir, f"orch-cli-{i}", replica)
-            result: list[subprocess.CompletedProcess] = []
-            timings["cli"].append(_timed(lambda: result.append(ws.dagster_cli(
-                "asset", "materialize", "-m", "em_ingest.definitions", "--select", "epfl/raw,epfl/ome_zarr",
-                "--partition", key))))
-            if result[0].returncode != 0:
-                raise RuntimeError(f"dagster asset materialize failed:\n{result[0].stderr[-2000:]}")
+            ws.write_selection({"epfl": {key: {"file": "training.tif"}, f"{key}-again": {"file": "training.tif"}}})
+            timings["cli"].append(_dagster_materialize(ws, "epfl/raw,epfl/ome_zarr", key)[0])
+            timings["cli_warm_instance"].append(_dagster_materialize(ws, "epfl/raw,epfl/ome_zarr", f"{key}-again")[0])
     medians = {name: float(statistics.median(values)) for name, values in timings.items()}
+    floor = bench_floor(workdir, repeats)
     return {"partition": f"epfl/{key}", **{f"{k}_seconds": v for k, v in medians.items()},
+            "cli_seconds_tiny_partition": medians["cli_warm_instance"], **floor, **bench_imports(repeats + 1),
             "dagster_inprocess_overhead_seconds": medians["materialize"] - medians["core_warm"],
             "cli_overhead_over_core_process_seconds": medians["cli"] - medians["core_process"],
-            "cli_overhead_over_core_warm_seconds": medians["cli"] - medians["core_warm"]}
+            "cli_overhead_over_core_warm_seconds": medians["cli"] - medians["core_warm"],
+            "cli_over_floor_seconds": medians["cli_warm_instance"] - floor["floor_cli_warm_instance_seconds"]}
+
+
+# ---- 6: conversion through the dagster CLI --------------------------------------------------------
+def _unpublish(ws: Any, key: str) -> None:
+    """Remove an EPFL partition's published image (its link and versions), so the next run converts it again."""
+    final = ws.data_root / "zarr" / "epfl" / f"{key}.ome.zarr"
+    final.unlink(missing_ok=True)
+    shutil.rmtree(final.parent / ".versions" / final.name, ignore_errors=True)
+
+
+def bench_cli_conversion(workdir: Path, shape: tuple[int, int, int], repeats: int) -> dict[str, Any]:
+    from em_ingest.replicas.epfl import FOLDER, EpflReplica
+
+    source = write_synthetic_tiff(workdir / "cli-input.tif", shape)
+    tiny, big = "hippocampus-training", "benchmark-volume"
+    rows = []
+    try:
+        with EpflReplica() as replica:
+            replica.http.add_file(f"{FOLDER}/benchmark.tif", source.read_bytes(), content_type="image/tiff")
+            source.unlink()
+            ws = _epfl_workspace(workdir, "cli-conversion", replica)
+            ws.write_selection({"epfl": {tiny: {"file": "training.tif"}, big: {"file": "benchmark.tif"}}})
+            for key in (tiny, big):  # the downloads are not what is measured
+                ws.materialize("epfl", key, steps=("raw",))
+            raw_file = next((ws.data_root / "raw" / "epfl" / big).rglob("benchmark.tif"))
+            _dagster_materialize(ws, "epfl/ome_zarr", tiny)  # the instance's SQLite files, made once
+            _unpublish(ws, tiny)
+            time_copy(raw_file, workdir / "warm-copy.tif")
+            for _ in range(repeats):  # interleaved
+                copy = time_copy(raw_file, workdir / "copy.tif")
+                tiny_s, _ = _dagster_materialize(ws, "epfl/ome_zarr", tiny)
+                big_s, big_peak = _dagster_materialize(ws, "epfl/ome_zarr", big)
+                for key in (tiny, big):
+                    _unpublish(ws, key)
+                rows.append({"copy_seconds": copy["seconds"], "tiny_seconds": tiny_s, "big_seconds": big_s,
+                             "big_peak_rss_mib": big_peak})
+            shutil.rmtree(ws.root, ignore_errors=True)
+    finally:
+        source.unlink(missing_ok=True)
+    copy_s, tiny_s, big_s = (median_of(rows, k) for k in ("copy_seconds", "tiny_seconds", "big_seconds"))
+    return {"input_shape_zyx": shape, "input_mib": int(np.prod(shape)) / 2**20, "copy_seconds": copy_s,
+            "cli_seconds": big_s, "cli_tiny_seconds": tiny_s, "cli_net_seconds": big_s - tiny_s,
+            "cli_conversion_net_over_copy": (big_s - tiny_s) / copy_s, "cli_over_copy": big_s / copy_s,
+            "cli_peak_rss_mib": max(r["big_peak_rss_mib"] for r in rows), "runs": rows}
+
+
+# ---- 7: the ome-zarr-py anchor --------------------------------------------------------------------
+def anchor_python(venv: Path) -> tuple[Path, str]:
+    """The anchor virtualenv's interpreter, made (or made again) with ANCHOR_REQUIREMENTS; ome-zarr-py's version."""
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import importlib.metadata as m, dask, ome_zarr, tifffile; print(m.version('ome-zarr'))"]
+    wanted = ANCHOR_REQUIREMENTS[0].split("==")[1]
+    found = subprocess.run(probe, capture_output=True, text=True) if python.exists() else None
+    if found is None or found.returncode != 0 or found.stdout.strip() != wanted:
+        print(f"making the anchor virtualenv at {venv} ({', '.join(ANCHOR_REQUIREMENTS)})", flush=True)
+        subprocess.run([PYTHON, "-m", "venv", "--clear", str(venv)], check=True)
+        installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                                    *ANCHOR_REQUIREMENTS], capture_output=True, text=True)
+        if installed.returncode != 0:
+            raise RuntimeError(f"pip install {' '.join(ANCHOR_REQUIREMENTS)} failed:\n{installed.stderr[-3000:]}")
+        found = subprocess.run(probe, capture_output=True, text=True, check=True)
+    return python, found.stdout.strip()
+
+
+def bench_anchor(workdir: Path, shape: tuple[int, int, int], repeats: int, venv: Path) -> dict[str, Any]:
+    python, version = anchor_python(venv)
+    source = write_synthetic_tiff(workdir / "anchor-input.tif", shape)
+    dest = workdir / "anchor.ome.zarr"
+    copies, runs = [], []
+    try:
+        time_copy(source, workdir / "warm-copy.tif")
+        for _ in range(repeats):  # interleaved
+            copies.append(time_copy(source, workdir / "copy.tif"))
+            shutil.rmtree(dest, ignore_errors=True)
+            done = subprocess.run([str(python), str(REPO / "benchmarks" / "anchor_ome_zarr_py.py"), str(source),
+                                   str(dest)], check=True, capture_output=True, text=True)
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            shutil.rmtree(dest, ignore_errors=True)
+    finally:
+        source.unlink(missing_ok=True)
+    copy_s, anchor_s = median_of(copies, "seconds"), median_of(runs, "seconds")
+    cpu_s = float(statistics.median(r["user_seconds"] + r["system_seconds"] for r in runs))
+    return {"ome_zarr_py": version, "input_shape_zyx": shape, "input_mib": int(np.prod(shape)) / 2**20,
+            "copy_seconds": copy_s, "anchor_seconds": anchor_s, "anchor_over_copy": anchor_s / copy_s,
+            "anchor_cpu_seconds_per_gib": cpu_s / (int(np.prod(shape)) / GIB),
+            "anchor_peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "levels": runs[0]["levels"],
+            "stored_mib": runs[0]["stored_bytes"] / 2**20, "runs": runs}
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -318,7 +512,9 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"conversion  {c['input_mib']:.0f} MiB uint8 TIFF -> OME-Zarr ({c['levels']} levels, "
               f"{c['stored_mib']:.0f} MiB): {c['conversion_seconds']:.2f} s ({c['conversion_mib_per_s']:.0f} MiB/s)"
               f" vs cp {c['copy_seconds']:.2f} s ({c['copy_mib_per_s']:.0f} MiB/s): "
-              f"{c['conversion_over_copy']:.2f} x copy; CPU {c['conversion_cpu_seconds']:.1f} s vs "
+              f"{c['conversion_over_copy']:.2f} x copy; CPU {c['conversion_cpu_seconds']:.1f} s "
+              f"({c['conversion_cpu_seconds_per_gib']:.1f} s/GiB: user {c['conversion_user_seconds']:.1f}, system "
+              f"{c['conversion_system_seconds']:.1f}; {c['conversion_cores_busy']:.1f} cores busy) vs "
               f"{c['copy_cpu_seconds']:.1f} s")
     if r := results.get("memory"):
         print(f"memory      peak RSS {r['peak_rss_small_mib']:.0f} MiB at {r['small_mib']:.0f} MiB input, "
@@ -338,8 +534,25 @@ def print_table(results: dict[str, Any]) -> None:
     if o := results.get("orchestration"):
         print(f"orchestration {o['partition']}: core functions {o['core_warm_seconds']:.2f} s warm, "
               f"{o['core_process_seconds']:.2f} s in a fresh python; materialize() {o['materialize_seconds']:.2f} s;"
-              f" dagster CLI {o['cli_seconds']:.2f} s (Dagster adds {o['cli_overhead_over_core_process_seconds']:.2f}"
+              f" dagster CLI {o['cli_seconds']:.2f} s on a new instance, {o['cli_warm_instance_seconds']:.2f} s on "
+              f"the same instance again (Dagster adds {o['cli_overhead_over_core_process_seconds']:.2f}"
               f" s per run over a plain process)")
+        print(f"  floor: a one no-op asset code location through the same CLI {o['floor_cli_fresh_instance_seconds']:.2f}"
+              f" s (new instance) / {o['floor_cli_warm_instance_seconds']:.2f} s (same instance); `import dagster` "
+              f"{o['import_dagster_seconds']:.2f} s; the tiny partition is {o['cli_over_floor_seconds']:.2f} s above it")
+        print(f"  loading the code location in a fresh python: {o['import_code_location_seconds']:.2f} s; -X importtime: "
+              f"{o['importtime_seconds']:.2f} s, of which dagster {o['importtime_dagster_seconds']:.2f} s, em_ingest "
+              f"{o['importtime_em_ingest_seconds']:.2f} s; heavy modules loaded: {o['importtime_heavy_seconds']}")
+    if k := results.get("cli_conversion"):
+        print(f"cli         {k['input_mib']:.0f} MiB EPFL partition, `dagster asset materialize` of epfl/ome_zarr: "
+              f"{k['cli_seconds']:.2f} s, a tiny partition {k['cli_tiny_seconds']:.2f} s, net {k['cli_net_seconds']:.2f}"
+              f" s vs cp {k['copy_seconds']:.2f} s: {k['cli_conversion_net_over_copy']:.2f} x copy net, "
+              f"{k['cli_over_copy']:.2f} x gross; peak RSS {k['cli_peak_rss_mib']:.0f} MiB")
+    if a := results.get("anchor"):
+        print(f"anchor      ome-zarr-py {a['ome_zarr_py']} write_image of the same {a['input_mib']:.0f} MiB TIFF "
+              f"({a['levels']} levels, {a['stored_mib']:.0f} MiB): {a['anchor_seconds']:.2f} s vs cp "
+              f"{a['copy_seconds']:.2f} s: {a['anchor_over_copy']:.2f} x copy; {a['anchor_cpu_seconds_per_gib']:.1f} "
+              f"CPU-s/GiB; peak RSS {a['anchor_peak_rss_mib']:.0f} MiB")
     print("\ngoals:")
     for name, v in results["goals"].items():
         print(f"  {name:<32} {v['value']:>10.3f}  goal {v['goal']:<8} {'met' if v['met'] else 'NOT MET'}")
@@ -356,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--in-flight", type=int, default=16)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "benchmarks.json")
+    parser.add_argument("--anchor-venv", type=Path, default=REPO / "benchmarks" / ".anchor-venv",
+                        help="the ome-zarr-py virtualenv (made on first use; git-ignored)")
+    parser.add_argument("--anchor-repeats", type=int, default=1, help="ome-zarr-py runs (each about a minute per GiB)")
     args = parser.parse_args(argv)
     only = [m.strip() for m in args.only.split(",") if m.strip()]
     unknown = set(only) - set(MEASUREMENTS)
@@ -384,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
             print("refresh done", flush=True)
         if "orchestration" in only:
             results["orchestration"] = bench_orchestration(workdir, min(repeats, 2))
+            print("orchestration done", flush=True)
+        if "cli_conversion" in only:
+            results["cli_conversion"] = bench_cli_conversion(workdir, size["small"], repeats)
+            print("cli_conversion done", flush=True)
+        if "anchor" in only:
+            results["anchor"] = bench_anchor(workdir, size["small"], args.anchor_repeats, args.anchor_venv)
     results["machine_end"] = machine()
     results["goals"] = verdicts(results)
     print_table(results)

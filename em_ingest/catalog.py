@@ -7,21 +7,38 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
+from functools import cache
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from em_ingest.errors import ValidationError
 from em_ingest.omezarr import integrity
 from em_ingest.storage import write_atomic
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 CATALOG_VERSION = "1"
 SIDECAR_NAME = "em_ingest.json"
 
-def _column(arrow_type: pa.DataType, doc: str = "") -> Any:
+def _column(arrow_type: str, doc: str = "") -> Any:
+    """A catalog column; `arrow_type` is its pyarrow type as pyarrow prints it ("string", "int64", "list<int32>",
+    "timestamp[us, tz=UTC]"). The types are made when the schema is first needed (`schema()`), so importing
+    this module, as the code location does, does not load pyarrow."""
     return field(default=None, metadata={"arrow": arrow_type, "doc": doc})
+
+
+def _arrow_type(name: str) -> pa.DataType:
+    import pyarrow as pa
+
+    if name.startswith("list<") and name.endswith(">"):
+        return pa.list_(_arrow_type(name[len("list<"):-1]))
+    types: dict[str, pa.DataType] = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(),
+                                     "float64": pa.float64(), "bool": pa.bool_(),
+                                     "timestamp[us, tz=UTC]": pa.timestamp("us", tz="UTC")}
+    if name not in types:
+        raise ValueError(f"catalog column type {name!r}: expected one of {sorted(types)}, or list<...> of one")
+    return types[name]
 
 
 @dataclass(frozen=True)
@@ -31,55 +48,69 @@ class CatalogRow:
     Unknown is None, never invented; lengths are nanometres; axes (z, y, x).
     """
 
-    source: str = _column(pa.string(), "archive plugin name, e.g. epfl")
-    dataset_key: str = _column(pa.string(), "partition key from the selection file")
-    title: str | None = _column(pa.string())
-    description: str | None = _column(pa.string())
-    organism: str | None = _column(pa.string())
-    sample: str | None = _column(pa.string())
-    imaging_method: str | None = _column(pa.string())
-    shape_z: int | None = _column(pa.int64(), "voxels of s0")
-    shape_y: int | None = _column(pa.int64())
-    shape_x: int | None = _column(pa.int64())
-    dtype: str | None = _column(pa.string(), "numpy dtype name as stored")
-    voxel_size_z_nm: float | None = _column(pa.float64())
-    voxel_size_y_nm: float | None = _column(pa.float64())
-    voxel_size_x_nm: float | None = _column(pa.float64())
-    voxel_size_origin: str | None = _column(pa.string(), "source-metadata | override | documented-default")
-    translation_z_nm: float | None = _column(pa.float64(), "null when the source gives no position")
-    translation_y_nm: float | None = _column(pa.float64())
-    translation_x_nm: float | None = _column(pa.float64())
-    n_scales: int | None = _column(pa.int32())
-    chunk_shape: list[int] | None = _column(pa.list_(pa.int32()), "chunk (z, y, x) of s0")
-    compression: str | None = _column(pa.string())
-    raw_bytes: int | None = _column(pa.int64(), "bytes in the raw download")
-    stored_bytes: int | None = _column(pa.int64(), "bytes of the OME-Zarr on disk")
-    source_url: str | None = _column(pa.string())
-    doi: str | None = _column(pa.string())
-    license: str | None = _column(pa.string())
-    authors: str | None = _column(pa.string(), "'; '-separated")
-    source_version: str | None = _column(pa.string(), "ETag, last-modified or release the source reports")
-    raw_manifest_sha256: str | None = _column(pa.string(), "digest of the raw manifest the Zarr was made from")
-    zarr_path: str | None = _column(pa.string())
-    thumbnail_path: str | None = _column(pa.string())
-    intensity_min: float | None = _column(pa.float64())
-    intensity_max: float | None = _column(pa.float64())
-    intensity_mean: float | None = _column(pa.float64())
-    ingested_at: datetime | None = _column(pa.timestamp("us", tz="UTC"))
-    status: str | None = _column(pa.string(), "ok, or unselected when no longer in the selection file")
-    extra_json: str | None = _column(pa.string(), "source-specific fields and the untouched source record, as JSON")
-    labels: list[str] | None = _column(pa.list_(pa.string()), "names of the image's labels (under <zarr_path>/labels), "
+    source: str = _column("string", "archive plugin name, e.g. epfl")
+    dataset_key: str = _column("string", "partition key from the selection file")
+    title: str | None = _column("string")
+    description: str | None = _column("string")
+    organism: str | None = _column("string")
+    sample: str | None = _column("string")
+    imaging_method: str | None = _column("string")
+    shape_z: int | None = _column("int64", "voxels of s0")
+    shape_y: int | None = _column("int64")
+    shape_x: int | None = _column("int64")
+    dtype: str | None = _column("string", "numpy dtype name as stored")
+    voxel_size_z_nm: float | None = _column("float64")
+    voxel_size_y_nm: float | None = _column("float64")
+    voxel_size_x_nm: float | None = _column("float64")
+    voxel_size_origin: str | None = _column("string", "source-metadata | override | documented-default")
+    translation_z_nm: float | None = _column("float64", "null when the source gives no position")
+    translation_y_nm: float | None = _column("float64")
+    translation_x_nm: float | None = _column("float64")
+    n_scales: int | None = _column("int32")
+    chunk_shape: list[int] | None = _column("list<int32>", "chunk (z, y, x) of s0")
+    compression: str | None = _column("string")
+    raw_bytes: int | None = _column("int64", "bytes in the raw download")
+    stored_bytes: int | None = _column("int64", "bytes of the OME-Zarr on disk")
+    source_url: str | None = _column("string")
+    doi: str | None = _column("string")
+    license: str | None = _column("string")
+    authors: str | None = _column("string", "'; '-separated")
+    source_version: str | None = _column("string", "ETag, last-modified or release the source reports")
+    raw_manifest_sha256: str | None = _column("string", "digest of the raw manifest the Zarr was made from")
+    zarr_path: str | None = _column("string")
+    thumbnail_path: str | None = _column("string")
+    intensity_min: float | None = _column("float64")
+    intensity_max: float | None = _column("float64")
+    intensity_mean: float | None = _column("float64")
+    ingested_at: datetime | None = _column("timestamp[us, tz=UTC]")
+    status: str | None = _column("string", "ok, or unselected when no longer in the selection file")
+    extra_json: str | None = _column("string", "source-specific fields and the untouched source record, as JSON")
+    labels: list[str] | None = _column("list<string>", "names of the image's labels (under <zarr_path>/labels), "
                                        "null when it has none")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-SCHEMA = pa.schema(
-    [pa.field(f.name, f.metadata["arrow"], metadata={"description": f.metadata["doc"]} if f.metadata["doc"] else None)
-     for f in fields(CatalogRow)],
-    metadata={"em_ingest.catalog_version": CATALOG_VERSION},
-)
+@cache
+def schema() -> pa.Schema:
+    """The catalog's one pyarrow schema, derived from `CatalogRow` (also `catalog.SCHEMA`)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [pa.field(f.name, _arrow_type(f.metadata["arrow"]),
+                  metadata={"description": f.metadata["doc"]} if f.metadata["doc"] else None)
+         for f in fields(CatalogRow)],
+        metadata={"em_ingest.catalog_version": CATALOG_VERSION},
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # `catalog.SCHEMA` as before, built on first use (PEP 562) so that importing the catalog stays light.
+    if name == "SCHEMA":
+        return schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 COLUMNS = [f.name for f in fields(CatalogRow)]
 KEY_COLUMNS = ("source", "dataset_key")
 CATALOG_STATUSES = ("ok", "unselected")
@@ -95,11 +126,15 @@ def rows_to_table(rows: Iterable[CatalogRow | Mapping[str, Any]]) -> pa.Table:
         if extra or missing:
             raise ValidationError(f"catalog row {row.get('source')}/{row.get('dataset_key')}: "
                                   f"unknown columns {sorted(extra)}, missing {sorted(missing)}")
-    return pa.Table.from_pylist(dicts, schema=SCHEMA)
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(dicts, schema=schema())
 
 
 def write_catalog(table: pa.Table, path: Path) -> None:
     """Write atomically: readers see the previous catalog or this one, never half of one."""
+    import pyarrow.parquet as pq
+
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     # Callers hold the catalog lock, so temporary files left here are a killed writer's: drop them.
@@ -114,6 +149,9 @@ def read_catalog(path: Path) -> pa.Table:
     Only missing columns are refused here: a column of the wrong type still loads, so the schema
     asset check can report the drift instead of failing to run.
     """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     if not path.exists():
         raise ValidationError(f"no catalog at {path}")
     if path.is_dir():
@@ -144,8 +182,9 @@ PROBLEM_KINDS = ("schema", "version", "duplicate", "missing_zarr", "damaged_zarr
 
 def catalog_problems(table: pa.Table) -> list[CatalogProblem]:
     """Everything wrong with a catalog table: schema drift, duplicate keys, missing or damaged Zarrs."""
-    if not table.schema.equals(SCHEMA, check_metadata=False):
-        return [CatalogProblem("schema", f"schema differs from catalog v{CATALOG_VERSION}: {table.schema} != {SCHEMA}")]
+    expected = schema()
+    if not table.schema.equals(expected, check_metadata=False):
+        return [CatalogProblem("schema", f"schema differs from catalog v{CATALOG_VERSION}: {table.schema} != {expected}")]
     problems = []
     version = (table.schema.metadata or {}).get(b"em_ingest.catalog_version", b"?").decode()
     if version != CATALOG_VERSION:

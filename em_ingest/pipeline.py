@@ -12,10 +12,9 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 
 from em_ingest import catalog, limits, storage, view
 from em_ingest.errors import EmIngestError, SelectionError, ValidationError
@@ -27,6 +26,9 @@ from em_ingest.raw import Manifest, RawStore
 from em_ingest.selection import DatasetRequest, Selection, load_selection
 from em_ingest.settings import Settings
 from em_ingest.sources import Description, Source, option_models, source_classes
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 # Bump when the conversion's output for the same input changes, so existing Zarrs are rewritten.

@@ -20,8 +20,8 @@ def test_quick_harness_reports_conversion_memory_and_refresh(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     goals = results["goals"]
-    assert set(goals) == {"conversion_over_copy", "peak_rss_large_mib", "peak_rss_large_over_small",
-                          "refresh_over_first", "refresh_fetched_bytes"}
+    assert set(goals) == {"conversion_over_copy", "conversion_cpu_seconds_per_gib", "peak_rss_large_mib",
+                          "peak_rss_large_over_small", "refresh_over_first", "refresh_fetched_bytes"}
     assert all(math.isfinite(g["value"]) and g["value"] >= 0 for g in goals.values())
     # Facts, not timings: nothing changed at the source, so the refresh moved no data bytes, and
     # the conversion wrote the whole pyramid of the 32 MiB input.

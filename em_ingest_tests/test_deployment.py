@@ -288,9 +288,11 @@ def test_build_context_builds_the_package(tmp_path):
 
 # --- the executor option ----------------------------------------------------------------------------
 
-def test_executor_is_dagsters_default_unless_docker_is_chosen(workspace, monkeypatch):
+def test_executor_is_the_runs_own_process_unless_another_is_chosen(workspace, monkeypatch):
     ws = workspace("epfl")
     monkeypatch.delenv(EXECUTOR_VARIABLE, raising=False)
+    assert build_definitions(ws.settings).resolve_job_def("epfl_ingest").executor_def.name == "in_process"
+    monkeypatch.setenv(EXECUTOR_VARIABLE, "multiprocess")
     assert build_definitions(ws.settings).resolve_job_def("epfl_ingest").executor_def.name == "multi_or_in_process_executor"
     monkeypatch.setenv(EXECUTOR_VARIABLE, "docker")
     defs = build_definitions(ws.settings)

@@ -359,8 +359,8 @@ def test_both_voxel_paths_through_the_dagster_cli(replicas, tmp_path):
     from em_ingest_tests.harness import materialize_cli_side_by_side, workspace_for
 
     replica: IdrReplica = replicas["idr"]
-    # Both images as a user runs them, with the Definitions' own executor (one process per step) and no run
-    # config. Separate DAGSTER_HOMEs, so the two CLI runs can go side by side.
+    # Both images as a user runs them, with the Definitions' own executor and no run config. Separate
+    # DAGSTER_HOMEs, so the two CLI runs can go side by side.
     keys = (DEFAULT, ZARR_IMAGE)
     spaces = {key: workspace_for(tmp_path / key, replica, selection={"idr": {key: {}}}) for key in keys}
 

@@ -9,13 +9,15 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ncempy.io.dm import fileDM
 
 from em_ingest.errors import FormatError, UnsupportedDataError
 from em_ingest.formats.units import is_length_unit, to_nm
+
+if TYPE_CHECKING:
+    from ncempy.io.dm import fileDM
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ class DmImage:
 
 def read_dm(path: Path) -> DmImage:
     """Parse the tags of a DM3/DM4 file and locate its image, skipping GMS's RGBA thumbnail."""
+    from ncempy.io.dm import fileDM  # here, not at import: ncempy loads scipy and matplotlib (seconds)
+
     path = Path(path)
     try:
         # Read from the file, not an in-memory copy: on a truncated file ncempy fails while views of

@@ -6,13 +6,21 @@ import math
 import re
 import struct
 from dataclasses import dataclass
-
-import tifffile
+from typing import TYPE_CHECKING
 
 from em_ingest.errors import FormatError
 from em_ingest.formats.units import to_nm  # the one unit table; it also reads ImageJ's literal \u00B5m
 
-_TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
+if TYPE_CHECKING:
+    import tifffile
+
+
+def _tiff_errors() -> tuple[type[Exception], ...]:
+    """What reading a damaged or unexpected TIFF raises (tifffile is imported where a TIFF is read)."""
+    import tifffile
+
+    return (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
+
 
 # ImageJ's way of saying "not calibrated".
 _UNCALIBRATED = {"", "pixel", "pixels", "px"}
@@ -74,7 +82,7 @@ def calibration_of(tif: tifffile.TiffFile, *, where: str) -> ImageJCalibration |
         y_resolution = _rational(page.tags.get("YResolution"))
         unit_tag = page.tags.get("ResolutionUnit")
         resolution_unit = int(unit_tag.value) if unit_tag is not None else 2  # TIFF default: inch
-    except _TIFF_ERRORS as exc:
+    except _tiff_errors() as exc:
         raise FormatError(f"{where}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     # Outside the try: a calibration that makes no sense is reported as such, not as an unreadable file.
     return calibration_from_tags(parse_description(text), x_resolution, y_resolution, resolution_unit,

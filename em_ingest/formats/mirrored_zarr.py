@@ -5,16 +5,15 @@ from __future__ import annotations
 
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numcodecs.errors
 import numpy as np
-import zarr
-import zarr.errors
-import zarr.storage
 
 from em_ingest.errors import FormatError, UnsupportedDataError
 from em_ingest.formats.volume import Geometry, Region, Volume, triple
+
+if TYPE_CHECKING:
+    import zarr
 
 SPATIAL = ("z", "y", "x")
 
@@ -24,6 +23,11 @@ def open_mirrored_array(root: Path, level: str, *, where: str) -> zarr.Array[Any
 
     Opening reads only `.zarray`, so this also checks a fresh `.zarray` before any chunk is fetched.
     """
+    import numcodecs.errors
+    import zarr
+    import zarr.errors
+    import zarr.storage
+
     try:
         array = zarr.open_array(zarr.storage.LocalStore(root, read_only=True), path=level, mode="r", zarr_format=2)
     except (zarr.errors.UnknownCodecError, numcodecs.errors.UnknownCodecError) as exc:  # v3 and v2 codecs

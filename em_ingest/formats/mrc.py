@@ -9,7 +9,6 @@ from decimal import Context, Decimal
 from pathlib import Path
 from typing import Any
 
-import mrcfile
 import numpy as np
 
 from em_ingest.errors import FormatError, UnsupportedDataError
@@ -57,6 +56,8 @@ class MrcHeader:
 
 
 def _open(path: Path) -> Any:  # an mrcfile.mrcmemmap.MrcMemmap; mrcfile has no type information
+    import mrcfile  # here, not at import: only MRC maps need it
+
     # permissive: real archive files often have a wrong map ID or exttyp; we validate what we use.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -6,10 +6,9 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tifffile
-import zarr
 from natsort import natsorted
 
 from em_ingest.errors import FormatError, UnsupportedDataError
@@ -18,10 +17,19 @@ from em_ingest.formats.mrc import MRC_SUFFIXES, MrcVolume, read_mrc_header
 from em_ingest.formats.tiff import calibration_of, fei_image_rows
 from em_ingest.formats.volume import Geometry, Region, Volume
 
+if TYPE_CHECKING:
+    pass
+
+
+def _tiff_errors() -> tuple[type[Exception], ...]:
+    """What reading a damaged or unexpected TIFF raises (tifffile is imported where a TIFF is read)."""
+    import tifffile
+
+    return (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
+
 DM_SUFFIXES = (".dm3", ".dm4")
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = DM_SUFFIXES + MRC_SUFFIXES + TIFF_SUFFIXES
-_TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
 
 
 @dataclass(frozen=True)
@@ -84,9 +92,11 @@ def _mrc_plane(path: Path) -> Plane:
 
 
 def _tiff_plane(path: Path) -> Plane:
+    import tifffile
+
     try:
         tif = tifffile.TiffFile(path)
-    except _TIFF_ERRORS as exc:
+    except _tiff_errors() as exc:
         raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     with tif:
         try:
@@ -95,7 +105,7 @@ def _tiff_plane(path: Path) -> Plane:
             n_pages = len(tif.pages)
             # Uncompressed contiguous pixels are memory-mapped; anything else is decoded strip by strip.
             offset = page.dataoffsets[0] if page.is_contiguous and page.compression == 1 else None
-        except _TIFF_ERRORS as exc:
+        except _tiff_errors() as exc:
             raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
         if len(shape) != 2 or n_pages != 1:
             raise UnsupportedDataError(f"{path}: {n_pages} page(s) of shape {shape}; a file series needs one "
@@ -114,10 +124,12 @@ def _tiff_plane(path: Path) -> Plane:
             if offset is not None:
                 region: np.ndarray = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=file_shape)[ys, xs]
             else:
+                import zarr
+
                 with tifffile.TiffFile(path) as tif:
                     region = np.asarray(zarr.open_array(tif.pages.first.aszarr(), mode="r")[ys, xs])
             return np.asarray(region, dtype=dtype.newbyteorder("="))
-        except _TIFF_ERRORS as exc:
+        except _tiff_errors() as exc:
             raise FormatError(f"{path}: failed reading TIFF pixels ({type(exc).__name__}: {exc})") from None
 
     pixel = calibration.pixel_size_nm if calibration else None
@@ -165,4 +177,14 @@ class PlaneStack(Volume):
                        dtype=self.dtype)
         for i, plane in enumerate(planes):
             out[i] = plane.read(ys, xs)
+        return out
+
+    def read_into(self, region: Region, out: np.ndarray) -> np.ndarray:
+        zs, ys, xs = region
+        planes = self.planes[zs]
+        shape = (len(planes), len(range(*ys.indices(self.shape[1]))), len(range(*xs.indices(self.shape[2]))))
+        if out.shape != shape or out.dtype != np.dtype(self.dtype).newbyteorder("="):
+            return self.read(region)
+        for i, plane in enumerate(planes):
+            out[i] = plane.read(ys, xs)  # one plane at a time, converted to native byte order as it lands
         return out

@@ -4,17 +4,16 @@
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tifffile
-import zarr
 
 from em_ingest.errors import FormatError, UnsupportedDataError
 from em_ingest.formats import imagej
@@ -22,10 +21,23 @@ from em_ingest.formats.units import to_nm
 from em_ingest.formats.volume import Geometry, Region, Volume, triple
 from em_ingest.limits import check_chunk
 
-_TIFF_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
+if TYPE_CHECKING:
+    import tifffile
+    import zarr
+
+
+def _tiff_errors() -> tuple[type[Exception], ...]:
+    """What reading a damaged or unexpected TIFF raises (tifffile is imported where a TIFF is read)."""
+    import tifffile
+
+    return (tifffile.TiffFileError, ValueError, OSError, EOFError, struct.error, KeyError, IndexError)
+
 # FEI/Thermo SEM and FIB TIFFs keep an INI text in private tag 34682; "[Scan] PixelWidth=<metres>".
 FEI_TAG = 34682
 _FEI_LINE = re.compile(r"^\s*(\w+)\s*=\s*(.*?)\s*$")
+# The memory one page table maps on x86-64 and arm64 (4 KiB pages): the kernel maps file pages around a
+# fault within it, so releasing a read window's pages releases this much around it.
+_PAGE_TABLE_SPAN = 2 << 20
 
 
 # ---- physical calibration ---------------------------------------------------------------------
@@ -54,9 +66,11 @@ class TiffCalibration:
 
 def read_calibration(path: Path) -> TiffCalibration | None:
     """The physical calibration the TIFF at `path` states, or None if it states none (see `calibration_of`)."""
+    import tifffile
+
     try:
         tif = tifffile.TiffFile(path)
-    except _TIFF_ERRORS as exc:
+    except _tiff_errors() as exc:
         raise FormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     with tif:
         return calibration_of(tif, where=str(path))
@@ -84,7 +98,7 @@ def _plane_count(tif: tifffile.TiffFile, where: str) -> int:
     try:
         series = tif.series[0]
         return math.prod(n for n, axis in zip(series.shape, series.axes) if axis not in "YXS")
-    except _TIFF_ERRORS as exc:
+    except _tiff_errors() as exc:
         raise FormatError(f"{where}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
 
 
@@ -157,11 +171,13 @@ class TiffStack(Volume):
     def __init__(self, path: Path, geometry: Geometry | None = None, *,
                  fallback_pixel_size_nm: tuple[float, float] | None = None,
                  fallback_z_spacing_nm: float | None = None):
+        import tifffile
+
         self.path = Path(path)
         self.name = str(self.path)
         try:
             self._tif = tifffile.TiffFile(self.path)
-        except _TIFF_ERRORS as exc:
+        except _tiff_errors() as exc:
             raise FormatError(f"{self.path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
         try:
             self._open(geometry, fallback_pixel_size_nm, fallback_z_spacing_nm)
@@ -176,7 +192,7 @@ class TiffStack(Volume):
             shape = series.shape
             self.dtype = np.dtype(series.dtype)
             axes = series.axes
-        except _TIFF_ERRORS as exc:
+        except _tiff_errors() as exc:
             raise FormatError(f"{self.path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
         squeezed = [(n, a) for n, a in zip(shape, axes) if n != 1 or a in "YX"]
         if any(a in "CS" and n > 1 for n, a in zip(shape, axes)):
@@ -226,9 +242,11 @@ class TiffStack(Volume):
         if series.dataoffset is not None:  # uncompressed and contiguous: read ranges, hold nothing
             file_dtype = series.dtype.newbyteorder(self._tif.byteorder)
             return _ContiguousArray(self.path, file_dtype, series.dataoffset, self.shape)
+        import zarr  # only for compressed or tiled files: contiguous ones are read without it
+
         try:
             return _SqueezedZarr(zarr.open_array(series.aszarr(), mode="r"))
-        except _TIFF_ERRORS as exc:
+        except _tiff_errors() as exc:
             raise FormatError(f"{self.path}: cannot index TIFF strips or tiles ({exc})") from None
 
     def read(self, region: Region) -> np.ndarray:
@@ -236,9 +254,15 @@ class TiffStack(Volume):
             raise ValueError(f"{self.path}: read after close")
         try:
             data = self._array[region]
-        except _TIFF_ERRORS as exc:
+        except _tiff_errors() as exc:
             raise FormatError(f"{self.path}: failed reading {region}: {type(exc).__name__}: {exc}") from None
         return np.ascontiguousarray(data, dtype=self.dtype.newbyteorder("="))
+
+    def read_into(self, region: Region, out: np.ndarray) -> np.ndarray:
+        if isinstance(self._array, _ContiguousArray) and out.flags.c_contiguous \
+                and out.dtype == self._array.native_dtype:
+            return self._array.read_into(region, out)
+        return self.read(region)
 
     def close(self) -> None:
         if isinstance(self._array, _ContiguousArray):
@@ -248,12 +272,14 @@ class TiffStack(Volume):
 
 
 class _ContiguousArray:
-    """Region reads of a (z, y, x) array stored contiguously in a file, with os.preadv.
+    """Region reads of a (z, y, x) array stored contiguously in a file.
 
-    A memory map would be simpler, but every page it touches counts towards the process's RSS
-    until it is unmapped, so a streamed 100 GB stack would look (and be accounted) like 100 GB
-    resident. Positional reads land directly in the output array, release the GIL and are safe
-    from several threads at once.
+    Reads of whole rows are positional reads (os.preadv) straight into the output array: they release
+    the GIL and are safe from several threads at once. A window narrower than a row is copied out of a
+    read-only memory map instead: reading its rows whole would move every byte of them (eight times
+    the window for a 256-voxel block of a 2048-voxel row), while the map touches only the window's own
+    pages. Each plane's pages are released from the map (MADV_DONTNEED) as soon as they are copied, so
+    the process's RSS follows the block being read, never the file (mapped pages count towards RSS).
     """
 
     def __init__(self, path: Path, file_dtype: np.dtype, offset_bytes: int, shape: tuple[int, int, int]):
@@ -264,25 +290,39 @@ class _ContiguousArray:
         self.shape = shape
         self._fd = os.open(path, os.O_RDONLY)
         self._lock = threading.Lock()
-        needed = offset_bytes + int(np.prod(shape)) * file_dtype.itemsize
+        self._map: mmap.mmap | None = None
+        self._mapped: np.ndarray | None = None  # the map as (z, y, x) voxels, raw bytes in native order
+        self._needed = offset_bytes + int(np.prod(shape)) * file_dtype.itemsize
         size = os.fstat(self._fd).st_size
-        if size < needed:
+        if size < self._needed:
             self.close()
-            raise FormatError(f"{path}: TIFF data runs past the end of the file (needs {needed} bytes, "
+            raise FormatError(f"{path}: TIFF data runs past the end of the file (needs {self._needed} bytes, "
                               f"has {size}: truncated download?)")
 
     def close(self) -> None:
         with self._lock:
+            self._mapped = None
+            if self._map is not None:
+                self._map.close()
+                self._map = None
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
 
     def __getitem__(self, region: Region) -> np.ndarray:
         (z0, z1), (y0, y1), (x0, x1) = (s.indices(n)[:2] for s, n in zip(region, self.shape))
-        _, height, width = self.shape
         out = np.empty((max(0, z1 - z0), max(0, y1 - y0), max(0, x1 - x0)), dtype=self.native_dtype)
+        return self.read_into(region, out)
+
+    def read_into(self, region: Region, out: np.ndarray) -> np.ndarray:
+        """Fill `out` (C-ordered, native byte order, the region's shape) with the voxels of `region`."""
+        (z0, z1), (y0, y1), (x0, x1) = (s.indices(n)[:2] for s, n in zip(region, self.shape))
+        expected = (max(0, z1 - z0), max(0, y1 - y0), max(0, x1 - x0))
+        if out.shape != expected:
+            raise ValueError(f"{self.path}: output of shape {out.shape} for a region of {expected}")
         if out.size == 0:
             return out
+        _, height, width = self.shape
         item = self.file_dtype.itemsize
         plane_bytes, row_bytes = height * width * item, width * item
         if (y0, y1, x0, x1) == (0, height, 0, width):  # whole planes: one read
@@ -290,14 +330,40 @@ class _ContiguousArray:
         elif (x0, x1) == (0, width):  # full rows: one read per plane
             for i, z in enumerate(range(z0, z1)):
                 self._read_into(out[i], self.offset_bytes + z * plane_bytes + y0 * row_bytes)
-        else:  # a window: read its full rows per plane (bounded by one plane), keep the columns
-            rows = np.empty((y1 - y0, width), dtype=self.native_dtype)
-            for i, z in enumerate(range(z0, z1)):
-                self._read_into(rows, self.offset_bytes + z * plane_bytes + y0 * row_bytes)
-                out[i] = rows[:, x0:x1]
+        else:
+            self._copy_window(out, z0, y0, x0)
         if not self.file_dtype.isnative:  # e.g. a big-endian ImageJ stack: swap once, in place
             out.byteswap(inplace=True)
         return out
+
+    def _copy_window(self, out: np.ndarray, z0: int, y0: int, x0: int) -> None:
+        size = os.fstat(self._fd).st_size
+        if size < self._needed:  # cut short since it was opened: reading the map there would fault, not raise
+            raise FormatError(f"{self.path}: file ends at byte {size}, inside the image data "
+                              "(truncated or changed while reading)")
+        mapped = self._map_file()
+        nz, ny, nx = out.shape
+        _, height, width = self.shape
+        row_bytes = width * self.file_dtype.itemsize
+        assert self._map is not None
+        for i in range(nz):
+            out[i] = mapped[z0 + i, y0:y0 + ny, x0:x0 + nx]
+            # Release the rows' pages, and the neighbours the kernel mapped with them (fault-around maps
+            # nearby pages too, never across a page table, i.e. 2 MiB): else they would stay counted.
+            start = self.offset_bytes + ((z0 + i) * height + y0) * row_bytes
+            first = start - start % _PAGE_TABLE_SPAN
+            last = min(-(-(start + ny * row_bytes) // _PAGE_TABLE_SPAN) * _PAGE_TABLE_SPAN, len(self._map))
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def _map_file(self) -> np.ndarray:
+        with self._lock:
+            if self._mapped is None:
+                if self._fd < 0:
+                    raise ValueError(f"{self.path}: read after close")
+                self._map = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+                self._mapped = np.frombuffer(self._map, dtype=self.native_dtype, count=int(np.prod(self.shape)),
+                                             offset=self.offset_bytes).reshape(self.shape)
+            return self._mapped
 
     def _read_into(self, target: np.ndarray, offset_bytes: int) -> None:
         view = target.reshape(-1).view(np.uint8).data  # the array's bytes as a writable memoryview

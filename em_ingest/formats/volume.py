@@ -76,6 +76,12 @@ class Volume(ABC):
     def read(self, region: Region) -> np.ndarray:
         """Voxels of `region` (three slices with step 1, within bounds) as a C-ordered array."""
 
+    def read_into(self, region: Region, out: np.ndarray) -> np.ndarray:
+        """Voxels of `region`, in `out` (C-ordered, native byte order, the region's shape) when the reader
+        can fill it directly, so a streaming consumer can reuse its buffers; otherwise a new array, as
+        `read` returns it. The returned array holds the voxels either way."""
+        return self.read(region)
+
     def close(self) -> None:  # noqa: B027 - optional for readers without open handles
         """Release open files or connections."""
 

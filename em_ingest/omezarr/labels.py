@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from em_ingest.errors import UnsupportedDataError
 from em_ingest.formats.label import LabelImage
 from em_ingest.formats.volume import Geometry, Region, Volume
-from em_ingest.omezarr.pyramid import downsample_labels
 from em_ingest.omezarr.writer import WriteResult, ZarrLayout, write_ome_zarr
 
 LABELS_GROUP = "labels"
@@ -62,6 +60,7 @@ def write_labels(image_dir: Path, labels: Sequence[LabelImage], image: WriteResu
     group listing them."""
     if not labels:
         return []
+    import zarr  # imported where written, so loading the code location stays light
     names = [label.name for label in labels]
     if len(set(names)) != len(names):
         raise ValueError(f"{image_name}: label names repeat: {names}")
@@ -86,7 +85,7 @@ def write_labels(image_dir: Path, labels: Sequence[LabelImage], image: WriteResu
                                      for value, rgba in sorted(label.colors.items())]
         result = write_ome_zarr(counting, geometry, image_dir / LABELS_GROUP / label.name,
                                 name=f"{image_name}/labels/{label.name}", layout=layout,
-                                attributes=None, reduce=downsample_labels, level_count=len(image.levels), thumbnail=False)
+                                label_levels=len(image.levels))
         labels_group = zarr.open_group(zarr.storage.LocalStore(image_dir / LABELS_GROUP / label.name), mode="r+")
         ome = labels_group.attrs.asdict().get("ome")
         if isinstance(ome, dict):

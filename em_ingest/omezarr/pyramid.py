@@ -106,6 +106,64 @@ def downsample(block: np.ndarray, factors: Shape) -> np.ndarray:
     return (total / n).astype(block.dtype)
 
 
+class WindowMean:
+    """`downsample` written into a given array, with its intermediate sums kept between calls.
+
+    The values are exactly `downsample`'s (the same additions in the same order). A streaming writer
+    calls it once per block: reusing the scratch arrays spares the fresh pages every block would
+    otherwise fault in, and writing into `out` (e.g. a view into the next level's block) spares a copy.
+    Not thread-safe: one instance per thread.
+    """
+
+    def __init__(self) -> None:
+        self._scratch: dict[tuple[int, str], np.ndarray] = {}
+
+    def _buffer(self, step: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        size = math.prod(shape)
+        flat = self._scratch.get((step, dtype.str))
+        if flat is None or flat.size < size:
+            flat = self._scratch[(step, dtype.str)] = np.empty(size, dtype)
+        return flat[:size].reshape(shape)
+
+    def into(self, block: np.ndarray, factors: Shape, out: np.ndarray) -> int | None:
+        """Write the window means of `block` into `out` (shape ceil(block / factors)).
+
+        Returns the exact sum of `block`'s voxels when it falls out of the window sums: integer types of
+        up to 32 bits whose block needed no edge padding (None otherwise, and for factors (1, 1, 1)).
+        """
+        if factors == (1, 1, 1):
+            np.copyto(out, block)
+            return None
+        pad = [(0, (-n) % f) for n, f in zip(block.shape, factors)]
+        padded = any(p for _, p in pad)
+        if padded:
+            block = np.pad(block, pad, mode="edge")
+        acc = _accumulator(block.dtype)
+        total = block
+        for step, axis in enumerate(a for a, f in enumerate(factors) if f == 2):
+            even: list[slice] = [slice(None)] * 3
+            odd: list[slice] = [slice(None)] * 3
+            even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
+            halved = list(total.shape)
+            halved[axis] //= 2
+            target = self._buffer(step, tuple(halved), acc)
+            np.add(total[tuple(even)], total[tuple(odd)], out=target, dtype=acc)
+            total = target
+        exact = None
+        kind = block.dtype.kind
+        if kind in "iu" and block.dtype.itemsize <= 4 and not padded:
+            # Every voxel is in exactly one window: the window sums add up to the block's sum.
+            exact = int(total.sum(dtype=np.int64 if kind == "i" else np.uint64))
+        n = factors[0] * factors[1] * factors[2]
+        if kind in "iub":
+            total += n // 2
+            np.right_shift(total, n.bit_length() - 1, out=out, casting="unsafe")
+        else:
+            np.divide(total, n, out=total)
+            np.copyto(out, total, casting="unsafe")
+        return exact
+
+
 def downsample_labels(block: np.ndarray, factors: Shape) -> np.ndarray:
     """The most frequent value of each window of `factors` (ties go to the smallest value), for label images.
 
@@ -120,3 +178,11 @@ def downsample_labels(block: np.ndarray, factors: Shape) -> np.ndarray:
 
     reduced: np.ndarray = tensorstore.downsample(tensorstore.array(block), list(factors), "mode").read().result()
     return reduced
+
+
+class WindowMode:
+    """`downsample_labels` with `WindowMean`'s interface, for the streaming writer's label images."""
+
+    def into(self, block: np.ndarray, factors: Shape, out: np.ndarray) -> None:
+        """Write each window's mode of `block` into `out`; no exact sum (a label's values are ids, not counts)."""
+        np.copyto(out, downsample_labels(block, factors))

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from em_ingest.formats.volume import Sliceable
 
@@ -22,11 +21,22 @@ def thumbnail_image(plane: np.ndarray) -> np.ndarray:
     return (np.clip((plane - lo) / (hi - lo), 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
+def thumbnail_level(shapes: Sequence[tuple[int, ...]]) -> int:
+    """Index of the level rendered: the finest whose y and x fit in THUMBNAIL_MAX_SIDE (else the coarsest)."""
+    return next((k for k, shape in enumerate(shapes) if max(shape[1:]) <= THUMBNAIL_MAX_SIDE), len(shapes) - 1)
+
+
 def write_thumbnail(levels: Sequence[Sliceable], path: Path) -> Path | None:
-    """Render the finest level whose y and x fit in THUMBNAIL_MAX_SIDE (else the coarsest)."""
+    """Render the middle z-plane of the level `thumbnail_level` picks."""
     if not levels:
         return None
-    level = next((a for a in levels if max(a.shape[1:]) <= THUMBNAIL_MAX_SIDE), levels[-1])
-    plane = np.asarray(level[level.shape[0] // 2])
+    level = levels[thumbnail_level([a.shape for a in levels])]
+    return write_thumbnail_plane(np.asarray(level[level.shape[0] // 2]), path)
+
+
+def write_thumbnail_plane(plane: np.ndarray, path: Path) -> Path:
+    """Write the PNG of a plane already chosen (e.g. caught by a streaming writer as it went by)."""
+    from PIL import Image  # here, not at import: only a conversion renders images
+
     Image.fromarray(thumbnail_image(plane), mode="L").save(path, format="PNG", optimize=True)
     return path

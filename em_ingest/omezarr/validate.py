@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import zarr
 from pydantic import ValidationError as PydanticValidationError
 
 from em_ingest.errors import ValidationError
 
 if TYPE_CHECKING:
+    import zarr
     from ome_zarr_models.v04.multiscales import Multiscale as MultiscaleV04
     from ome_zarr_models.v05.multiscales import Multiscale as MultiscaleV05
 
@@ -31,6 +31,8 @@ class ImageSummary:
 
 def validate_ome_zarr(path: Path | str) -> ImageSummary:
     """Parse the image at `path` with the spec models of its NGFF version; raise ValidationError if invalid."""
+    import zarr
+    import zarr.errors
     try:
         group = zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError) as exc:

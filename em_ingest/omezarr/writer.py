@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import numcodecs
 import numpy as np
-import tensorstore
-import zarr
-from zarr.codecs import ZstdCodec
 
 from em_ingest.errors import EmIngestError, FormatError
 from em_ingest.formats.volume import Geometry, Region, Volume, triple
-from em_ingest.omezarr.pyramid import Level, downsample, plan_pyramid
-from em_ingest.omezarr.thumbnail import write_thumbnail
+from em_ingest.omezarr.pyramid import Level, WindowMean, WindowMode, plan_pyramid
+from em_ingest.omezarr.thumbnail import thumbnail_level, write_thumbnail_plane
+
+if TYPE_CHECKING:  # imported where they are used: importing the writer (e.g. for ZarrLayout) stays light
+    import tensorstore
+    import zarr
 
 NGFF_VERSIONS = ("0.5", "0.4")  # 0.5 = Zarr v3 with sharding; 0.4 = Zarr v2
+# s0 blocks read ahead of the one being downsampled and written (each is one block of memory).
+READ_AHEAD = 1
 AXES = [{"name": n, "type": "space", "unit": "nanometer"} for n in ("z", "y", "x")]
 
 
@@ -113,13 +117,17 @@ class _Stats:
         self.total: float | int = 0
         self.count = 0
 
-    def add(self, block: np.ndarray) -> None:
+    def add(self, block: np.ndarray, exact_sum: int | None = None) -> None:
+        """Count `block`; `exact_sum`, when given, is its integer sum already known (from the window sums)."""
         if block.size == 0:
             return
-        # Integers are summed exactly in 64-bit integers (numpy's widening sum is fast; a float sum is not).
-        wide = np.int64 if block.dtype.kind in "ib" else np.uint64 if block.dtype.kind == "u" else np.float64
         lo, hi = float(block.min()), float(block.max())
-        total = block.sum(dtype=wide).item()
+        if exact_sum is not None:
+            total: float | int = exact_sum
+        else:
+            # Integers are summed exactly in 64-bit integers (numpy's widening sum is fast; a float sum is not).
+            wide = np.int64 if block.dtype.kind in "ib" else np.uint64 if block.dtype.kind == "u" else np.float64
+            total = block.sum(dtype=wide).item()
         self.min = lo if self.min is None else min(self.min, lo)
         self.max = hi if self.max is None else max(self.max, hi)
         self.total += total
@@ -133,15 +141,54 @@ class _Stats:
 BlockIndex = tuple[int, int, int]
 
 
+class _Completion(Protocol):
+    """What the pool needs of a future (tensorstore's): whether it is done."""
+
+    def done(self) -> bool: ...
+
+
+class _BufferPool:
+    """Block-sized arrays used again once nothing reads them, so a steady conversion faults in no fresh pages.
+
+    An array lent to a write comes back when tensorstore has copied it out (the write's copy future:
+    "after which the source is no longer accessed"). At most `keep` idle arrays per shape are kept.
+    """
+
+    def __init__(self, dtype: np.dtype, keep: int):
+        self.dtype, self.keep = dtype, keep
+        self._idle: dict[tuple[int, ...], list[np.ndarray]] = {}
+        self._lent: list[tuple[np.ndarray, _Completion]] = []
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        if self._lent:
+            self._reclaim()
+        idle = self._idle.get(shape)
+        return idle.pop() if idle else np.empty(shape, self.dtype)
+
+    def give(self, array: np.ndarray, after: _Completion | None = None) -> None:
+        if after is not None and not after.done():
+            self._lent.append((array, after))
+            return
+        idle = self._idle.setdefault(array.shape, [])
+        if len(idle) < self.keep:
+            idle.append(array)
+
+    def _reclaim(self) -> None:
+        lent, self._lent = self._lent, []
+        for array, after in lent:
+            self.give(array, after)
+
+
 class _LevelAssembler:
     """Collects one level's voxels, arriving in pieces, into whole write blocks (shards on Zarr v3).
 
     A block is handed on once every voxel of it has arrived, so each block is written exactly
-    once and whole (no read-modify-write of a shard), and is then freed.
+    once and whole (no read-modify-write of a shard). Pieces are written straight into the open
+    block (`views`), or copied in (`add`) when the caller already holds them.
     """
 
-    def __init__(self, shape: tuple[int, int, int], block: tuple[int, int, int], dtype: np.dtype):
-        self.shape, self.block, self.dtype = shape, block, dtype
+    def __init__(self, shape: tuple[int, int, int], block: tuple[int, int, int], pool: _BufferPool):
+        self.shape, self.block, self.pool = shape, block, pool
         self._open: dict[BlockIndex, tuple[np.ndarray, list[int]]] = {}
 
     @property
@@ -151,27 +198,55 @@ class _LevelAssembler:
     def region_of(self, index: BlockIndex) -> Region:
         return triple(slice(i * b, min((i + 1) * b, n)) for i, b, n in zip(index, self.block, self.shape))
 
+    def _overlaps(self, region: Region) -> list[tuple[BlockIndex, Region, Region, Region]]:
+        """(block index, block region, the part of `region` in it as block-local and as region-local slices)."""
+        ranges = [range(r.start // b, -(-r.stop // b)) for r, b in zip(region, self.block)]
+        found = []
+        for iz, iy, ix in product(*ranges):
+            block_region = self.region_of((iz, iy, ix))
+            overlap = triple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(region, block_region))
+            local = triple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(overlap, block_region))
+            source = triple(slice(o.start - r.start, o.stop - r.start) for o, r in zip(overlap, region))
+            found.append(((iz, iy, ix), block_region, local, source))
+        return found
+
+    def _buffer(self, index: BlockIndex, block_region: Region) -> tuple[np.ndarray, list[int]]:
+        entry = self._open.get(index)
+        if entry is None:
+            entry = self._open[index] = (self.pool.take(tuple(s.stop - s.start for s in block_region)), [0])
+        return entry
+
+    def view(self, region: Region) -> np.ndarray | None:
+        """Where the voxels of `region` go, when it lies within one block; then call `filled(region)`."""
+        overlaps = self._overlaps(region)
+        if len(overlaps) != 1:
+            return None
+        index, block_region, local, _ = overlaps[0]
+        return self._buffer(index, block_region)[0][local]
+
+    def filled(self, region: Region) -> list[tuple[Region, np.ndarray]]:
+        """The voxels of `region` (within one block) are in place; return the block if that completed it."""
+        (index, block_region, _, _), = self._overlaps(region)
+        return self._count(index, block_region, math.prod(s.stop - s.start for s in region))
+
     def add(self, region: Region, data: np.ndarray) -> list[tuple[Region, np.ndarray]]:
         """Place `data` (the voxels of `region`); return the blocks this completed."""
-        ranges = [range(r.start // b, -(-r.stop // b)) for r, b in zip(region, self.block)]
         done = []
-        for iz, iy, ix in product(*ranges):
-            index = (iz, iy, ix)
-            block_region = self.region_of(index)
-            overlap = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(region, block_region))
-            if region == block_region:  # the common case: a whole block at once, no copy
+        for index, block_region, local, source in self._overlaps(region):
+            if region == block_region and index not in self._open:  # a whole block at once, no copy
                 done.append((block_region, data))
                 continue
-            buffer, filled = self._open.get(index) or self._open.setdefault(
-                index, (np.empty(tuple(s.stop - s.start for s in block_region), self.dtype), [0]))
-            local = tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(overlap, block_region))
-            source = tuple(slice(o.start - r.start, o.stop - r.start) for o, r in zip(overlap, region))
-            buffer[local] = data[source]
-            filled[0] += int(np.prod([o.stop - o.start for o in overlap]))
-            if filled[0] == buffer.size:
-                del self._open[index]
-                done.append((block_region, buffer))
+            self._buffer(index, block_region)[0][local] = data[source]
+            done += self._count(index, block_region, math.prod(s.stop - s.start for s in local))
         return done
+
+    def _count(self, index: BlockIndex, block_region: Region, voxels: int) -> list[tuple[Region, np.ndarray]]:
+        buffer, filled = self._open[index]
+        filled[0] += voxels
+        if filled[0] < buffer.size:
+            return []
+        del self._open[index]
+        return [(block_region, buffer)]
 
 
 def traversal_order(levels: list[Level], blocks: list[tuple[int, int, int]]) -> list[Region]:
@@ -201,23 +276,35 @@ class _BoundedWriter:
     zarr-python stays the author of the metadata; tensorstore only writes chunk data, because its
     C++ engine compresses and writes shards on its own threads without the GIL (about twice as fast
     as zarr-python's per-chunk asyncio path here, and memory stays that of the blocks in flight).
+    tensorstore does not fsync (its default syncs every shard and its folder on the threads that carry
+    the writes, so the writes queue behind the disk); `written` is told of each finished block instead,
+    and `write_ome_zarr` has a `_Syncer` make it durable off the write path.
     """
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, written: Callable[[Path, Region], None] = lambda path, region: None):
+        import tensorstore
+
+        self._written = written  # told of each block once its write has succeeded
         self._limit = 2 * workers
         self._context = tensorstore.Context({"data_copy_concurrency": {"limit": workers},
-                                             "file_io_concurrency": {"limit": 2 * workers}})
+                                             "file_io_concurrency": {"limit": 2 * workers},
+                                             "file_io_sync": False})
         self._pending: list[tuple[Path, Region, tensorstore.WriteFutures]] = []
         self._opened: dict[str, tensorstore.TensorStore] = {}
 
     def open(self, path: Path, zarr_format: int) -> None:
+        import tensorstore
+
         spec = {"driver": "zarr3" if zarr_format == 3 else "zarr", "kvstore": {"driver": "file", "path": str(path)}}
         self._opened[str(path)] = tensorstore.open(spec, open=True, context=self._context).result()
 
-    def submit(self, path: Path, region: Region, data: np.ndarray) -> None:
+    def submit(self, path: Path, region: Region, data: np.ndarray) -> tensorstore.WriteFutures:
+        """Start writing `data` to `region`; it must not change until the returned futures' `copy` is done."""
         while len(self._pending) >= self._limit:
             self._wait_oldest()
-        self._pending.append((path, region, self._opened[str(path)][region].write(data)))
+        futures = self._opened[str(path)][region].write(data)
+        self._pending.append((path, region, futures))
+        return futures
 
     def drain(self) -> None:
         """Wait for every write; raise the first failure."""
@@ -229,6 +316,7 @@ class _BoundedWriter:
         error = future.exception()
         if error is not None:
             raise EmIngestError(f"{path}: writing block {[(r.start, r.stop) for r in region]} failed: {error}")
+        self._written(path, region)
 
     def settle(self) -> None:
         """After a failure elsewhere: wait for the writes in flight without raising theirs, so none
@@ -237,45 +325,126 @@ class _BoundedWriter:
             self._pending.pop(0)[2].exception()
 
 
+class _ThumbnailPlane:
+    """The middle z-plane of the thumbnail's level, caught as that level's blocks go by (nothing is read back)."""
+
+    def __init__(self, levels: list[Level], dtype: np.dtype):
+        self.level = thumbnail_level([level.shape for level in levels])
+        shape = levels[self.level].shape
+        self.z = shape[0] // 2
+        self.plane = np.zeros(shape[1:], dtype)
+
+    def catch(self, k: int, region: Region, data: np.ndarray) -> None:
+        if k == self.level and region[0].start <= self.z < region[0].stop:
+            self.plane[region[1], region[2]] = data[self.z - region[0].start]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Syncer:
+    """Makes the image durable: written files are fsynced on its own threads while the conversion goes on,
+    so the disk writes them back meanwhile rather than all at the end; `finish` syncs whatever else
+    the image holds (metadata, thumbnail, folders) and raises the first failure."""
+
+    def __init__(self, threads: int):
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="omezarr-sync")
+        self._pending: list[tuple[Path, Future[None]]] = []
+
+    def sync_soon(self, paths: Iterable[Path]) -> None:
+        self._pending += [(path, self._pool.submit(_fsync, path)) for path in paths]
+
+    def finish(self, root: Path) -> None:
+        synced = set()
+        for path, future in self._pending:
+            try:
+                future.result()
+            except FileNotFoundError:
+                continue  # not a file this layout writes: the walk below syncs whatever exists
+            synced.add(path)
+        self._pending = []
+        rest = [p for p in (root, *root.rglob("*")) if p not in synced]
+        list(self._pool.map(_fsync, rest))
+        self._pool.shutdown()
+
+    def abandon(self) -> None:
+        """After a failure: stop syncing (the staging directory is about to be discarded)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
                    layout: ZarrLayout = ZarrLayout(), attributes: dict[str, Any] | None = None,
-                   reduce: Callable[[np.ndarray, tuple[int, int, int]], np.ndarray] = downsample,
-                   level_count: int | None = None, thumbnail: bool = True) -> WriteResult:
+                   label_levels: int | None = None) -> WriteResult:
     """Write `volume` as a multiscale OME-Zarr image at `dest` (a new, empty staging directory).
 
-    Each s0 block is read once and feeds every level: it is written, downsampled into the next
-    level's open block, and so on up the pyramid as blocks complete. Nothing is read back.
-    Peak memory is a few blocks per level plus the writes in flight, whatever the volume's size.
-    A label image passes its own `reduce` (a window's mode, never a mean), its image's `level_count`,
-    and no thumbnail.
+    Each s0 block is read once and feeds every level: it is written, downsampled straight into the
+    next level's open block, and so on up the pyramid as blocks complete. Nothing is read back.
+    Peak memory is a few blocks per level plus the writes in flight, whatever the volume's size;
+    block buffers and the downsampling's scratch arrays are reused from block to block. When it
+    returns, every file of the image is durable (fsynced), so it can be published at once.
+
+    A label image passes `label_levels` (its image's level count): its levels then take each window's mode,
+    never a mean, there are exactly that many, and it gets no thumbnail.
     """
+    import zarr
+
     dtype = np.dtype(volume.dtype).newbyteorder("=")
     translation = geometry.translation_nm or (0.0, 0.0, 0.0)
     chunks0 = layout.chunks_for(volume.shape)
-    levels = plan_pyramid(volume.shape, geometry.voxel_size_nm, translation, chunks0, level_count)
+    levels = plan_pyramid(volume.shape, geometry.voxel_size_nm, translation, chunks0, label_levels)
 
     root = zarr.open_group(zarr.storage.LocalStore(dest), mode="w-", zarr_format=layout.zarr_format)
     root.attrs.update({**(attributes or {}), **multiscales_attributes(levels, name, layout.ngff_version)})
-    arrays = [_create_level(root, level, dtype, layout) for level in levels]
+    for level in levels:
+        _create_level(root, level, dtype, layout)
     blocks = [layout.block_for(level.shape) for level in levels]
-    assemblers = [_LevelAssembler(level.shape, block, dtype) for level, block in zip(levels, blocks)]
+    # Buffers in use at once: blocks read ahead, the block at hand, writes in flight, one open block per level.
+    pool = _BufferPool(dtype, keep=2 * layout.workers + 3)
+    assemblers = [_LevelAssembler(level.shape, block, pool) for level, block in zip(levels, blocks)]
     stats = _Stats()
-    writer = _BoundedWriter(layout.workers)
+    mean: WindowMean | WindowMode = WindowMean() if label_levels is None else WindowMode()
+    thumbnail = _ThumbnailPlane(levels, dtype)
+    syncer = _Syncer(threads=layout.workers)
     paths = [dest / level.path for level in levels]
+    storage = {path: (block, layout.chunks_for(level.shape)) for path, block, level in zip(paths, blocks, levels)}
+    writer = _BoundedWriter(layout.workers, lambda path, region: syncer.sync_soon(
+        _block_files(path, region, *storage[path], layout.zarr_format)))
     for path in paths:
         writer.open(path, layout.zarr_format)
 
-    def emit(k: int, region: Region, data: np.ndarray) -> None:
+    def emit(k: int, region: Region, data: np.ndarray, pooled: bool) -> None:
         """A whole block of level k is ready: write it and push its downsampled voxels up the pyramid."""
-        writer.submit(paths[k], region, data)
+        copied = writer.submit(paths[k], region, data).copy
+        if label_levels is None:
+            thumbnail.catch(k, region, data)
+        exact_sum = None
         if k + 1 < len(levels):
             factors = levels[k + 1].factors
             coarse = triple(slice(r.start // f, -(-r.stop // f)) for r, f in zip(region, factors))
-            for block_region, block in assemblers[k + 1].add(coarse, reduce(data, factors)):
-                emit(k + 1, block_region, block)
+            target = assemblers[k + 1].view(coarse)
+            if target is not None:  # the usual case: straight into the next level's open block
+                exact_sum = mean.into(data, factors, target)
+                done = assemblers[k + 1].filled(coarse)
+            else:  # the piece straddles blocks of the next level (block sides that do not nest)
+                piece = pool.take(tuple(s.stop - s.start for s in coarse))
+                exact_sum = mean.into(data, factors, piece)
+                done = assemblers[k + 1].add(coarse, piece)
+                if all(block is not piece for _, block in done):
+                    pool.give(piece)
+            for block_region, block in done:  # open blocks, or the piece itself when it was a whole block
+                emit(k + 1, block_region, block, pooled=True)
+        if k == 0:
+            stats.add(data, exact_sum)
+        if pooled:
+            pool.give(data, after=copied)
 
-    def read(region: Region) -> np.ndarray:
-        block = volume.read(region)
+    def read(region: Region, buffer: np.ndarray) -> np.ndarray:
+        block = volume.read_into(region, buffer)
         expected = tuple(s.stop - s.start for s in region)
         if block.shape != expected:
             raise FormatError(f"{volume.name}: reader returned {block.shape} for region of {expected}")
@@ -283,23 +452,28 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
 
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="omezarr-read") as reader:
-            # Read the next s0 block while this one is downsampled and compressed.
+            # Read ahead while the block at hand is downsampled and compressed.
             order = traversal_order(levels, blocks)
-            ahead: Future[np.ndarray] | None = reader.submit(read, order[0]) if order else None
+            ahead: list[tuple[np.ndarray, Future[np.ndarray]]] = []
             for i, region in enumerate(order):
-                assert ahead is not None  # submitted before the loop for the first block, then one step ahead
-                data = ahead.result()
-                ahead = reader.submit(read, order[i + 1]) if i + 1 < len(order) else None
-                stats.add(data)
-                emit(0, region, data)
+                while len(ahead) < READ_AHEAD + 1 and i + len(ahead) < len(order):
+                    upcoming = order[i + len(ahead)]
+                    buffer = pool.take(tuple(s.stop - s.start for s in upcoming))
+                    ahead.append((buffer, reader.submit(read, upcoming, buffer)))
+                buffer, future = ahead.pop(0)
+                data = future.result()
+                if data is not buffer:  # the reader made its own array: the buffer goes back unused
+                    pool.give(buffer)
+                emit(0, region, data, pooled=data is buffer)
         writer.drain()
         leftover = [k for k, a in enumerate(assemblers) if a.open_bytes]
         if leftover:  # cannot happen unless blocks and levels disagree; never publish a partial level
             raise FormatError(f"{volume.name}: levels {leftover} were not completely written")
+        thumbnail_path = write_thumbnail_plane(thumbnail.plane, dest / "thumbnail.png") if label_levels is None else None
+        syncer.finish(dest)
     finally:
         writer.settle()
-
-    thumbnail_path = write_thumbnail(arrays, dest / "thumbnail.png") if thumbnail else None
+        syncer.abandon()
     stored = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     return WriteResult(
         path=dest, levels=tuple(levels), dtype=dtype.name, chunks=chunks0, shards=layout.shards_for(volume.shape),
@@ -308,7 +482,20 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
     )
 
 
+def _block_files(level_dir: Path, region: Region, block: tuple[int, int, int], chunks: tuple[int, int, int],
+                 zarr_format: int) -> list[Path]:
+    """The files a block of a level is stored in: its shard on Zarr v3 (a block is one shard), its chunks on
+    v2 (keys as `_create_level` asks for them: `c/<z>/<y>/<x>` on v3, `<z>/<y>/<x>` on v2)."""
+    if zarr_format == 3:
+        return [level_dir.joinpath("c", *(str(r.start // b) for r, b in zip(region, block)))]
+    ranges = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, chunks)]
+    return [level_dir.joinpath(str(z), str(y), str(x)) for z, y, x in product(*ranges)]
+
+
 def _create_level(root: zarr.Group, level: Level, dtype: np.dtype, layout: ZarrLayout) -> zarr.Array[Any]:
+    import numcodecs
+    from zarr.codecs import ZstdCodec
+
     kwargs: dict[str, Any] = {}
     if layout.zarr_format == 3:
         kwargs.update(shards=layout.shards_for(level.shape), compressors=ZstdCodec(level=layout.zstd_level),

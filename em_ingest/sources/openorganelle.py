@@ -8,9 +8,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import zarr
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from em_ingest import limits
@@ -26,7 +25,9 @@ from em_ingest.settings import Setting, Settings
 from em_ingest.sources.base import Description, InventoryItem, Source, options_as
 from em_ingest.transfer.base import RemoteObject
 from em_ingest.transfer.http import HttpClient
-from em_ingest.transfer.s3 import S3Client, S3Object
+
+if TYPE_CHECKING:
+    from em_ingest.transfer.s3 import S3Client, S3Object
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,9 @@ class OpenOrganelleSource(Source):
     @property
     def s3(self) -> S3Client:
         if self._s3 is None:
+            # Here, not at import: s3fs, aiobotocore and aiohttp load only when the bucket is used.
+            from em_ingest.transfer.s3 import S3Client
+
             self._s3 = S3Client(self.settings.openorganelle_endpoint, self.settings.openorganelle_bucket,
                                 self.settings.transfer)
         return self._s3
@@ -456,6 +460,8 @@ class OpenOrganelleSource(Source):
 
     @staticmethod
     def _open_zarr(root: Path, path: str) -> Any:
+        import zarr  # here, not at import: the code location loads every source
+
         try:
             return zarr.open_array(store=zarr.storage.LocalStore(str(root), read_only=True), path=path,
                                    mode="r", zarr_format=2)

@@ -1,0 +1,113 @@
+"""The streaming writer's fast paths: window means into reused buffers, TIFF windows read through a released
+memory map, and the written files synced as they are finished. (Output bytes: test_writer_output_stable.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from em_ingest.errors import FormatError
+from em_ingest.formats.tiff import TiffStack
+from em_ingest.formats.volume import ArrayVolume, Geometry
+from em_ingest.omezarr import writer
+from em_ingest.omezarr.pyramid import WindowMean, downsample
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9)),
+    factors=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2]), st.sampled_from([1, 2])),
+    dtype=st.sampled_from(["uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float32", "bool"]),
+    seed=st.integers(0, 2**16),
+)
+def test_window_mean_is_downsample_and_knows_the_sum(shape, factors, dtype, seed):
+    rng = np.random.default_rng(seed)
+    if dtype == "bool":
+        block = rng.integers(0, 2, size=shape).astype(bool)
+    elif dtype.startswith("float"):
+        block = (rng.standard_normal(shape) * 1000).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        block = rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
+    mean = WindowMean()
+    expected = downsample(block, factors)
+    for _ in range(2):  # the second call reuses the scratch arrays of the first
+        out = np.empty(expected.shape, block.dtype)
+        exact = mean.into(block, factors, out)
+        np.testing.assert_array_equal(out, expected)
+        if exact is not None:
+            assert exact == sum(int(v) for v in block.ravel())
+    even = all(n % f == 0 for n, f in zip(shape, factors))
+    if dtype in ("uint8", "int8", "uint16", "int16", "uint32", "int32") and even and factors != (1, 1, 1):
+        assert exact is not None, "the sum comes with the window sums whenever no edge was padded"
+
+
+def test_window_mean_writes_into_a_view_of_a_larger_block():
+    block = np.arange(4 * 6 * 8, dtype=np.uint16).reshape(4, 6, 8)
+    target = np.zeros((5, 5, 5), np.uint16)
+    WindowMean().into(block, (2, 2, 2), target[1:3, 1:4, 0:4])
+    np.testing.assert_array_equal(target[1:3, 1:4, 0:4], downsample(block, (2, 2, 2)))
+    assert target.sum() == downsample(block, (2, 2, 2)).sum(), "nothing written outside the view"
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssFile:"))
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_tiff_windows_are_exact_and_leave_no_mapped_pages(tmp_path, byteorder):
+    volume = np.random.default_rng(0).integers(0, 60000, size=(40, 300, 1000), dtype=np.uint16)  # 23 MiB
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, volume, byteorder=byteorder, photometric="minisblack", contiguous=True)
+    with TiffStack(path, Geometry((1.0, 1.0, 1.0), "override")) as stack:
+        before = _rss_file_kib()
+        for region in [(slice(0, 40), slice(0, 300), slice(0, 1000)), (slice(3, 17), slice(0, 300), slice(0, 1000)),
+                       (slice(5, 9), slice(20, 290), slice(0, 1000)), (slice(0, 40), slice(7, 299), slice(1, 999))]:
+            out = np.empty(tuple(s.stop - s.start for s in region), np.uint16)
+            assert stack.read_into(region, out) is out
+            np.testing.assert_array_equal(out, volume[region])
+        out = np.empty((20, 100, 100), np.uint16)
+        for z in range(0, 40, 20):
+            for y in range(0, 300, 100):
+                for x in range(0, 1000, 100):
+                    region = (slice(z, z + 20), slice(y, y + 100), slice(x, x + 100))
+                    stack.read_into(region, out)
+                    np.testing.assert_array_equal(out, volume[region])
+        # Every window of the file was read through the map; none of its pages stay counted as resident.
+        assert _rss_file_kib() - before < 4096
+
+
+def test_tiff_window_of_a_file_cut_short_since_it_was_opened_fails_cleanly(tmp_path):
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.ones((8, 64, 64), np.uint8), photometric="minisblack", contiguous=True)
+    with TiffStack(path, Geometry((1.0, 1.0, 1.0), "override")) as stack:
+        with open(path, "r+b") as fh:
+            fh.truncate(path.stat().st_size - 5000)
+        with pytest.raises(FormatError, match="truncated or changed while reading"):
+            stack.read_into((slice(0, 8), slice(0, 32), slice(0, 32)), np.empty((8, 32, 32), np.uint8))
+
+
+@pytest.mark.parametrize("ngff_version", ["0.5", "0.4"])
+def test_finished_blocks_are_synced_by_their_own_file_names(tmp_path, monkeypatch, ngff_version):
+    # The early syncs name the shard (v3) or chunk (v2) files each block went to; a wrong name would
+    # only move the work to the final walk, so check the names themselves.
+    synced, missing = [], []
+    real_fsync = writer._fsync
+
+    def record(path):
+        (synced if path.exists() else missing).append(path)
+        real_fsync(path)
+
+    monkeypatch.setattr(writer, "_fsync", record)
+    layout = writer.ZarrLayout(ngff_version=ngff_version, chunks=(16, 16, 16), chunks_per_shard=(2, 2, 2))
+    result = writer.write_ome_zarr(ArrayVolume(np.ones((40, 70, 90), np.uint8)), Geometry((8.0, 4.0, 4.0), "override"),
+                                   tmp_path / "img.ome.zarr", name="img", layout=layout)
+    assert not missing
+    data_files = {p for p in result.path.rglob("*") if p.is_file() and p.name not in
+                  {"zarr.json", ".zarray", ".zattrs", ".zgroup", "thumbnail.png"}}
+    assert data_files <= set(synced)
+    assert set(result.path.rglob("*")) | {result.path} <= set(synced), "every file and folder is synced once written"

@@ -1,4 +1,5 @@
-"""A loopback HTTP server for replicas: static files with Range/ETag, JSON handlers, injectable faults."""
+"""An HTTP server for replicas (loopback unless placed elsewhere): static files with Range/ETag, JSON
+handlers, injectable faults."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from em_ingest.replicas.placement import next_address
 
 
 @dataclass
@@ -92,7 +95,8 @@ Handler = Callable[[Request], Reply | None]
 
 
 class ReplicaHTTPServer:
-    """Serves `files` (path -> StaticFile) and `handlers` (path prefix -> function) on 127.0.0.1."""
+    """Serves `files` (path -> StaticFile) and `handlers` (path prefix -> function); on 127.0.0.1 and a
+    free port unless started inside `placement.placed(...)`."""
 
     def __init__(self, name: str):
         self.name = name
@@ -103,6 +107,7 @@ class ReplicaHTTPServer:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._host = "127.0.0.1"  # the name in `url`: where clients reach this server
 
     # ---- content -------------------------------------------------------------------------
     def add_file(self, path: str, data: bytes, *, content_type: str = "application/octet-stream",
@@ -118,8 +123,8 @@ class ReplicaHTTPServer:
     @property
     def url(self) -> str:
         assert self._server is not None, "server not started"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        port = self._server.server_address[1]
+        return f"http://{self._host}:{port}"
 
     def start(self) -> ReplicaHTTPServer:
         replica = self
@@ -127,7 +132,8 @@ class ReplicaHTTPServer:
         class _Handler(_ReplicaRequestHandler):
             server_replica = replica
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        bind, port, self._host = next_address()
+        self._server = ThreadingHTTPServer((bind, port), _Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"replica-{self.name}", daemon=True)
         self._thread.start()

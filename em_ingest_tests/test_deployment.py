@@ -30,6 +30,7 @@ from em_ingest_tests.harness import REPO_ROOT
 from em_ingest_tests.services import PostgresServer
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+STEP_CONTAINERS_FILE = REPO_ROOT / "deploy" / "step-containers.yml"
 # The Compose Specification's JSON schema (compose-spec/compose-spec, schema/compose-spec.json,
 # Apache-2.0), vendored because tests run offline.
 COMPOSE_SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
@@ -65,6 +66,14 @@ def interpolate(text: str, env: dict[str, str]) -> str:
 
 def compose_config(env: dict[str, str]) -> dict:
     return yaml.safe_load(interpolate(COMPOSE_FILE.read_text(), env))
+
+
+def merged(base: dict, override: dict) -> dict:
+    """Compose's merge of an override file: mappings key by key, anything else replaced."""
+    result = dict(base)
+    for key, value in override.items():
+        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
+    return result
 
 
 def configured_env(**overrides: str) -> dict[str, str]:
@@ -165,7 +174,7 @@ def deployment_gaps(declared_variables: set[str]) -> dict[str, set[str]]:
     variables show up here by name until .env.example, docker-compose.yml and dagster.yaml carry them.
     """
     listed = env_example()
-    compose_variables = {m["name"] for m in INTERPOLATION.finditer(COMPOSE_FILE.read_text())}
+    compose_variables = {m["name"] for f in (COMPOSE_FILE, STEP_CONTAINERS_FILE) for m in INTERPOLATION.finditer(f.read_text())}
     read = declared_variables | compose_variables | dagster_yaml_variables() | {EXECUTOR_VARIABLE}
     config = compose_config(configured_env())
     pipeline_variables = declared_variables | {EXECUTOR_VARIABLE}
@@ -379,3 +388,70 @@ def test_a_real_run_is_recorded_in_postgres_and_pool_limits_apply(deployed_insta
     assert applied.returncode == 0, applied.stderr[-2000:]
     limits = {pool: instance.event_log_storage.get_concurrency_info(pool).slot_count for pool in source_classes()}
     assert limits == {"openorganelle": 2, "flyem": 3, "idr": 1, "empiar": 1, "epfl": 1}
+
+
+# --- per-step containers ------------------------------------------------------------------------------
+
+def test_step_containers_file_gives_run_containers_the_socket(tmp_path):
+    env = configured_env(EM_INGEST_DOCKER_GID="998")
+    config = merged(compose_config(env), yaml.safe_load(interpolate(STEP_CONTAINERS_FILE.read_text(), env)))
+    services = config["services"]
+    assert services["user_code"]["environment"]["EM_INGEST_EXECUTOR"] == "docker"
+    assert services["daemon"]["environment"]["EM_INGEST_EXECUTOR"] == "docker"
+    from dagster_docker.container_context import DockerContainerContext
+
+    context = json.loads(services["user_code"]["environment"]["DAGSTER_CONTAINER_CONTEXT"])
+    kwargs = DockerContainerContext.create_from_config(context).container_kwargs
+    launcher = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())["run_launcher"]["config"]["container_kwargs"]
+    # container_kwargs merge key by key: the list repeats the run launcher's volumes and adds the socket.
+    assert kwargs["volumes"] == [*launcher["volumes"], "/var/run/docker.sock:/var/run/docker.sock"]
+    assert kwargs["group_add"] == ["998"] and kwargs["mem_limit"] == "4g"
+    with pytest.raises(ValueError, match="EM_INGEST_DOCKER_GID"):
+        interpolate(STEP_CONTAINERS_FILE.read_text(), configured_env())
+
+    cli = compose_cli()
+    if cli is not None:
+        env_file = tmp_path / ".env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("EM_INGEST_", "DAGSTER_", "COMPOSE_"))}
+        result = subprocess.run([*cli, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "-f", str(STEP_CONTAINERS_FILE),
+                                 "config", "-q"], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=base)
+        assert result.returncode == 0, result.stderr
+
+
+def test_step_containers_do_not_get_the_socket(deployed_instance, workspace, monkeypatch, tmp_path):
+    """The docker executor gives step containers the run launcher's volumes and no extra group, so the socket
+    and its group, given to the run container, stop there; without a socket the run says what to do."""
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.executor.init import InitExecutorContext
+    from dagster_docker.container_context import DockerContainerContext
+
+    from em_ingest.orchestration import executors
+
+    instance, _, _ = deployed_instance
+    ws = workspace("epfl")
+    monkeypatch.setenv(EXECUTOR_VARIABLE, "docker")
+    job = build_definitions(ws.settings).resolve_job_def("epfl_ingest")
+    from dagster._config import process_config
+
+    config = process_config(job.executor_def.config_schema.config_type, {}).value  # with its defaults
+    init = InitExecutorContext(InMemoryJob(job), job.executor_def, config, instance)
+    creation_fn = job.executor_def.executor_creation_fn
+    assert creation_fn is not None
+
+    monkeypatch.setattr(executors, "DOCKER_SOCKET", str(tmp_path / "no.sock"))
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    with pytest.raises(ConfigurationError, match="deploy/step-containers.yml"):
+        creation_fn(init)
+
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:1")
+    step_context = creation_fn(init)._step_handler._container_context  # type: ignore[attr-defined]
+    launcher = instance.run_launcher
+    run_context = DockerContainerContext(env_vars=launcher.env_vars, networks=launcher.networks,
+                                         container_kwargs=launcher.container_kwargs).merge(
+        DockerContainerContext(container_kwargs={"group_add": ["998"], "volumes": [
+            *launcher.container_kwargs["volumes"], "/var/run/docker.sock:/var/run/docker.sock"]}))
+    step = run_context.merge(step_context)  # what DockerStepHandler creates each step container with
+    assert step.container_kwargs["volumes"] == launcher.container_kwargs["volumes"]
+    assert step.container_kwargs["group_add"] == []
+    assert step.networks[0] == "em_ingest"

@@ -22,6 +22,16 @@ DEMO_COLUMNS = ["source", "dataset_key", "shape_z", "shape_y", "shape_x", "dtype
                 "voxel_size_y_nm", "voxel_size_x_nm", "voxel_size_origin", "n_scales", "stored_bytes", "title"]
 
 
+def _require_replicas() -> None:
+    """A one-line error naming the extra to install when the replicas' packages are missing."""
+    from em_ingest.replicas import missing_packages
+
+    missing = missing_packages()
+    if missing:
+        raise EmIngestError(f"the replicas need {', '.join(missing)}, which the `replicas` extra installs: "
+                            'pip install -e ".[replicas]" (or "em-ingest[replicas]")')
+
+
 def _demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
@@ -29,6 +39,7 @@ def _demo(args: argparse.Namespace) -> int:
     from em_ingest.replicas import ReplicaSet
     from em_ingest.storage import local_root
 
+    _require_replicas()
     data_root = local_root(args.data_root)
     data_root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -92,6 +103,7 @@ def _replicas_serve(args: argparse.Namespace) -> int:
     from em_ingest.replicas import Placement, ReplicaSet
     from em_ingest.settings import declared_settings
 
+    _require_replicas()
     try:
         placement = Placement(bind=args.bind, advertise=args.advertise, first_port=args.port)
     except ValueError as exc:

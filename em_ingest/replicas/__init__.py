@@ -7,6 +7,7 @@ generated volumes whose truth the tests know. Product code never knows it talks 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Mapping
 from functools import cache
@@ -21,6 +22,13 @@ from em_ingest.replicas.placement import Placement, placed
 __all__ = ["Expected", "Placement", "Replica", "ReplicaSet", "replica_classes"]
 
 _NOT_REPLICAS = {"base", "http", "placement", "volumes"}
+# What the replicas need beyond em-ingest's own dependencies (the `replicas` extra).
+EXTRA_PACKAGES = ("moto", "pyftpdlib")
+
+
+def missing_packages() -> list[str]:
+    """The replicas' packages that are not installed (none after `pip install "em-ingest[replicas]"`)."""
+    return [name for name in EXTRA_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 @cache

@@ -18,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 import jsonschema
 import pytest
+import requests
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -472,6 +473,12 @@ def test_the_offline_demo_env_points_at_the_replicas_service(tmp_path):
         while not (tmp_path / "replicas.env").exists() and server.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         written = (tmp_path / "replicas.env").read_text()
+        # The FlyEM replica accepts the token the pipeline is given, and only that one.
+        neuprint = dict(line.split("=", 1) for line in written.splitlines())["NEUPRINT_SERVER"]
+        datasets = neuprint.replace("//replicas:", "//127.0.0.1:") + "/api/dbmeta/datasets"
+        answers = {token: requests.get(datasets, headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code
+                   for token in ("given", "another")}
+        assert answers["given"] == 200 and answers["another"] in (401, 403)
     finally:
         server.terminate()
         printed_by_server = server.communicate(timeout=30)[0]

@@ -488,8 +488,8 @@ def test_the_offline_demo_env_points_at_the_replicas_service(tmp_path):
     served = {name: re.sub(r"(?<=//replicas:)(\d+)", lambda m: str(int(m[1]) - base + first_port), value)
               for name, value in served.items()}
     assert {name: demo[name] for name in served} == served
-    assert set(demo) - set(served) == {"COMPOSE_PROFILES", "DAGSTER_POSTGRES_PASSWORD", "NEUPRINT_TOKEN",
-                                       "EM_INGEST_IMAGE_DATASETS"}
+    assert set(demo) - set(served) == {"COMPOSE_PROJECT_NAME", "COMPOSE_PROFILES", "DAGSTER_POSTGRES_PASSWORD",
+                                       "NEUPRINT_TOKEN", "EM_INGEST_IMAGE_DATASETS"}
     assert set(served) | {"NEUPRINT_TOKEN"} <= set(ENVIRONMENT)
     # The token the replicas were given is the one they accept, and it is not printed back.
     assert "given" not in written and "given" not in printed_by_server

@@ -1,7 +1,10 @@
-# The code image: em-ingest and its dependencies (pyproject.toml). The user-code server, the
-# webserver, the daemon and every run container use it; DockerRunLauncher starts runs from it.
+# The code image: em-ingest and its dependencies (pyproject.toml). The user-code server, the webserver,
+# the daemon and every run container use it; DockerRunLauncher starts runs from it.
 # Python matches pyproject's requires-python; the Dagster family is pinned there.
-FROM python:3.11-slim-bookworm
+# PYTHON_IMAGE is the official image unless a machine without a registry builds a local stand-in
+# (deploy/stand-ins/build); compose passes EM_INGEST_PYTHON_IMAGE here.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -10,12 +13,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DAGSTER_HOME=/opt/dagster/home
 WORKDIR /opt/em-ingest
 
-# Dependencies first, from the project metadata alone, so editing code does not reinstall them.
-COPY pyproject.toml README.md ./
-RUN mkdir em_ingest && touch em_ingest/__init__.py \
+# Dependencies first, from the project metadata alone, so editing code (or the README, which the
+# package's long description reads) does not reinstall them.
+COPY pyproject.toml ./
+RUN mkdir em_ingest && touch em_ingest/__init__.py README.md \
     && pip install . \
-    && pip uninstall -y em-ingest && rm -rf em_ingest build
+    && pip uninstall -y em-ingest && rm -rf em_ingest build README.md
 
+# Optional extras, in a layer of their own so that both images share the one above: none for the image
+# users run; `replicas` (moto, pyftpdlib) for the offline demo's replicas service (docker-compose.yml).
+ARG EM_INGEST_EXTRAS=
+RUN if [ -n "$EM_INGEST_EXTRAS" ]; then \
+        mkdir em_ingest && touch em_ingest/__init__.py README.md \
+        && pip install ".[$EM_INGEST_EXTRAS]" \
+        && pip uninstall -y em-ingest && rm -rf em_ingest build README.md; \
+    fi
+
+COPY README.md ./
 COPY em_ingest ./em_ingest
 RUN pip install --no-deps . && rm -rf build
 
@@ -25,6 +39,8 @@ RUN useradd --system --uid 10001 --home-dir /opt/em-ingest em-ingest \
     && chown em-ingest /data /var/log/em-ingest "$DAGSTER_HOME"
 COPY dagster.yaml workspace.yaml "$DAGSTER_HOME/"
 COPY datasets.yaml ./
+# The replicas' own small selection, which the offline demo (deploy/demo-env) points the pipeline at.
+COPY deploy/datasets.demo.yaml ./
 USER em-ingest
 
 EXPOSE 4000 3000

@@ -23,6 +23,16 @@ DEMO_COLUMNS = ["source", "dataset_key", "shape_z", "shape_y", "shape_x", "dtype
                 "voxel_size_y_nm", "voxel_size_x_nm", "voxel_size_origin", "n_scales", "stored_bytes", "title"]
 
 
+def _require_replicas() -> None:
+    """A one-line error naming the extra to install when the replicas' packages are missing."""
+    from em_ingest.replicas import missing_packages
+
+    missing = missing_packages()
+    if missing:
+        raise EmIngestError(f"the replicas need {', '.join(missing)}, which the `replicas` extra installs: "
+                            'pip install -e ".[replicas]" (or "em-ingest[replicas]")')
+
+
 def _demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
@@ -30,6 +40,7 @@ def _demo(args: argparse.Namespace) -> int:
     from em_ingest.replicas import ReplicaSet
     from em_ingest.storage import local_root
 
+    _require_replicas()
     data_root = local_root(args.data_root)
     data_root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -89,17 +100,51 @@ def _dev(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def _replicas_serve(args: argparse.Namespace) -> int:
-    from em_ingest.replicas import ReplicaSet
+def _publish_ca_bundles(env: dict[str, str], path: Path) -> dict[str, str]:
+    """Copy each *_CA_BUNDLE the replicas made (a temporary file of this process) to `path`, and point those
+    variables there. Several authorities go into the one file, as a CA bundle may hold several."""
+    names = sorted(name for name in env if name.endswith("_CA_BUNDLE"))
+    if not names:
+        return {}
+    from em_ingest.storage import write_atomic
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, b"".join(Path(env[name]).read_bytes() for name in names))
+    return {name: str(path) for name in names}
+
+
+def _replicas_serve(args: argparse.Namespace) -> int:
+    from em_ingest.replicas import Placement, ReplicaSet
+    from em_ingest.settings import declared_settings
+
+    _require_replicas()
+    try:
+        placement = Placement(bind=args.bind, advertise=args.advertise, first_port=args.port)
+    except ValueError as exc:
+        raise EmIngestError(str(exc)) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with ReplicaSet(args.source or None) as replicas:
+    # A credential the pipeline is already configured with (NEUPRINT_TOKEN) is the one the replicas
+    # accept; it is not printed back, since the caller has it.
+    adopted = {name for name, value in os.environ.items() if value}
+    secrets = {s.env for s in declared_settings() if s.secret}
+    with ReplicaSet(args.source or None, placement).adopt_environment(os.environ) as replicas:
         selection = Path(args.selection).resolve()
         replicas.write_selection(selection)
+        env = {**replicas.env, "EM_INGEST_DATASETS": str(selection)}
+        if args.ca_bundle:
+            env.update(_publish_ca_bundles(env, Path(args.ca_bundle)))
+        shown = {name: value for name, value in env.items() if not (name in secrets and name in adopted)}
+        lines = [f"{name}={shlex.quote(value)}" for name, value in sorted(shown.items())]
         print("# replicas running; point em-ingest at them with:")
-        for name, value in sorted({**replicas.env, "EM_INGEST_DATASETS": str(selection)}.items()):
-            print(f"export {name}={shlex.quote(value)}")
+        print("\n".join(f"export {line}" for line in lines))
+        for name in sorted(set(env) - set(shown)):
+            print(f"# {name}: the value already in this environment")
+        if args.env_file:
+            # Written last: its presence says every replica is serving (the compose healthcheck).
+            from em_ingest.storage import write_atomic
+
+            write_atomic(Path(args.env_file), "".join(f"{line}\n" for line in lines).encode())
         print("# Ctrl-C to stop", flush=True)
         try:
             stop.wait()
@@ -369,6 +414,19 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--source", action="append", help="only this source (repeatable)")
     serve.add_argument("--selection", default="./datasets.replicas.yaml",
                        help="where to write a selection file of the replicas' datasets")
+    serve.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS",
+                       help="address to listen on (default 127.0.0.1; 0.0.0.0 serves other containers)")
+    serve.add_argument("--advertise", metavar="HOST",
+                       help="host name in the printed URLs, as clients reach this machine "
+                            "(default: the bind address; required with 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=0, metavar="N",
+                       help="first of consecutive fixed ports, one per server in a fixed order "
+                            "(default 0: free ports)")
+    serve.add_argument("--env-file", metavar="PATH",
+                       help="also write the environment as NAME=value lines here once every replica serves")
+    serve.add_argument("--ca-bundle", metavar="PATH",
+                       help="copy the certificate authority of the replicas that speak HTTPS (neuPrint) here, "
+                            "for clients on other machines to trust (e.g. a volume they mount)")
     serve.set_defaults(func=_replicas_serve)
 
     cat = sub.add_parser("catalog", help="print the catalog, optionally filtered")

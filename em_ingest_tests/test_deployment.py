@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 import zipfile
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 import jsonschema
 import pytest
+import requests
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -30,6 +32,8 @@ from em_ingest_tests.harness import REPO_ROOT
 from em_ingest_tests.services import PostgresServer
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+STEP_CONTAINERS_FILE = REPO_ROOT / "deploy" / "step-containers.yml"
+DEMO_SELECTION = REPO_ROOT / "deploy" / "datasets.demo.yaml"
 # The Compose Specification's JSON schema (compose-spec/compose-spec, schema/compose-spec.json,
 # Apache-2.0), vendored because tests run offline.
 COMPOSE_SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
@@ -67,6 +71,14 @@ def compose_config(env: dict[str, str]) -> dict:
     return yaml.safe_load(interpolate(COMPOSE_FILE.read_text(), env))
 
 
+def merged(base: dict, override: dict) -> dict:
+    """Compose's merge of an override file: mappings key by key, anything else replaced."""
+    result = dict(base)
+    for key, value in override.items():
+        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
+    return result
+
+
 def configured_env(**overrides: str) -> dict[str, str]:
     return {**env_example(), "DAGSTER_POSTGRES_PASSWORD": "not-a-real-password", **overrides}
 
@@ -89,7 +101,11 @@ def test_compose_file_follows_the_compose_specification():
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
 
     services = config["services"]
-    assert set(services) == {"postgres", *CODE_SERVICES}
+    assert set(services) == {"postgres", "replicas", *CODE_SERVICES}
+    # The replicas serve only the offline demo: nothing else may depend on them.
+    assert services["replicas"]["profiles"] == ["demo"]
+    assert all("profiles" not in services[name] for name in ("postgres", *CODE_SERVICES))
+    assert not any("replicas" in (services[name].get("depends_on") or {}) for name in services)
     assert services["postgres"]["healthcheck"]["test"][0] == "CMD-SHELL"
     assert "postgres_data:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     for name in ("webserver", "daemon"):
@@ -103,7 +119,7 @@ def test_compose_file_follows_the_compose_specification():
         volume = mount.split(":")[0]
         assert config["volumes"][volume]["name"] == volume
     # Every long-running service has limits, and they come from .env.
-    for name in ("postgres", "user_code", "webserver", "daemon"):
+    for name in ("postgres", "user_code", "webserver", "daemon", "replicas"):
         assert services[name]["cpus"] and services[name]["mem_limit"], name
     limited = compose_config(configured_env(EM_INGEST_SERVICE_MEMORY="3g", EM_INGEST_POSTGRES_CPUS="0.5"))
     assert limited["services"]["webserver"]["mem_limit"] == "3g"
@@ -165,7 +181,7 @@ def deployment_gaps(declared_variables: set[str]) -> dict[str, set[str]]:
     variables show up here by name until .env.example, docker-compose.yml and dagster.yaml carry them.
     """
     listed = env_example()
-    compose_variables = {m["name"] for m in INTERPOLATION.finditer(COMPOSE_FILE.read_text())}
+    compose_variables = {m["name"] for f in (COMPOSE_FILE, STEP_CONTAINERS_FILE) for m in INTERPOLATION.finditer(f.read_text())}
     read = declared_variables | compose_variables | dagster_yaml_variables() | {EXECUTOR_VARIABLE}
     config = compose_config(configured_env())
     pipeline_variables = declared_variables | {EXECUTOR_VARIABLE}
@@ -217,10 +233,17 @@ def dockerignore_allows(relpath: str) -> bool:
     return allowed
 
 
+def dockerfile_args() -> dict[str, str]:
+    """The build arguments the Dockerfile declares, with their defaults."""
+    return dict(arg.partition("=")[::2] for op, arg in dockerfile() if op == "ARG")
+
+
 def test_dockerfile_matches_pyproject_and_the_deployment():
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     instructions = dockerfile()
-    base = next(arg for op, arg in instructions if op == "FROM")
+    base = INTERPOLATION.sub(lambda m: dockerfile_args()[m["name"]], next(arg for op, arg in instructions if op == "FROM"))
+    # The official image by default; a machine without a registry passes a stand-in (deploy/stand-ins).
+    assert base == "python:3.11-slim-bookworm"
     version = re.match(r"python:(\d+\.\d+)", base)
     assert version, f"base image {base!r} is not an official python image"
     assert SpecifierSet(project["requires-python"]).contains(f"{version[1]}.0"), base
@@ -235,6 +258,11 @@ def test_dockerfile_matches_pyproject_and_the_deployment():
     assert modules <= dependencies | {"dagster"}, modules - dependencies
     assert {"dagster", "dagster-webserver", "dagster-postgres", "dagster-docker"} <= dependencies
     compose = compose_config(configured_env())
+    # Compose passes the same defaults the Dockerfile and the official images have.
+    for name in CODE_SERVICES:
+        assert compose["services"][name]["build"]["args"] == {"PYTHON_IMAGE": "python:3.11-slim-bookworm"}
+    assert compose["services"]["postgres"]["image"] == "postgres:15"
+    assert dockerfile_args()["EM_INGEST_EXTRAS"] == ""
     commands = {compose["services"][s]["command"][0] for s in CODE_SERVICES}
     assert commands == {"dagster", "dagster-webserver", "dagster-daemon", "sh"}
 
@@ -272,10 +300,15 @@ def test_build_context_builds_the_package(tmp_path):
         if op != "COPY" or target.strip('"').startswith(("/", "$")):
             continue  # files copied outside the work directory do not take part in the install
         for source in sources:
+            # Docker's COPY: a directory's contents go to the target; a file into a target ending in `/`
+            # (or `.`) keeps its name.
             if (context / source).is_dir():
-                shutil.copytree(context / source, workdir / source)
+                shutil.copytree(context / source, workdir / target, dirs_exist_ok=True)
             else:
-                shutil.copy2(context / source, workdir / source)
+                into = target.endswith("/") or target in (".", "./")
+                destination = workdir / target / Path(source).name if into else workdir / target
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(context / source, destination)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
                              "-w", str(tmp_path / "dist"), str(workdir)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -381,3 +414,181 @@ def test_a_real_run_is_recorded_in_postgres_and_pool_limits_apply(deployed_insta
     assert applied.returncode == 0, applied.stderr[-2000:]
     limits = {pool: instance.event_log_storage.get_concurrency_info(pool).slot_count for pool in source_classes()}
     assert limits == {"openorganelle": 2, "flyem": 3, "idr": 1, "empiar": 1, "epfl": 1}
+
+
+# --- the image users run, and the replicas' own ------------------------------------------------------
+
+def test_the_image_users_run_leaves_out_replica_and_test_packages(capsys, monkeypatch):
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    dependencies = {Requirement(r).name.lower() for r in project["dependencies"]}
+    extras = project["optional-dependencies"]
+    assert not dependencies & {"moto", "pyftpdlib", "pytest", "hypothesis", "playwright", "ruff", "mypy"}
+    assert {Requirement(r).name.lower() for r in extras["replicas"]} == {"moto", "pyftpdlib"}
+    # The test environment (CI's `pip install -e ".[test]"`) still gets the replicas.
+    assert "em-ingest[replicas]" in extras["test"]
+    # Only the demo's replicas service builds with the extra; the code image is built without it.
+    compose = compose_config(configured_env())
+    assert compose["services"]["replicas"]["build"]["args"]["EM_INGEST_EXTRAS"] == "replicas"
+    assert all("EM_INGEST_EXTRAS" not in compose["services"][name]["build"]["args"] for name in CODE_SERVICES)
+    # The README's demo line installs what the demo needs.
+    demo_line = next(line for line in (REPO_ROOT / "README.md").read_text().splitlines() if "em-ingest demo" in line
+                     and "pip install" in line)
+    assert 'pip install -e ".[replicas]"' in demo_line
+
+    # Without the extra, the commands that start replicas say what to install, on one line.
+    from em_ingest import cli, replicas
+
+    monkeypatch.setattr(replicas, "missing_packages", lambda: ["moto", "pyftpdlib"])
+    assert cli.main(["replicas", "serve"]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and 'pip install -e ".[replicas]"' in message
+
+
+def test_the_offline_demo_env_points_at_the_replicas_service(tmp_path):
+    """deploy/demo-env's URLs are where `em-ingest replicas serve --advertise replicas --port 9000` (the compose
+    service's command) serves each archive, and the selection built into the image is the replicas' own."""
+    printed = subprocess.run([str(REPO_ROOT / "deploy" / "demo-env")], capture_output=True, text=True, check=True).stdout
+    demo = dict(line.split("=", 1) for line in printed.splitlines() if line and not line.startswith("#"))
+    again = dict(line.split("=", 1) for line in subprocess.run(
+        [str(REPO_ROOT / "deploy" / "demo-env")], capture_output=True, text=True, check=True).stdout.splitlines()
+        if line and not line.startswith("#"))
+    for secret in ("DAGSTER_POSTGRES_PASSWORD", "NEUPRINT_TOKEN"):
+        assert len(demo[secret]) == 32 and demo[secret] != again[secret], "fresh credentials on every call"
+    assert demo["COMPOSE_PROFILES"] == "demo"
+    assert demo["EM_INGEST_IMAGE_DATASETS"] == "/opt/em-ingest/" + DEMO_SELECTION.name
+
+    # The replicas service's own command, run here on loopback and on ports counted from another base
+    # (the compose ports may be taken on this machine); URLs are compared port by port from the first.
+    command = compose_config(configured_env())["services"]["replicas"]["command"]
+    option = lambda name: command[command.index(name) + 1]
+    assert command[:3] == ["em-ingest", "replicas", "serve"]
+    assert option("--bind") == "0.0.0.0" and option("--advertise") == "replicas"
+    first_port, base = int(option("--port"), 10), _free_port_run(12)
+    replaced = {"--bind": "127.0.0.1", "--port": str(base), "--selection": str(tmp_path / "selection.yaml"),
+                "--env-file": str(tmp_path / "replicas.env")}
+    here = [str(Path(sys.executable).with_name("em-ingest")), *command[1:]]
+    here = [replaced.get(here[i - 1], arg) if i else arg for i, arg in enumerate(here)]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("EM_INGEST_", "NEUPRINT_"))}
+    server = subprocess.Popen(here, env={**environ, "NEUPRINT_TOKEN": "given"}, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "replicas.env").exists() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        written = (tmp_path / "replicas.env").read_text()
+        # The FlyEM replica accepts the token the pipeline is given, and only that one.
+        neuprint = dict(line.split("=", 1) for line in written.splitlines())["NEUPRINT_SERVER"]
+        datasets = neuprint.replace("//replicas:", "//127.0.0.1:") + "/api/dbmeta/datasets"
+        answers = {token: requests.get(datasets, headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code
+                   for token in ("given", "another")}
+        assert answers["given"] == 200 and answers["another"] in (401, 403)
+    finally:
+        server.terminate()
+        printed_by_server = server.communicate(timeout=30)[0]
+    assert server.returncode == 0
+    served = dict(line.split("=", 1) for line in written.splitlines())
+    served.pop("EM_INGEST_DATASETS")
+    served = {name: re.sub(r"(?<=//replicas:)(\d+)", lambda m: str(int(m[1]) - base + first_port), value)
+              for name, value in served.items()}
+    assert {name: demo[name] for name in served} == served
+    assert set(demo) - set(served) == {"COMPOSE_PROJECT_NAME", "COMPOSE_PROFILES", "DAGSTER_POSTGRES_PASSWORD",
+                                       "NEUPRINT_TOKEN", "EM_INGEST_IMAGE_DATASETS"}
+    assert set(served) | {"NEUPRINT_TOKEN"} <= set(ENVIRONMENT)
+    # The token the replicas were given is the one they accept, and it is not printed back.
+    assert "given" not in written and "given" not in printed_by_server
+    assert yaml.safe_load(DEMO_SELECTION.read_text()) == yaml.safe_load((tmp_path / "selection.yaml").read_text())
+
+
+def _free_port_run(count: int) -> int:
+    """The first of `count` consecutive TCP ports free on loopback right now."""
+    import random
+    import socket
+
+    for _ in range(50):
+        base = random.randrange(20000, 60000 - count)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise AssertionError("no run of free ports")
+
+
+def test_replicas_refuse_every_address_without_a_name_to_advertise(capsys):
+    from em_ingest import cli
+
+    assert cli.main(["replicas", "serve", "--bind", "0.0.0.0"]) == 2
+    assert "need a host name to advertise" in capsys.readouterr().err
+
+
+# --- per-step containers ------------------------------------------------------------------------------
+
+def test_step_containers_file_gives_run_containers_the_socket(tmp_path):
+    env = configured_env(EM_INGEST_DOCKER_GID="998")
+    config = merged(compose_config(env), yaml.safe_load(interpolate(STEP_CONTAINERS_FILE.read_text(), env)))
+    services = config["services"]
+    assert services["user_code"]["environment"]["EM_INGEST_EXECUTOR"] == "docker"
+    assert services["daemon"]["environment"]["EM_INGEST_EXECUTOR"] == "docker"
+    from dagster_docker.container_context import DockerContainerContext
+
+    context = json.loads(services["user_code"]["environment"]["DAGSTER_CONTAINER_CONTEXT"])
+    kwargs = DockerContainerContext.create_from_config(context).container_kwargs
+    launcher = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())["run_launcher"]["config"]["container_kwargs"]
+    # container_kwargs merge key by key: the list repeats the run launcher's volumes and adds the socket.
+    assert kwargs["volumes"] == [*launcher["volumes"], "/var/run/docker.sock:/var/run/docker.sock"]
+    assert kwargs["group_add"] == ["998"] and kwargs["mem_limit"] == "4g"
+    with pytest.raises(ValueError, match="EM_INGEST_DOCKER_GID"):
+        interpolate(STEP_CONTAINERS_FILE.read_text(), configured_env())
+
+    cli = compose_cli()
+    if cli is not None:
+        env_file = tmp_path / ".env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("EM_INGEST_", "DAGSTER_", "COMPOSE_"))}
+        result = subprocess.run([*cli, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "-f", str(STEP_CONTAINERS_FILE),
+                                 "config", "-q"], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=base)
+        assert result.returncode == 0, result.stderr
+
+
+def test_step_containers_do_not_get_the_socket(deployed_instance, workspace, monkeypatch, tmp_path):
+    """The docker executor gives step containers the run launcher's volumes and no extra group, so the socket
+    and its group, given to the run container, stop there; without a socket the run says what to do."""
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.executor.init import InitExecutorContext
+    from dagster_docker.container_context import DockerContainerContext
+
+    from em_ingest.orchestration import executors
+
+    instance, _, _ = deployed_instance
+    ws = workspace("epfl")
+    monkeypatch.setenv(EXECUTOR_VARIABLE, "docker")
+    job = build_definitions(ws.settings).resolve_job_def("epfl_ingest")
+    from dagster._config import process_config
+
+    config = process_config(job.executor_def.config_schema.config_type, {}).value  # with its defaults
+    init = InitExecutorContext(InMemoryJob(job), job.executor_def, config, instance)
+    creation_fn = job.executor_def.executor_creation_fn
+    assert creation_fn is not None
+
+    monkeypatch.setattr(executors, "DOCKER_SOCKET", str(tmp_path / "no.sock"))
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    with pytest.raises(ConfigurationError, match="deploy/step-containers.yml"):
+        creation_fn(init)
+
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:1")
+    step_context = creation_fn(init)._step_handler._container_context  # type: ignore[attr-defined]
+    launcher = instance.run_launcher
+    run_context = DockerContainerContext(env_vars=launcher.env_vars, networks=launcher.networks,
+                                         container_kwargs=launcher.container_kwargs).merge(
+        DockerContainerContext(container_kwargs={"group_add": ["998"], "volumes": [
+            *launcher.container_kwargs["volumes"], "/var/run/docker.sock:/var/run/docker.sock"]}))
+    step = run_context.merge(step_context)  # what DockerStepHandler creates each step container with
+    assert step.container_kwargs["volumes"] == launcher.container_kwargs["volumes"]
+    assert step.container_kwargs["group_add"] == []
+    assert step.networks[0] == "em_ingest"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import dagster as dg
 
@@ -11,6 +12,7 @@ from em_ingest.errors import ConfigurationError
 
 EXECUTOR_VARIABLE = "EM_INGEST_EXECUTOR"
 EXECUTORS = ("in_process", "multiprocess", "docker")
+DOCKER_SOCKET = "/var/run/docker.sock"
 
 
 def select_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition | None:
@@ -28,7 +30,9 @@ def select_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefi
 
     `docker` fans a run's steps out into containers of the run's own image (dagster-docker's
     docker_executor); under the Compose deployment's DockerRunLauncher each step container inherits
-    the run container's network, volumes, variables and limits, so nothing else is configured here.
+    the run container's network, variables and limits, and the run launcher's volumes. The run
+    container needs the Docker socket to start them (deploy/step-containers.yml gives it); the
+    steps, which parse what the archives send, do not get it.
     """
     environ = os.environ if environ is None else environ
     name = (environ.get(EXECUTOR_VARIABLE) or "in_process").strip()
@@ -37,8 +41,36 @@ def select_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefi
     if name == "multiprocess":
         return dg.multi_or_in_process_executor
     if name == "docker":
-        # Imported only when chosen: the docker client is not needed by local runs.
-        from dagster_docker import docker_executor
-
-        return docker_executor
+        return _step_containers_executor()
     raise ConfigurationError(f"{EXECUTOR_VARIABLE}={name!r}: expected one of {', '.join(EXECUTORS)}")
+
+
+def _step_containers_executor() -> dg.ExecutorDefinition:
+    # Imported only when chosen: the docker client is not needed by local runs.
+    from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
+    from dagster._core.executor.init import InitExecutorContext
+    from dagster_docker import DockerRunLauncher, docker_executor
+
+    creation_fn = docker_executor.executor_creation_fn
+    assert creation_fn is not None
+
+    @dg.executor(name="docker", config_schema=docker_executor.config_schema,
+                 requirements=multiple_process_executor_requirements())
+    def step_containers(init_context: InitExecutorContext) -> Any:
+        """docker_executor, with step containers that get the run launcher's volumes and no extra groups."""
+        if not (os.path.exists(DOCKER_SOCKET) or os.environ.get("DOCKER_HOST")):
+            raise ConfigurationError(
+                f"{EXECUTOR_VARIABLE}=docker: this run has no Docker engine to start step containers with "
+                f"({DOCKER_SOCKET} is missing and DOCKER_HOST is unset); in the Compose deployment, start it "
+                "with deploy/step-containers.yml, which gives run containers the socket (see the README)")
+        launcher = init_context.instance.run_launcher
+        run_kwargs = launcher.container_kwargs if isinstance(launcher, DockerRunLauncher) else {}
+        config = dict(init_context.executor_config)
+        # A shallow merge over the run container's settings: the socket mount and the socket's group,
+        # given to the run container through the code location's container context, stop here.
+        config["container_kwargs"] = {"volumes": list(run_kwargs.get("volumes", [])), "group_add": [],
+                                      **dict(config.get("container_kwargs") or {})}
+        return creation_fn(InitExecutorContext(init_context.job, init_context.executor_def, config,
+                                               init_context.instance))
+
+    return step_containers

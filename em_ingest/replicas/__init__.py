@@ -7,7 +7,9 @@ generated volumes whose truth the tests know. Product code never knows it talks 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
+from collections.abc import Mapping
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -15,10 +17,18 @@ from pathlib import Path
 import yaml
 
 from em_ingest.replicas.base import Expected, Replica
+from em_ingest.replicas.placement import Placement, placed
 
-__all__ = ["Expected", "Replica", "ReplicaSet", "replica_classes"]
+__all__ = ["Expected", "Placement", "Replica", "ReplicaSet", "replica_classes"]
 
-_NOT_REPLICAS = {"base", "http", "volumes"}
+_NOT_REPLICAS = {"base", "http", "placement", "volumes"}
+# What the replicas need beyond em-ingest's own dependencies (the `replicas` extra).
+EXTRA_PACKAGES = ("moto", "pyftpdlib")
+
+
+def missing_packages() -> list[str]:
+    """The replicas' packages that are not installed (none after `pip install "em-ingest[replicas]"`)."""
+    return [name for name in EXTRA_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 @cache
@@ -40,22 +50,34 @@ def replica_classes() -> dict[str, type[Replica]]:
 
 
 class ReplicaSet:
-    """Start several replicas together; merge their environments and demo selections."""
+    """Start several replicas together; merge their environments and demo selections.
 
-    def __init__(self, sources: list[str] | None = None):
+    `placement` says where their servers listen (default: loopback, free ports); with fixed ports they
+    are numbered in source order, then in the order each replica starts its servers.
+    """
+
+    def __init__(self, sources: list[str] | None = None, placement: Placement | None = None):
         classes = replica_classes()
         unknown = set(sources or []) - set(classes)
         if unknown:
             raise ValueError(f"no replica for {sorted(unknown)}; have {sorted(classes)}")
         self.replicas: dict[str, Replica] = {name: classes[name]() for name in (sources or classes)}
+        self.placement = placement or Placement()
+
+    def adopt_environment(self, environ: Mapping[str, str]) -> ReplicaSet:
+        """Before start: let each replica take the pipeline's values it must agree with (its credentials)."""
+        for replica in self.replicas.values():
+            replica.adopt_environment(environ)
+        return self
 
     def __getitem__(self, source: str) -> Replica:
         return self.replicas[source]
 
     def start(self) -> ReplicaSet:
         try:
-            for replica in self.replicas.values():
-                replica.start()
+            with placed(self.placement):
+                for replica in self.replicas.values():
+                    replica.start()
         except BaseException:
             self.stop()
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,10 @@ class Replica:
     @classmethod
     def demo_keys(cls) -> tuple[str, ...]:
         return cls.DEMO_KEYS
+
+    def adopt_environment(self, environ: Mapping[str, str]) -> None:
+        """Before start: take values the pipeline is configured with that the replica must agree with
+        (a credential it checks), so a deployment configured once talks to it. Default: none."""
 
     def start(self) -> Replica:
         raise NotImplementedError

@@ -32,6 +32,7 @@ from em_ingest.formats.volume import triple
 from em_ingest.replicas.base import Expected, Replica
 from em_ingest.replicas.dm_writer import dm_bytes
 from em_ingest.replicas.http import ReplicaHTTPServer, Reply, Request
+from em_ingest.replicas.placement import next_address
 from em_ingest.replicas.volumes import synthetic_em
 
 API_PREFIX = "/empiar/api"
@@ -243,8 +244,9 @@ class EmpiarReplica(Replica):
 
         EmpiarFTPHandler.authorizer = authorizer
         handler = EmpiarFTPHandler
-        self._ftp = _IsolatedFTPServer(("127.0.0.1", 0), handler, ioloop=IOLoop())
-        self.ftp_url = f"ftp://127.0.0.1:{self._ftp.address[1]}"
+        bind, port, host = next_address()
+        self._ftp = _IsolatedFTPServer((bind, port), handler, ioloop=IOLoop())
+        self.ftp_url = f"ftp://{host}:{self._ftp.address[1]}"
         self._ftp_thread = threading.Thread(target=self._ftp.serve_forever,
                                             kwargs={"timeout": 0.2, "handle_exit": False},
                                             name="replica-empiar-ftp", daemon=True)

@@ -8,7 +8,7 @@ import re
 import secrets
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import imagecodecs
 import numpy as np
@@ -170,6 +170,11 @@ class FlyemReplica(Replica):
         self.dvid_locked = True
         self.dvid_raw_requests: list[str] = []
         self._lock = threading.Lock()
+
+    def adopt_environment(self, environ: Mapping[str, str]) -> None:
+        """Accept the NEUPRINT_TOKEN the pipeline is given instead of a random one."""
+        if environ.get("NEUPRINT_TOKEN"):
+            self.token = environ["NEUPRINT_TOKEN"]
 
     @property
     def neuprint(self) -> ReplicaHTTPServer:

@@ -1,4 +1,5 @@
-"""A loopback HTTP(S) server for replicas: static files with Range/ETag, JSON handlers, injectable faults."""
+"""An HTTP(S) server for replicas (loopback unless placed elsewhere): static files with Range/ETag, JSON
+handlers, injectable faults."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from em_ingest.replicas.placement import next_address
 
 
 @dataclass
@@ -95,9 +98,10 @@ Handler = Callable[[Request], Reply | None]
 
 
 class ReplicaHTTPServer:
-    """Serves `files` (path -> StaticFile) and `handlers` (path prefix -> function) on 127.0.0.1.
+    """Serves `files` (path -> StaticFile) and `handlers` (path prefix -> function); on 127.0.0.1 and a
+    free port unless started inside `placement.placed(...)`.
 
-    With `tls`, it serves HTTPS with a certificate for 127.0.0.1 and localhost, issued at start by a
+    With `tls`, it serves HTTPS with a certificate for 127.0.0.1, localhost and the advertised host, issued at start by a
     certificate authority made for this server alone; `ca_bundle` is that authority's PEM file, which a
     client must be configured to trust (nothing else trusts it).
     """
@@ -113,6 +117,7 @@ class ReplicaHTTPServer:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._host = "127.0.0.1"  # the name in `url`: where clients reach this server
 
     # ---- content -------------------------------------------------------------------------
     def add_file(self, path: str, data: bytes, *, content_type: str = "application/octet-stream",
@@ -128,8 +133,8 @@ class ReplicaHTTPServer:
     @property
     def url(self) -> str:
         assert self._server is not None, "server not started"
-        host, port = self._server.server_address[:2]
-        return f"{'https' if self.tls else 'http'}://{host}:{port}"
+        port = self._server.server_address[1]
+        return f"{'https' if self.tls else 'http'}://{self._host}:{port}"
 
     def start(self) -> ReplicaHTTPServer:
         replica = self
@@ -137,7 +142,8 @@ class ReplicaHTTPServer:
         class _Handler(_ReplicaRequestHandler):
             server_replica = replica
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        bind, port, self._host = next_address()
+        self._server = ThreadingHTTPServer((bind, port), _Handler)
         self._server.daemon_threads = True
         if self.tls:
             # The handshake runs in the request's own thread (see `setup`), not in the accepting loop.
@@ -152,7 +158,7 @@ class ReplicaHTTPServer:
 
         authority = trustme.CA(organization_name="em-ingest replica")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        authority.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        authority.issue_cert(*dict.fromkeys(("127.0.0.1", "localhost", self._host))).configure_cert(context)
         handle, path = tempfile.mkstemp(prefix=f"em-ingest-{self.name}-ca-", suffix=".pem")
         os.close(handle)
         authority.cert_pem.write_to_path(path)

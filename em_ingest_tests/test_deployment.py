@@ -423,7 +423,7 @@ def test_the_image_users_run_leaves_out_replica_and_test_packages(capsys, monkey
     dependencies = {Requirement(r).name.lower() for r in project["dependencies"]}
     extras = project["optional-dependencies"]
     assert not dependencies & {"moto", "pyftpdlib", "pytest", "hypothesis", "playwright", "ruff", "mypy"}
-    assert {Requirement(r).name.lower() for r in extras["replicas"]} == {"moto", "pyftpdlib"}
+    assert {Requirement(r).name.lower() for r in extras["replicas"]} == {"moto", "pyftpdlib", "trustme"}
     # The test environment (CI's `pip install -e ".[test]"`) still gets the replicas.
     assert "em-ingest[replicas]" in extras["test"]
     # Only the demo's replicas service builds with the extra; the code image is built without it.
@@ -464,8 +464,9 @@ def test_the_offline_demo_env_points_at_the_replicas_service(tmp_path):
     assert command[:3] == ["em-ingest", "replicas", "serve"]
     assert option("--bind") == "0.0.0.0" and option("--advertise") == "replicas"
     first_port, base = int(option("--port"), 10), _free_port_run(12)
+    ca_bundle = tmp_path / "shared" / "ca.pem"  # the compose service writes it into the data volume
     replaced = {"--bind": "127.0.0.1", "--port": str(base), "--selection": str(tmp_path / "selection.yaml"),
-                "--env-file": str(tmp_path / "replicas.env")}
+                "--env-file": str(tmp_path / "replicas.env"), "--ca-bundle": str(ca_bundle)}
     here = [str(Path(sys.executable).with_name("em-ingest")), *command[1:]]
     here = [replaced.get(here[i - 1], arg) if i else arg for i, arg in enumerate(here)]
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("EM_INGEST_", "NEUPRINT_"))}
@@ -478,8 +479,10 @@ def test_the_offline_demo_env_points_at_the_replicas_service(tmp_path):
         # The FlyEM replica accepts the token the pipeline is given, and only that one.
         neuprint = dict(line.split("=", 1) for line in written.splitlines())["NEUPRINT_SERVER"]
         datasets = neuprint.replace("//replicas:", "//127.0.0.1:") + "/api/dbmeta/datasets"
-        answers = {token: requests.get(datasets, headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code
-                   for token in ("given", "another")}
+        # It speaks HTTPS with a certificate for the advertised host, from the authority it published.
+        assert option("--ca-bundle") == "/data/.replicas/ca.pem" and neuprint.startswith("https://replicas:")
+        answers = {token: requests.get(datasets, headers={"Authorization": f"Bearer {token}"}, timeout=10,
+                                       verify=str(ca_bundle)).status_code for token in ("given", "another")}
         assert answers["given"] == 200 and answers["another"] in (401, 403)
     finally:
         server.terminate()
@@ -487,6 +490,7 @@ def test_the_offline_demo_env_points_at_the_replicas_service(tmp_path):
     assert server.returncode == 0
     served = dict(line.split("=", 1) for line in written.splitlines())
     served.pop("EM_INGEST_DATASETS")
+    assert served.pop("NEUPRINT_CA_BUNDLE") == str(ca_bundle) and demo.pop("NEUPRINT_CA_BUNDLE") == option("--ca-bundle")
     served = {name: re.sub(r"(?<=//replicas:)(\d+)", lambda m: str(int(m[1]) - base + first_port), value)
               for name, value in served.items()}
     assert {name: demo[name] for name in served} == served

@@ -399,8 +399,9 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
     for level in levels:
         _create_level(root, level, dtype, layout)
     blocks = [layout.block_for(level.shape) for level in levels]
-    # Buffers in use at once: blocks read ahead, the block at hand, writes in flight, one open block per level.
-    pool = _BufferPool(dtype, keep=2 * layout.workers + 3)
+    # Idle buffers kept per shape: as many as are read ahead plus the block at hand; more only raised the peak
+    # (blocks lent to writes come back within a block's time, and open blocks are taken as they are needed).
+    pool = _BufferPool(dtype, keep=READ_AHEAD + 2)
     assemblers = [_LevelAssembler(level.shape, block, pool) for level, block in zip(levels, blocks)]
     stats = _Stats()
     mean = WindowMean()

@@ -404,7 +404,9 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
     pool = _BufferPool(dtype, keep=READ_AHEAD + 2)
     assemblers = [_LevelAssembler(level.shape, block, pool) for level, block in zip(levels, blocks)]
     stats = _Stats()
-    mean = WindowMean()
+    # How a level's voxels become the next level's: the window mean, written into the next level's block
+    # (returns s0's exact sum when it has it). A label pyramid would plug its own reduction in here.
+    reduce_into = WindowMean().into
     thumbnail = _ThumbnailPlane(levels, dtype)
     syncer = _Syncer(threads=layout.workers)
     paths = [dest / level.path for level in levels]
@@ -424,11 +426,11 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
             coarse = triple(slice(r.start // f, -(-r.stop // f)) for r, f in zip(region, factors))
             target = assemblers[k + 1].view(coarse)
             if target is not None:  # the usual case: straight into the next level's open block
-                exact_sum = mean.into(data, factors, target)
+                exact_sum = reduce_into(data, factors, target)
                 done = assemblers[k + 1].filled(coarse)
             else:  # the piece straddles blocks of the next level (block sides that do not nest)
                 piece = pool.take(tuple(s.stop - s.start for s in coarse))
-                exact_sum = mean.into(data, factors, piece)
+                exact_sum = reduce_into(data, factors, piece)
                 done = assemblers[k + 1].add(coarse, piece)
                 if all(block is not piece for _, block in done):
                     pool.give(piece)

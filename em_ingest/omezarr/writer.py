@@ -403,11 +403,14 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
     for level in levels:
         _create_level(root, level, dtype, layout)
     blocks = [layout.block_for(level.shape) for level in levels]
-    # Buffers in use at once: blocks read ahead, the block at hand, writes in flight, one open block per level.
-    pool = _BufferPool(dtype, keep=2 * layout.workers + 3)
+    # Idle buffers kept per shape: as many as are read ahead plus the block at hand; more only raised the peak
+    # (blocks lent to writes come back within a block's time, and open blocks are taken as they are needed).
+    pool = _BufferPool(dtype, keep=READ_AHEAD + 2)
     assemblers = [_LevelAssembler(level.shape, block, pool) for level, block in zip(levels, blocks)]
     stats = _Stats()
-    mean: WindowMean | WindowMode = WindowMean() if label_levels is None else WindowMode()
+    # How a level's voxels become the next level's, written into the next level's block: the window mean
+    # (returning s0's exact sum when it has it), or for a label image the window's mode.
+    reduce_into = (WindowMean() if label_levels is None else WindowMode()).into
     thumbnail = _ThumbnailPlane(levels, dtype)
     syncer = _Syncer(threads=layout.workers)
     paths = [dest / level.path for level in levels]
@@ -428,11 +431,11 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
             coarse = triple(slice(r.start // f, -(-r.stop // f)) for r, f in zip(region, factors))
             target = assemblers[k + 1].view(coarse)
             if target is not None:  # the usual case: straight into the next level's open block
-                exact_sum = mean.into(data, factors, target)
+                exact_sum = reduce_into(data, factors, target)
                 done = assemblers[k + 1].filled(coarse)
             else:  # the piece straddles blocks of the next level (block sides that do not nest)
                 piece = pool.take(tuple(s.stop - s.start for s in coarse))
-                exact_sum = mean.into(data, factors, piece)
+                exact_sum = reduce_into(data, factors, piece)
                 done = assemblers[k + 1].add(coarse, piece)
                 if all(block is not piece for _, block in done):
                     pool.give(piece)

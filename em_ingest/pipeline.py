@@ -180,7 +180,8 @@ class Pipeline:
                 sidecar = {"inputs_digest": digest, "catalog_row": row, "levels": levels,
                            "request": request.options_dict(), "raw_manifest_sha256": manifest.digest,
                            "written": catalog.record_image(staging)}
-                (staging / catalog.SIDECAR_NAME).write_text(json.dumps(sidecar, indent=1, default=str))
+                # Synced like the image, since the next step publishes it.
+                storage.write_atomic(staging / catalog.SIDECAR_NAME, json.dumps(sidecar, indent=1, default=str).encode())
         return Conversion(row, levels, final, final / "thumbnail.png", False, digest)
 
     def _write_labels(self, request: DatasetRequest, source: Source, raw: RawStore, staging: Path,

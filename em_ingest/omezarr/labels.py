@@ -14,6 +14,7 @@ from em_ingest.errors import UnsupportedDataError
 from em_ingest.formats.label import LabelImage
 from em_ingest.formats.volume import Geometry, Region, Volume
 from em_ingest.omezarr.writer import WriteResult, ZarrLayout, write_ome_zarr
+from em_ingest.storage import fsync_path
 
 LABELS_GROUP = "labels"
 # Distinct values are counted exactly up to this many (a set of ids in memory); beyond, "at least" this many.
@@ -85,14 +86,12 @@ def write_labels(image_dir: Path, labels: Sequence[LabelImage], image: WriteResu
                                      for value, rgba in sorted(label.colors.items())]
         result = write_ome_zarr(counting, geometry, image_dir / LABELS_GROUP / label.name,
                                 name=f"{image_name}/labels/{label.name}", layout=layout,
-                                label_levels=len(image.levels))
-        labels_group = zarr.open_group(zarr.storage.LocalStore(image_dir / LABELS_GROUP / label.name), mode="r+")
-        ome = labels_group.attrs.asdict().get("ome")
-        if isinstance(ome, dict):
-            labels_group.attrs["ome"] = {**ome, "image-label": image_label}
-        else:
-            labels_group.attrs["image-label"] = {"version": layout.ngff_version, **image_label}
+                                label_levels=len(image.levels), image_label=image_label)
         written.append(WrittenLabel(label.name, label.origin, result, len(counting.values), not counting.capped))
+    # Each label image is durable once written; the group listing them, and its entry in the image, too.
+    group_dir = image_dir / LABELS_GROUP
+    for path in (*(p for p in group_dir.iterdir() if p.is_file()), group_dir, image_dir):
+        fsync_path(path)
     return written
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from em_ingest.errors import EmIngestError, FormatError
 from em_ingest.formats.volume import Geometry, Region, Volume, triple
 from em_ingest.omezarr.pyramid import Level, WindowMean, WindowMode, plan_pyramid
 from em_ingest.omezarr.thumbnail import thumbnail_level, write_thumbnail_plane
+from em_ingest.storage import fsync_path
 
 if TYPE_CHECKING:  # imported where they are used: importing the writer (e.g. for ZarrLayout) stays light
     import tensorstore
@@ -339,14 +339,6 @@ class _ThumbnailPlane:
             self.plane[region[1], region[2]] = data[self.z - region[0].start]
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Syncer:
     """Makes the image durable: written files are fsynced on its own threads while the conversion goes on,
     so the disk writes them back meanwhile rather than all at the end; `finish` syncs whatever else
@@ -357,7 +349,7 @@ class _Syncer:
         self._pending: list[tuple[Path, Future[None]]] = []
 
     def sync_soon(self, paths: Iterable[Path]) -> None:
-        self._pending += [(path, self._pool.submit(_fsync, path)) for path in paths]
+        self._pending += [(path, self._pool.submit(fsync_path, path)) for path in paths]
 
     def finish(self, root: Path) -> None:
         synced = set()
@@ -369,7 +361,7 @@ class _Syncer:
             synced.add(path)
         self._pending = []
         rest = [p for p in (root, *root.rglob("*")) if p not in synced]
-        list(self._pool.map(_fsync, rest))
+        list(self._pool.map(fsync_path, rest))
         self._pool.shutdown()
 
     def abandon(self) -> None:
@@ -379,7 +371,7 @@ class _Syncer:
 
 def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
                    layout: ZarrLayout = ZarrLayout(), attributes: dict[str, Any] | None = None,
-                   label_levels: int | None = None) -> WriteResult:
+                   label_levels: int | None = None, image_label: dict[str, Any] | None = None) -> WriteResult:
     """Write `volume` as a multiscale OME-Zarr image at `dest` (a new, empty staging directory).
 
     Each s0 block is read once and feeds every level: it is written, downsampled straight into the
@@ -389,7 +381,8 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
     returns, every file of the image is durable (fsynced), so it can be published at once.
 
     A label image passes `label_levels` (its image's level count): its levels then take each window's mode,
-    never a mean, there are exactly that many, and it gets no thumbnail.
+    never a mean, there are exactly that many, and it gets no thumbnail; `image_label` is its `image-label`
+    metadata (source image, colours), written with the multiscales.
     """
     import zarr
 
@@ -399,7 +392,13 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
     levels = plan_pyramid(volume.shape, geometry.voxel_size_nm, translation, chunks0, label_levels)
 
     root = zarr.open_group(zarr.storage.LocalStore(dest), mode="w-", zarr_format=layout.zarr_format)
-    root.attrs.update({**(attributes or {}), **multiscales_attributes(levels, name, layout.ngff_version)})
+    metadata = multiscales_attributes(levels, name, layout.ngff_version)
+    if image_label is not None:
+        if layout.ngff_version == "0.4":
+            metadata["image-label"] = {"version": "0.4", **image_label}
+        else:
+            metadata["ome"]["image-label"] = image_label
+    root.attrs.update({**(attributes or {}), **metadata})
     for level in levels:
         _create_level(root, level, dtype, layout)
     blocks = [layout.block_for(level.shape) for level in levels]

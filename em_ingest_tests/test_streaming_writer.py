@@ -96,13 +96,13 @@ def test_finished_blocks_are_synced_by_their_own_file_names(tmp_path, monkeypatc
     # The early syncs name the shard (v3) or chunk (v2) files each block went to; a wrong name would
     # only move the work to the final walk, so check the names themselves.
     synced, missing = [], []
-    real_fsync = writer._fsync
+    real_fsync = writer.fsync_path
 
     def record(path):
         (synced if path.exists() else missing).append(path)
         real_fsync(path)
 
-    monkeypatch.setattr(writer, "_fsync", record)
+    monkeypatch.setattr(writer, "fsync_path", record)
     layout = writer.ZarrLayout(ngff_version=ngff_version, chunks=(16, 16, 16), chunks_per_shard=(2, 2, 2))
     result = writer.write_ome_zarr(ArrayVolume(np.ones((40, 70, 90), np.uint8)), Geometry((8.0, 4.0, 4.0), "override"),
                                    tmp_path / "img.ome.zarr", name="img", layout=layout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -20,11 +21,13 @@ from em_ingest import catalog, limits, storage, view
 from em_ingest.errors import EmIngestError, SelectionError, ValidationError
 from em_ingest.formats.volume import Geometry, Volume, triple
 from em_ingest.omezarr.labels import WrittenLabel, write_labels
+from em_ingest.omezarr.pyramid import Level
+from em_ingest.omezarr.regions import RegionPlan, plan_regions
 from em_ingest.omezarr.validate import validate_ome_zarr
-from em_ingest.omezarr.writer import WriteResult, ZarrLayout, write_ome_zarr
+from em_ingest.omezarr.writer import Intensity, StoredLevel, WriteResult, ZarrLayout, create_image, finish_image, write_levels
 from em_ingest.raw import Manifest, RawStore
 from em_ingest.selection import DatasetRequest, Selection, load_selection
-from em_ingest.settings import Settings
+from em_ingest.settings import Settings, parse_bytes
 from em_ingest.sources import Description, Source, option_models, source_classes
 
 if TYPE_CHECKING:
@@ -65,6 +68,54 @@ class Conversion:
     thumbnail_path: Path | None
     skipped: bool
     inputs_digest: str
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """How one image is written (see `Pipeline.plan_conversion`); passed between the conversion's steps as JSON.
+
+    `staging` is None when the published image already matches its inputs: nothing is written.
+    """
+
+    source: str
+    key: str
+    inputs_digest: str
+    staging: str | None
+    regions: RegionPlan | None
+    levels: tuple[Level, ...]
+
+    @property
+    def region_count(self) -> int:
+        return self.regions.count if self.regions is not None else 0
+
+    def to_json(self) -> str:
+        return json.dumps({"source": self.source, "key": self.key, "inputs_digest": self.inputs_digest,
+                           "staging": self.staging, "regions": self.regions.as_dict() if self.regions else None,
+                           "levels": [asdict(level) for level in self.levels]})
+
+    @classmethod
+    def from_json(cls, text: str) -> ConversionPlan:
+        record = json.loads(text)
+        regions = RegionPlan.from_dict(record["regions"]) if record["regions"] else None
+        levels = tuple(Level(lv["path"], triple(lv["shape"]), triple(lv["scale_nm"]), triple(lv["translation_nm"]),
+                             triple(lv["factors"])) for lv in record["levels"])
+        return cls(record["source"], record["key"], record["inputs_digest"], record["staging"], regions, levels)
+
+
+@dataclass(frozen=True)
+class RegionWritten:
+    """What one region step reports: which region, and the intensity statistics of its s0 voxels."""
+
+    index: int
+    intensity: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> RegionWritten:
+        record = json.loads(text)
+        return cls(int(record["index"]), dict(record["intensity"]))
 
 
 def resolve_geometry(volume: Volume, request: DatasetRequest) -> Geometry:
@@ -135,54 +186,144 @@ class Pipeline:
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def convert(self, request: DatasetRequest, *, force: bool = False) -> Conversion:
-        """Write zarr/<source>/<key>.ome.zarr from the raw store, unless it already matches its inputs."""
-        with storage.partition_lock(self.root, request.source, request.key):
-            return self._convert(request, force=force)
+        """Write zarr/<source>/<key>.ome.zarr from the raw store, unless it already matches its inputs: the
+        plan, every region and the publish in this process (the Dagster asset runs them as separate steps)."""
+        plan = self.plan_conversion(request, force=force)
+        parts = [self.convert_region(request, plan, i) for i in range(plan.region_count)]
+        return self.publish_conversion(request, plan, parts)
 
-    def _convert(self, request: DatasetRequest, *, force: bool) -> Conversion:
+    def plan_conversion(self, request: DatasetRequest, *, force: bool = False) -> ConversionPlan:
+        """Decide how the image is written: not at all when it already matches its inputs, else in
+        `region_count` regions (see `omezarr.regions`) into a new version folder made here, with the image's
+        metadata and empty levels."""
+        with storage.partition_lock(self.root, request.source, request.key):
+            source = self.source(request.source)
+            raw = self.raw_store(request, source)
+            manifest = raw.previous
+            if manifest is None:
+                raise EmIngestError(f"{request.source}/{request.key}: no raw download yet; materialize "
+                                    f"{request.source}/raw for this partition first")
+            digest = self.inputs_digest(request, manifest)
+            final = storage.zarr_path(self.root, request.source, request.key)
+            if not force and self._up_to_date(request, final, digest):
+                return ConversionPlan(request.source, request.key, digest, None, None, ())
+            if raw.interrupted:
+                raise EmIngestError(f"{raw.dir}: the last fetch of {request.source}/{request.key} did not finish, so "
+                                    f"its files may not match {raw.manifest_path.name}; materialize {request.source}/raw "
+                                    "for this partition again before converting")
+            with source.open_volume(request, raw) as volume:
+                limits.check_volume(volume.shape, np.dtype(volume.dtype).itemsize, self.settings.limits,
+                                    f"{request.source}/{request.key} ({volume.name})", raw_bytes=manifest.total_bytes)
+                geometry = resolve_geometry(volume, request)
+                staging = storage.new_version(final)
+                try:
+                    levels = create_image(staging, volume.shape, volume.dtype, geometry,
+                                          name=f"{request.source}/{request.key}", layout=self.layout)
+                except BaseException:
+                    storage.discard_version(staging)
+                    raise
+                blocks = [self.layout.block_for(level.shape) for level in levels]
+                regions = plan_regions(levels, blocks, np.dtype(volume.dtype).itemsize, self.region_bytes)
+        if regions.count > 1:
+            log.info("%s/%s: %s converted in %d regions of up to %s (levels s0..s%d; s%d.. by the last step)",
+                     request.source, request.key, "x".join(map(str, volume.shape)), regions.count,
+                     self.settings.region_bytes, regions.top, regions.top + 1)
+        return ConversionPlan(request.source, request.key, digest, str(staging), regions, tuple(levels))
+
+    @property
+    def region_bytes(self) -> int:
+        return parse_bytes(self.settings.region_bytes, "EM_INGEST_REGION_BYTES / region_bytes")
+
+    def _up_to_date(self, request: DatasetRequest, final: Path, digest: str) -> bool:
+        """The published image was written from these inputs and still holds exactly what was written."""
+        if not final.exists():
+            return False
+        try:
+            sidecar = catalog.read_sidecar(final)
+        except (OSError, ValueError):
+            return False
+        if sidecar.get("inputs_digest") != digest:
+            return False
+        damage = catalog.image_damage(final, sidecar)
+        if damage:
+            log.warning("%s/%s: the published image differs from what was written, so it is written again: %s",
+                        request.source, request.key, "; ".join(damage[:5]))
+        return not damage
+
+    def convert_region(self, request: DatasetRequest, plan: ConversionPlan, index: int,
+                       on_block: Callable[[int], None] | None = None) -> RegionWritten:
+        """Write levels s0..s`top` of one region of a planned conversion (see `plan_conversion`)."""
+        assert plan.staging is not None and plan.regions is not None, "a skipped conversion has no regions"
+        staging = Path(plan.staging)
+        if not staging.is_dir():
+            raise EmIngestError(f"{request.source}/{request.key}: the version folder {staging} this conversion was "
+                                "writing is gone (removed as abandoned?); materialize the partition again")
+        storage.claim_version(staging)
+        source = self.source(request.source)
+        levels = list(plan.levels)
+        try:
+            with source.open_volume(request, self.raw_store(request, source)) as volume:
+                intensity = write_levels(volume, staging, levels, layout=self.layout, last=plan.regions.top,
+                                         within=plan.regions.boxes(index), on_block=on_block)
+        except BaseException:
+            if plan.regions.count == 1:  # no other step writes into it: nothing worth keeping
+                storage.discard_version(staging)
+            raise
+        return RegionWritten(index, intensity.as_dict())
+
+    def publish_conversion(self, request: DatasetRequest, plan: ConversionPlan,
+                           parts: Sequence[RegionWritten]) -> Conversion:
+        """After every region: the levels above them, labels, thumbnail, sidecar, then the atomic publish."""
+        final = storage.zarr_path(self.root, request.source, request.key)
+        if plan.staging is None or plan.regions is None:
+            sidecar = catalog.read_sidecar(final)
+            return Conversion(sidecar["catalog_row"], sidecar["levels"], final, final / "thumbnail.png", True,
+                              plan.inputs_digest)
+        missing = sorted(set(range(plan.regions.count)) - {part.index for part in parts})
+        if missing:
+            raise EmIngestError(f"{request.source}/{request.key}: regions {missing} were not written")
+        staging = Path(plan.staging)
+        with storage.partition_lock(self.root, request.source, request.key):
+            storage.claim_version(staging)
+            try:
+                conversion = self._finish(request, plan, parts, staging, final)
+            except BaseException:
+                storage.discard_version(staging)
+                raise
+            storage.publish_version(final, staging)
+        return conversion
+
+    def _finish(self, request: DatasetRequest, plan: ConversionPlan, parts: Sequence[RegionWritten],
+                staging: Path, final: Path) -> Conversion:
+        assert plan.regions is not None
         source = self.source(request.source)
         raw = self.raw_store(request, source)
         manifest = raw.previous
-        if manifest is None:
-            raise EmIngestError(f"{request.source}/{request.key}: no raw download yet; materialize "
-                                f"{request.source}/raw for this partition first")
-        digest = self.inputs_digest(request, manifest)
-        final = storage.zarr_path(self.root, request.source, request.key)
-        if not force and final.exists():
-            try:
-                sidecar = catalog.read_sidecar(final)
-            except (OSError, ValueError):
-                sidecar = {}
-            if sidecar.get("inputs_digest") == digest:
-                # Same inputs; trusted only if the image still holds exactly what was written.
-                damage = catalog.image_damage(final, sidecar)
-                if not damage:
-                    return Conversion(sidecar["catalog_row"], sidecar["levels"], final,
-                                      final / "thumbnail.png", True, digest)
-                log.warning("%s/%s: the published image differs from what was written, so it is written "
-                            "again: %s", request.source, request.key, "; ".join(damage[:5]))
-        if raw.interrupted:
-            raise EmIngestError(f"{raw.dir}: the last fetch of {request.source}/{request.key} did not finish, so its "
-                                f"files may not match {raw.manifest_path.name}; materialize {request.source}/raw "
-                                "for this partition again before converting")
+        if manifest is None or self.inputs_digest(request, manifest) != plan.inputs_digest:
+            raise EmIngestError(f"{request.source}/{request.key}: the raw download changed while it was converted; "
+                                "materialize the partition again")
+        levels = list(plan.levels)
+        if plan.regions.top + 1 < len(levels):
+            top = StoredLevel(staging, levels[plan.regions.top], self.layout)
+            write_levels(top, staging, levels, layout=self.layout, first=plan.regions.top, stored=True)
+        intensity = Intensity()
+        for part in sorted(parts, key=lambda p: p.index):
+            intensity = intensity.merge(Intensity.from_dict(part.intensity))
         description = source.describe(request, raw)
         with source.open_volume(request, raw) as volume:
-            limits.check_volume(volume.shape, np.dtype(volume.dtype).itemsize, self.settings.limits,
-                                f"{request.source}/{request.key} ({volume.name})", raw_bytes=manifest.total_bytes)
             geometry = resolve_geometry(volume, request)
-            with storage.staged_directory(final, exclusive=True) as staging:
-                result = write_ome_zarr(volume, geometry, staging, name=f"{request.source}/{request.key}",
-                                        layout=self.layout)
-                labels = self._write_labels(request, source, raw, staging, result, geometry)
-                row = self._row(request, description, geometry, manifest, result, final, labels)
-                levels = [{"path": lv.path, "shape": list(lv.shape), "scale_nm": list(lv.scale_nm),
-                           "translation_nm": list(lv.translation_nm)} for lv in result.levels]
-                sidecar = {"inputs_digest": digest, "catalog_row": row, "levels": levels,
-                           "request": request.options_dict(), "raw_manifest_sha256": manifest.digest,
-                           "written": catalog.record_image(staging)}
-                # Synced like the image, since the next step publishes it.
-                storage.write_atomic(staging / catalog.SIDECAR_NAME, json.dumps(sidecar, indent=1, default=str).encode())
-        return Conversion(row, levels, final, final / "thumbnail.png", False, digest)
+            dtype = volume.dtype
+        result = finish_image(staging, levels, dtype, intensity, layout=self.layout)
+        labels = self._write_labels(request, source, raw, staging, result, geometry)
+        row = self._row(request, description, geometry, manifest, result, final, labels)
+        levels_record = [{"path": lv.path, "shape": list(lv.shape), "scale_nm": list(lv.scale_nm),
+                          "translation_nm": list(lv.translation_nm)} for lv in result.levels]
+        sidecar = {"inputs_digest": plan.inputs_digest, "catalog_row": row, "levels": levels_record,
+                   "request": request.options_dict(), "raw_manifest_sha256": manifest.digest,
+                   "written": catalog.record_image(staging)}
+        # Synced like the image, since the next step publishes it.
+        storage.write_atomic(staging / catalog.SIDECAR_NAME, json.dumps(sidecar, indent=1, default=str).encode())
+        return Conversion(row, levels_record, final, final / "thumbnail.png", False, plan.inputs_digest)
 
     def _write_labels(self, request: DatasetRequest, source: Source, raw: RawStore, staging: Path,
                       image: WriteResult, geometry: Geometry) -> list[WrittenLabel]:

@@ -26,6 +26,9 @@ class Setting:
 CORE_SETTINGS = (
     Setting("data_root", "EM_INGEST_DATA_ROOT", "./data", "root of raw/, zarr/ and catalog/ (a local path or file:// URL)"),
     Setting("datasets_file", "EM_INGEST_DATASETS", "./datasets.yaml", "the selection file"),
+    Setting("region_bytes", "EM_INGEST_REGION_BYTES", "16GiB",
+            "an image whose s0 is larger is converted by several region steps of about this size, which the "
+            "run's executor can spread over processes, containers or pods (bytes, or with KiB/MiB/GiB/TiB)"),
     Setting("public_url", "EM_INGEST_PUBLIC_URL", None,
             "where browsers reach the data root (https://, http://, s3:// or gs://); when set, each image's "
             "materialization and catalog row carry a Neuroglancer link"),
@@ -40,6 +43,23 @@ def core_setting(field: str, environ: Mapping[str, str] | None = None) -> str | 
         raise KeyError(f"no core setting {field!r}; core settings: {', '.join(s.field for s in CORE_SETTINGS)}")
     environ = os.environ if environ is None else environ
     return environ.get(setting.env) or setting.default
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+               "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(text: str, what: str) -> int:
+    """A positive byte count written as `17179869184`, `16GiB` or `500 MB`."""
+    import re
+
+    from em_ingest.errors import ConfigurationError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text or "")
+    unit = match[2].lower() if match else ""
+    if match is None or unit not in _BYTE_UNITS or int(float(match[1]) * _BYTE_UNITS[unit]) < 1:
+        raise ConfigurationError(f"{what}={text!r}: expected a positive number of bytes, e.g. 17179869184 or 16GiB")
+    return int(float(match[1]) * _BYTE_UNITS[unit])
 
 
 def declared_settings() -> tuple[Setting, ...]:

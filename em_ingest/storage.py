@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -17,6 +19,7 @@ from em_ingest.errors import ConfigurationError
 
 VERSIONS_DIR = ".versions"
 LOCKS_DIR = ".locks"
+WRITER_SUFFIX = ".writer"
 STALE_STAGING_S = 24 * 3600
 log = logging.getLogger(__name__)
 
@@ -102,39 +105,77 @@ def catalog_path(root: Path) -> Path:
     return root / "catalog" / "metadata_catalog.parquet"
 
 
-@contextmanager
-def staged_directory(final: Path, *, exclusive: bool = False) -> Iterator[Path]:
-    """A fresh directory to write into; on success it is published as `final` in one atomic step.
-
-    `final` becomes a symlink into a hidden versions folder, swapped with rename(2), so readers see
-    the previous complete version or the new complete version and never a partial one. A failure
-    (or a kill) leaves `final` untouched; the abandoned staging folder is removed now or, after a
-    kill, by a later publish: at once when the caller holds the partition lock (`exclusive`, so no
-    other writer can own a staging folder), else once it is a day old.
-    """
+def new_version(final: Path) -> Path:
+    """A fresh, empty version folder for `final`, claimed by this process (see `claim_version`)."""
     versions = final.parent / VERSIONS_DIR / final.name
     versions.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     staging = versions / f"{stamp}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    claim_version(staging)
+    return staging
+
+
+def claim_version(staging: Path) -> None:
+    """Record that this process writes into `staging` now.
+
+    The record (`<version>.writer`, beside the folder so the image never holds it) is how a later publish
+    tells an abandoned folder from one a live step is still writing: one whose last writer ran on this
+    host and has exited is abandoned (a killed run), and so is one untouched for a day (a writer on
+    another host or container, whose process cannot be checked from here). Steps of one conversion may
+    run in different processes, so each claims the folder when it starts.
+    """
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
+    _writer_record(staging).write_text(json.dumps(record))
+
+
+def _writer_record(staging: Path) -> Path:
+    return staging.with_name(staging.name + WRITER_SUFFIX)
+
+
+def discard_version(staging: Path) -> None:
+    """Remove a version folder that will not be published, with its writer record."""
+    shutil.rmtree(staging, ignore_errors=True)
+    _writer_record(staging).unlink(missing_ok=True)
+
+
+def publish_version(final: Path, staging: Path) -> None:
+    """Publish the complete version folder `staging` as `final` in one atomic step.
+
+    `final` is a symlink into the hidden versions folder, swapped with rename(2), so readers see the
+    previous complete version or the new complete version and never a partial one. The previous
+    version is removed, and so are abandoned folders (see `claim_version`).
+    """
+    versions = final.parent / VERSIONS_DIR / final.name
     previous = current_target(final)
     if final.exists() and not final.is_symlink():
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_version(staging)
         raise ConfigurationError(f"{final} exists and is not managed by em-ingest; move it away first")
     link_tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.link"
     os.symlink(os.path.relpath(staging, final.parent), link_tmp)
     os.replace(link_tmp, final)
+    _writer_record(staging).unlink(missing_ok=True)
     if previous is not None and previous != staging.resolve():
         if _is_version_of(previous, versions):
-            shutil.rmtree(previous, ignore_errors=True)
+            discard_version(previous)
         else:  # moved, restored or edited by hand: not ours to delete
             log.warning("%s pointed to %s, outside %s; left in place", final, previous, versions)
-    _remove_abandoned(versions, keep=staging, max_age_s=0.0 if exclusive else STALE_STAGING_S)
+    for entry in versions.iterdir():
+        if entry != staging and _is_version_of(entry, versions) and _abandoned(entry):
+            discard_version(entry)
+
+
+@contextmanager
+def staged_directory(final: Path) -> Iterator[Path]:
+    """A fresh directory to write into, published as `final` on success (`publish_version`) and removed
+    on failure."""
+    staging = new_version(final)
+    try:
+        yield staging
+    except BaseException:
+        discard_version(staging)
+        raise
+    publish_version(final, staging)
 
 
 def current_target(final: Path) -> Path | None:
@@ -151,12 +192,27 @@ def _is_version_of(path: Path, versions: Path) -> bool:
             and path.resolve().parent == versions.resolve())
 
 
-def _remove_abandoned(versions: Path, keep: Path, max_age_s: float) -> None:
-    # Without the lock only old ones: a younger folder may belong to a concurrent run still writing.
-    now = time.time()
-    for entry in versions.iterdir():
-        if entry != keep and _is_version_of(entry, versions) and now - entry.stat().st_mtime >= max_age_s:
-            shutil.rmtree(entry, ignore_errors=True)
+def _abandoned(version: Path) -> bool:
+    """Whether no live process writes into `version` any more (see `claim_version`)."""
+    record_path = _writer_record(version)
+    try:
+        record = json.loads(record_path.read_text())
+        last = float(record["at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        record, last = None, version.stat().st_mtime
+    if time.time() - last >= STALE_STAGING_S:
+        return True
+    return record is not None and record.get("host") == socket.gethostname() and not _alive(int(record["pid"]))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 @contextmanager

@@ -24,6 +24,8 @@ from em_ingest.errors import FormatError, UnsafePathError, UnsupportedDataError,
 from em_ingest.formats import n5
 from em_ingest.formats.volume import Geometry
 from em_ingest.limits import MAX_CHUNK_BYTES, Limits
+from em_ingest.orchestration.factory import HANDOFF_IO_MANAGER
+from em_ingest.orchestration.handoff import HandoffIOManager
 from em_ingest.orchestration.resources import EmIngestResource
 from em_ingest.raw import MANIFEST_NAME, ManifestEntry, RawStore
 from em_ingest.replicas import n5_writer
@@ -87,7 +89,7 @@ def test_raw_commit_never_follows_a_hand_edited_manifest_or_a_symlinked_folder_o
 
 
 def _publish(final, payload: str) -> None:
-    with storage.staged_directory(final, exclusive=True) as staging:
+    with storage.staged_directory(final) as staging:
         (staging / "data.txt").write_text(payload)
 
 
@@ -196,7 +198,8 @@ def test_the_limits_are_resource_fields(tmp_path, fresh_replica):
         resource = EmIngestResource.from_settings(ws.settings.with_overrides(limits=limits))
         assert (resource.max_volume_bytes, resource.max_expansion) == (limits.max_volume_bytes, limits.max_expansion)
         return dg.materialize(assets, selection=keys, partition_key=EPFL_KEY, instance=ws.instance,
-                              resources={"em_ingest": resource}, raise_on_error=False)
+                              resources={"em_ingest": resource, HANDOFF_IO_MANAGER: HandoffIOManager(em_ingest=resource)},
+                              raise_on_error=False)
 
     small = run(Limits(max_volume_bytes=1 << 20, max_expansion=5000.0))
     assert not small.success and "max_volume_bytes=1048576" in failure_text(small)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import product
@@ -108,8 +109,9 @@ def multiscales_attributes(levels: Iterable[Level], name: str, ngff_version: str
     return {"ome": {"version": ngff_version, "multiscales": [multiscale]}}
 
 
-class _Stats:
-    """Running min, max and mean of every voxel written to s0."""
+class Intensity:
+    """Running min, max and mean of the voxels of a level (s0: the image's intensity statistics); the parts
+    of a conversion split into regions add up with `merge`."""
 
     def __init__(self) -> None:
         self.min: float | None = None
@@ -136,6 +138,26 @@ class _Stats:
     @property
     def mean(self) -> float | None:
         return float(self.total / self.count) if self.count else None
+
+    def merge(self, other: Intensity) -> Intensity:
+        """The statistics of both parts together."""
+        merged = Intensity()
+        present = [part for part in (self, other) if part.count]
+        if present:
+            merged.min = min(part.min for part in present if part.min is not None)
+            merged.max = max(part.max for part in present if part.max is not None)
+        merged.total, merged.count = self.total + other.total, self.count + other.count
+        return merged
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "total": self.total, "count": self.count}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Intensity:
+        intensity = cls()
+        intensity.min, intensity.max = record["min"], record["max"]
+        intensity.total, intensity.count = record["total"], record["count"]
+        return intensity
 
 
 BlockIndex = tuple[int, int, int]
@@ -249,13 +271,15 @@ class _LevelAssembler:
         return [(block_region, buffer)]
 
 
-def traversal_order(levels: list[Level], blocks: list[tuple[int, int, int]]) -> list[Region]:
-    """s0 blocks ordered depth first through the pyramid (coarsest block first, then finer).
+def traversal_order(levels: list[Level], blocks: list[tuple[int, int, int]], within: Region | None = None) -> list[Region]:
+    """The blocks of levels[0] (inside the box `within`, if given) ordered depth first through the pyramid
+    (coarsest block first, then finer).
 
-    Visiting s0 in this order completes each coarser block soon after its first voxel arrives,
+    Visiting them in this order completes each coarser block soon after its first voxel arrives,
     so only a few partial blocks per level are open at any time, whatever the volume's extent.
     """
     shape0, block0 = levels[0].shape, blocks[0]
+    box = within or triple(slice(0, n) for n in shape0)
 
     def key(index: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
         start = [i * b for i, b in zip(index, block0)]
@@ -265,7 +289,7 @@ def traversal_order(levels: list[Level], blocks: list[tuple[int, int, int]]) -> 
             path.append(tuple(s // b for s, b in zip(start, block)))
         return tuple(reversed(path))
 
-    indices = product(*(range(-(-n // b)) for n, b in zip(shape0, block0)))
+    indices = product(*(range(r.start // b, -(-min(r.stop, n) // b)) for r, n, b in zip(box, shape0, block0)))
     return [triple(slice(i * b, min((i + 1) * b, n)) for i, b, n in zip(index, block0, shape0))
             for index in sorted(indices, key=key)]
 
@@ -325,24 +349,10 @@ class _BoundedWriter:
             self._pending.pop(0)[2].exception()
 
 
-class _ThumbnailPlane:
-    """The middle z-plane of the thumbnail's level, caught as that level's blocks go by (nothing is read back)."""
-
-    def __init__(self, levels: list[Level], dtype: np.dtype):
-        self.level = thumbnail_level([level.shape for level in levels])
-        shape = levels[self.level].shape
-        self.z = shape[0] // 2
-        self.plane = np.zeros(shape[1:], dtype)
-
-    def catch(self, k: int, region: Region, data: np.ndarray) -> None:
-        if k == self.level and region[0].start <= self.z < region[0].stop:
-            self.plane[region[1], region[2]] = data[self.z - region[0].start]
-
-
 class _Syncer:
-    """Makes the image durable: written files are fsynced on its own threads while the conversion goes on,
-    so the disk writes them back meanwhile rather than all at the end; `finish` syncs whatever else
-    the image holds (metadata, thumbnail, folders) and raises the first failure."""
+    """Makes written files durable on its own threads while the conversion goes on, so the disk writes them
+    back meanwhile rather than all at the end; `finish` waits for them, syncs the folders they are in, and
+    raises the first failure."""
 
     def __init__(self, threads: int):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="omezarr-sync")
@@ -351,17 +361,16 @@ class _Syncer:
     def sync_soon(self, paths: Iterable[Path]) -> None:
         self._pending += [(path, self._pool.submit(fsync_path, path)) for path in paths]
 
-    def finish(self, root: Path) -> None:
-        synced = set()
+    def finish(self) -> None:
+        folders: set[Path] = set()
         for path, future in self._pending:
             try:
                 future.result()
             except FileNotFoundError:
-                continue  # not a file this layout writes: the walk below syncs whatever exists
-            synced.add(path)
+                continue  # not a file this layout writes: `finish_image` syncs whatever exists
+            folders.update(path.parents)
         self._pending = []
-        rest = [p for p in (root, *root.rglob("*")) if p not in synced]
-        list(self._pool.map(fsync_path, rest))
+        list(self._pool.map(fsync_path, folders))
         self._pool.shutdown()
 
     def abandon(self) -> None:
@@ -369,28 +378,20 @@ class _Syncer:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
-                   layout: ZarrLayout = ZarrLayout(), attributes: dict[str, Any] | None = None,
-                   label_levels: int | None = None, image_label: dict[str, Any] | None = None) -> WriteResult:
-    """Write `volume` as a multiscale OME-Zarr image at `dest` (a new, empty staging directory).
+def create_image(dest: Path, shape: tuple[int, int, int], dtype: np.dtype, geometry: Geometry, *, name: str,
+                 layout: ZarrLayout = ZarrLayout(), attributes: dict[str, Any] | None = None,
+                 label_levels: int | None = None, image_label: dict[str, Any] | None = None) -> list[Level]:
+    """Create the image's group and its empty level arrays at `dest` (a new, empty staging directory);
+    returns the levels, which `write_levels` then fills.
 
-    Each s0 block is read once and feeds every level: it is written, downsampled straight into the
-    next level's open block, and so on up the pyramid as blocks complete. Nothing is read back.
-    Peak memory is a few blocks per level plus the writes in flight, whatever the volume's size;
-    block buffers and the downsampling's scratch arrays are reused from block to block. When it
-    returns, every file of the image is durable (fsynced), so it can be published at once.
-
-    A label image passes `label_levels` (its image's level count): its levels then take each window's mode,
-    never a mean, there are exactly that many, and it gets no thumbnail; `image_label` is its `image-label`
-    metadata (source image, colours), written with the multiscales.
+    A label image passes `label_levels` (its image's level count): exactly that many levels; `image_label`
+    is its `image-label` metadata (source image, colours), written with the multiscales.
     """
     import zarr
 
-    dtype = np.dtype(volume.dtype).newbyteorder("=")
+    dtype = np.dtype(dtype).newbyteorder("=")
     translation = geometry.translation_nm or (0.0, 0.0, 0.0)
-    chunks0 = layout.chunks_for(volume.shape)
-    levels = plan_pyramid(volume.shape, geometry.voxel_size_nm, translation, chunks0, label_levels)
-
+    levels = plan_pyramid(shape, geometry.voxel_size_nm, translation, layout.chunks_for(shape), label_levels)
     root = zarr.open_group(zarr.storage.LocalStore(dest), mode="w-", zarr_format=layout.zarr_format)
     metadata = multiscales_attributes(levels, name, layout.ngff_version)
     if image_label is not None:
@@ -401,29 +402,53 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
     root.attrs.update({**(attributes or {}), **metadata})
     for level in levels:
         _create_level(root, level, dtype, layout)
+    return levels
+
+
+def write_levels(volume: Volume, dest: Path, levels: Sequence[Level], *, layout: ZarrLayout = ZarrLayout(),
+                 first: int = 0, last: int | None = None, within: Sequence[Region] | None = None,
+                 stored: bool = False, labels: bool = False,
+                 on_block: Callable[[int], None] | None = None) -> Intensity:
+    """Stream `volume`, which holds level `first`, through levels `first`..`last` of the image at `dest`.
+
+    Each block of level `first` is read once and feeds every level above it: it is written, downsampled
+    straight into the next level's open block, and so on up the pyramid as blocks complete. Nothing is read
+    back. Peak memory is a few blocks per level plus the writes in flight, whatever the volume's size; block
+    buffers and the downsampling's scratch arrays are reused from block to block. When it returns, every
+    file it wrote is durable (fsynced).
+
+    `within` limits the work to boxes of level `first` (one region of a conversion split into steps); each
+    must cover whole blocks of every level up to `last` (`omezarr.regions` plans them so). `stored`: level
+    `first` is already in the image (it is being read back from it), so only the levels above are written.
+    `labels`: take each window's mode, never a mean (label images). `on_block` is told the bytes of each
+    block of level `first` as it is done. Returns the min, max and sum of level `first` (for s0: the image's
+    intensity statistics).
+    """
+    dtype = np.dtype(volume.dtype).newbyteorder("=")
+    last = len(levels) - 1 if last is None else last
+    levels = list(levels[first:last + 1])
+    if volume.shape != levels[0].shape:
+        raise FormatError(f"{volume.name}: is {volume.shape} voxels, but level {levels[0].path} is {levels[0].shape}")
     blocks = [layout.block_for(level.shape) for level in levels]
     # Idle buffers kept per shape: as many as are read ahead plus the block at hand; more only raised the peak
     # (blocks lent to writes come back within a block's time, and open blocks are taken as they are needed).
     pool = _BufferPool(dtype, keep=READ_AHEAD + 2)
     assemblers = [_LevelAssembler(level.shape, block, pool) for level, block in zip(levels, blocks)]
-    stats = _Stats()
+    stats = Intensity()
     # How a level's voxels become the next level's, written into the next level's block: the window mean
     # (returning s0's exact sum when it has it), or for a label image the window's mode.
-    reduce_into = (WindowMean() if label_levels is None else WindowMode()).into
-    thumbnail = _ThumbnailPlane(levels, dtype)
+    reduce_into = (WindowMode() if labels else WindowMean()).into
     syncer = _Syncer(threads=layout.workers)
     paths = [dest / level.path for level in levels]
     storage = {path: (block, layout.chunks_for(level.shape)) for path, block, level in zip(paths, blocks, levels)}
     writer = _BoundedWriter(layout.workers, lambda path, region: syncer.sync_soon(
         _block_files(path, region, *storage[path], layout.zarr_format)))
-    for path in paths:
+    for path in paths[1 if stored else 0:]:
         writer.open(path, layout.zarr_format)
 
     def emit(k: int, region: Region, data: np.ndarray, pooled: bool) -> None:
         """A whole block of level k is ready: write it and push its downsampled voxels up the pyramid."""
-        copied = writer.submit(paths[k], region, data).copy
-        if label_levels is None:
-            thumbnail.catch(k, region, data)
+        copied = None if (k == 0 and stored) else writer.submit(paths[k], region, data).copy
         exact_sum = None
         if k + 1 < len(levels):
             factors = levels[k + 1].factors
@@ -442,6 +467,8 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
                 emit(k + 1, block_region, block, pooled=True)
         if k == 0:
             stats.add(data, exact_sum)
+            if on_block is not None:
+                on_block(data.nbytes)
         if pooled:
             pool.give(data, after=copied)
 
@@ -455,7 +482,8 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="omezarr-read") as reader:
             # Read ahead while the block at hand is downsampled and compressed.
-            order = traversal_order(levels, blocks)
+            boxes: Sequence[Region | None] = within if within is not None else [None]
+            order = [region for box in boxes for region in traversal_order(levels, blocks, box)]
             ahead: list[tuple[np.ndarray, Future[np.ndarray]]] = []
             for i, region in enumerate(order):
                 while len(ahead) < READ_AHEAD + 1 and i + len(ahead) < len(order):
@@ -468,20 +496,80 @@ def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
                     pool.give(buffer)
                 emit(0, region, data, pooled=data is buffer)
         writer.drain()
-        leftover = [k for k, a in enumerate(assemblers) if a.open_bytes]
-        if leftover:  # cannot happen unless blocks and levels disagree; never publish a partial level
+        leftover = [levels[k].path for k, a in enumerate(assemblers) if a.open_bytes]
+        if leftover:  # cannot happen unless blocks, levels and boxes disagree; never publish a partial level
             raise FormatError(f"{volume.name}: levels {leftover} were not completely written")
-        thumbnail_path = write_thumbnail_plane(thumbnail.plane, dest / "thumbnail.png") if label_levels is None else None
-        syncer.finish(dest)
+        syncer.finish()
     finally:
         writer.settle()
         syncer.abandon()
-    stored = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    return stats
+
+
+def finish_image(dest: Path, levels: Sequence[Level], dtype: np.dtype, intensity: Intensity, *,
+                 layout: ZarrLayout = ZarrLayout(), thumbnail: bool = True) -> WriteResult:
+    """The image's last touches once every level is written: the thumbnail (the middle z-plane of a coarse
+    level, read back), and every folder and metadata file made durable (the data files are synced by the
+    steps that wrote them)."""
+    thumbnail_path = None
+    if thumbnail:
+        level = levels[thumbnail_level([level.shape for level in levels])]
+        plane = StoredLevel(dest, level, layout).read(
+            (slice(level.shape[0] // 2, level.shape[0] // 2 + 1), slice(0, level.shape[1]), slice(0, level.shape[2])))
+        thumbnail_path = write_thumbnail_plane(plane[0], dest / "thumbnail.png")
+    stored = 0
+    for folder, _, files in os.walk(dest):
+        for name in files:
+            path = Path(folder, name)
+            stored += path.stat().st_size
+            if not name.isdigit():  # chunk and shard files have numeric names; the writing step synced them
+                fsync_path(path)
+        fsync_path(Path(folder))
+    shape0 = levels[0].shape
     return WriteResult(
-        path=dest, levels=tuple(levels), dtype=dtype.name, chunks=chunks0, shards=layout.shards_for(volume.shape),
-        ngff_version=layout.ngff_version, compression=layout.compression, stored_bytes=stored,
-        intensity_min=stats.min, intensity_max=stats.max, intensity_mean=stats.mean, thumbnail=thumbnail_path,
+        path=dest, levels=tuple(levels), dtype=np.dtype(dtype).newbyteorder("=").name, chunks=layout.chunks_for(shape0),
+        shards=layout.shards_for(shape0), ngff_version=layout.ngff_version, compression=layout.compression,
+        stored_bytes=stored, intensity_min=intensity.min, intensity_max=intensity.max,
+        intensity_mean=intensity.mean, thumbnail=thumbnail_path,
     )
+
+
+class StoredLevel(Volume):
+    """One level of an image being written, read back (the source of the levels above a split conversion's
+    regions, and of the thumbnail)."""
+
+    def __init__(self, dest: Path, level: Level, layout: ZarrLayout):
+        import tensorstore
+
+        spec = {"driver": "zarr3" if layout.zarr_format == 3 else "zarr",
+                "kvstore": {"driver": "file", "path": str(dest / level.path)}}
+        # No cache: a block is read once, so memory stays that of the block being read.
+        self._array = tensorstore.open(spec, open=True, read=True).result()
+        self.shape = level.shape
+        self.dtype = np.dtype(self._array.dtype.numpy_dtype)
+        self.geometry = None
+        self.name = f"{dest}/{level.path}"
+
+    def read(self, region: Region) -> np.ndarray:
+        return np.asarray(self._array[region].read().result())
+
+
+def write_ome_zarr(volume: Volume, geometry: Geometry, dest: Path, *, name: str,
+                   layout: ZarrLayout = ZarrLayout(), attributes: dict[str, Any] | None = None,
+                   label_levels: int | None = None, image_label: dict[str, Any] | None = None) -> WriteResult:
+    """Write `volume` as a multiscale OME-Zarr image at `dest` (a new, empty staging directory), in one
+    process: `create_image`, `write_levels` over the whole volume, `finish_image`. When it returns, every
+    file of the image is durable, so it can be published at once.
+
+    A label image passes `label_levels` (its image's level count): its levels then take each window's mode,
+    never a mean, there are exactly that many, and it gets no thumbnail; `image_label` is its `image-label`
+    metadata (source image, colours), written with the multiscales.
+    """
+    levels = create_image(dest, volume.shape, volume.dtype, geometry, name=name, layout=layout,
+                          attributes=attributes, label_levels=label_levels, image_label=image_label)
+    labels = label_levels is not None
+    intensity = write_levels(volume, dest, levels, layout=layout, labels=labels)
+    return finish_image(dest, levels, volume.dtype, intensity, layout=layout, thumbnail=not labels)
 
 
 def _block_files(level_dir: Path, region: Region, block: tuple[int, int, int], chunks: tuple[int, int, int],

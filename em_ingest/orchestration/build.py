@@ -7,7 +7,8 @@ import dagster as dg
 from em_ingest.orchestration.catalog_assets import build_catalog_assets
 from em_ingest.orchestration.discovery import build_discovery_job
 from em_ingest.orchestration.executors import select_executor
-from em_ingest.orchestration.factory import build_source_assets, ome_zarr_key, raw_key
+from em_ingest.orchestration.factory import HANDOFF_IO_MANAGER, build_source_assets, ome_zarr_key, raw_key
+from em_ingest.orchestration.handoff import HandoffIOManager
 from em_ingest.orchestration.resources import EmIngestResource
 from em_ingest.selection import load_selection
 from em_ingest.settings import Settings
@@ -43,6 +44,6 @@ def build_definitions(settings: Settings | None = None, resource: EmIngestResour
         assets=assets,
         jobs=[*jobs, build_discovery_job(names)],
         sensors=[automation],
-        resources={"em_ingest": resource},
+        resources={"em_ingest": resource, HANDOFF_IO_MANAGER: HandoffIOManager(em_ingest=resource)},
         executor=select_executor(),
     )

@@ -1,4 +1,7 @@
-"""One factory turns a Source into its Dagster objects: raw + ome_zarr assets, partitions, checks, pool."""
+"""One factory turns a Source into its Dagster objects: raw + ome_zarr assets, partitions, checks, pool.
+
+`<source>/ome_zarr` is a graph of steps: plan, one step per region (a dynamic fan-out), publish.
+"""
 
 
 import base64
@@ -8,13 +11,16 @@ from pathlib import Path
 
 import dagster as dg
 
+from em_ingest.orchestration.handoff import forget_run
 from em_ingest.orchestration.resources import EmIngestResource
-from em_ingest.pipeline import CONVERTER_VERSION, Conversion, Pipeline
+from em_ingest.pipeline import CONVERTER_VERSION, Conversion, ConversionPlan, Pipeline, RegionWritten
 from em_ingest.selection import DatasetRequest
 from em_ingest.sources import Source
 from em_ingest.view import view_command
 
 RAW_CODE_VERSION = "1"
+# Passes the conversion's plan and region results between its steps (see orchestration/handoff.py).
+HANDOFF_IO_MANAGER = "em_ingest_handoff"
 
 
 def raw_key(source: str) -> dg.AssetKey:
@@ -99,64 +105,113 @@ def build_source_assets(source_cls: type[Source], partition_keys: list[str]) -> 
                                       "source (or the curator override) states."),
     ]
 
-    @dg.asset(
-        key=zarr_key,
+    @dg.graph_multi_asset(
+        name=f"{name}_ome_zarr",
         partitions_def=partitions,
         group_name=name,
-        deps=[raw_key(name)],
-        code_version=CONVERTER_VERSION,
-        kinds={"python", "zarr"},
-        tags=tags,
+        ins={"raw": dg.AssetIn(key=raw_key(name), dagster_type=dg.Nothing)},
         check_specs=checks,
-        automation_condition=dg.AutomationCondition.eager(),
-        description=(
-            f"Normalized multiscale OME-Zarr of each {name} dataset at `zarr/{name}/<dataset>.ome.zarr`: axes "
-            "z, y, x in nanometres, levels s0..sN downsampled 2x per axis, zstd, chunks of 64 voxels a side, "
-            "in the source's dtype. Published atomically; rewritten only when the raw download, the options "
-            "or the converter change. A metadata sidecar (em_ingest.json) feeds the catalog."
-        ),
+        outs={"image": dg.AssetOut(
+            key=zarr_key,
+            code_version=CONVERTER_VERSION,
+            kinds={"python", "zarr"},
+            tags=tags,
+            io_manager_key=HANDOFF_IO_MANAGER,
+            automation_condition=dg.AutomationCondition.eager(),
+            description=(
+                f"Normalized multiscale OME-Zarr of each {name} dataset at `zarr/{name}/<dataset>.ome.zarr`: axes "
+                "z, y, x in nanometres, levels s0..sN downsampled 2x per axis, zstd, chunks of 64 voxels a side, "
+                "in the source's dtype. Published atomically; rewritten only when the raw download, the options "
+                "or the converter change. A metadata sidecar (em_ingest.json) feeds the catalog. An image larger "
+                "than `region_bytes` is written by several region steps, which the run's executor can run side by "
+                "side; the last step writes the coarse levels and publishes."),
+        )},
     )
-    def ome_zarr(context: dg.AssetExecutionContext, em_ingest: EmIngestResource):
-        pipeline = em_ingest.pipeline()
-        request = pipeline.request(name, context.partition_key)
-        pipeline.public_url()  # a malformed EM_INGEST_PUBLIC_URL fails before the conversion, not after
-        conversion = pipeline.convert(request)
-        row = conversion.row
-        if conversion.skipped:
-            context.log.info(f"{name}/{request.key}: OME-Zarr already matches its inputs; nothing rewritten")
-        raw_bytes = row["raw_bytes"] or 0
-        stored = row["stored_bytes"] or 0
-        uncompressed = row["shape_z"] * row["shape_y"] * row["shape_x"] * _itemsize(row["dtype"])
-        yield dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(conversion.zarr_path)),
-                "shape_zyx": dg.MetadataValue.json([row["shape_z"], row["shape_y"], row["shape_x"]]),
-                "dtype": row["dtype"],
-                "voxel_size_nm_zyx": dg.MetadataValue.json(
-                    [row["voxel_size_z_nm"], row["voxel_size_y_nm"], row["voxel_size_x_nm"]]),
-                "voxel_size_origin": row["voxel_size_origin"],
-                "translation_nm_zyx": dg.MetadataValue.json(
-                    [row["translation_z_nm"], row["translation_y_nm"], row["translation_x_nm"]]),
-                "scales": dg.MetadataValue.md(_levels_table(conversion.levels)),
-                "n_scales": len(conversion.levels),
-                "chunk_shape": dg.MetadataValue.json(row["chunk_shape"]),
-                "compression": row["compression"],
-                "raw_bytes": raw_bytes,
-                "stored_bytes": stored,
-                "stored_size": _human_bytes(stored),
-                "compression_ratio": round(uncompressed / stored, 3) if stored else 0.0,
-                "raw_manifest_sha256": row["raw_manifest_sha256"],
-                "skipped_unchanged": conversion.skipped,
-                "thumbnail": _thumbnail_markdown(conversion.thumbnail_path),
-                # Label name -> what it holds; the same record as the catalog's extra_json.
-                "labels": dg.MetadataValue.json(json.loads(row["extra_json"] or "{}").get("labels") or {}),
-                "neuroglancer": _neuroglancer_metadata(pipeline, request, conversion),
-            },
-            data_version=dg.DataVersion(conversion.inputs_digest),
-        )
-        yield from _check_results(pipeline, request, conversion, zarr_key)
+    def ome_zarr(raw):
+        plan, regions = plan_conversion(raw)
+        parts = regions.map(lambda region: convert_region(plan, region)).collect()
+        return publish_image(plan, parts)
 
     return [raw, ome_zarr]
+
+
+def _request(context: dg.OpExecutionContext, em_ingest: EmIngestResource) -> tuple[Pipeline, DatasetRequest]:
+    """The pipeline and the partition's request, for an op of a source's `ome_zarr` asset (the ops are shared
+    by every source; the asset being materialized names the source)."""
+    (key,) = context.assets_def.keys_by_output_name.values()
+    pipeline = em_ingest.pipeline()
+    return pipeline, pipeline.request(key.path[0], context.partition_key)
+
+
+@dg.op(ins={"raw": dg.In(dg.Nothing)},
+       out={"plan": dg.Out(io_manager_key=HANDOFF_IO_MANAGER),
+            "regions": dg.DynamicOut(int, io_manager_key=HANDOFF_IO_MANAGER)})
+def plan_conversion(context: dg.OpExecutionContext, em_ingest: EmIngestResource) -> Iterator[dg.Output | dg.DynamicOutput]:
+    """Decide how the image is written: not at all when it matches its inputs, else in one or more regions."""
+    pipeline, request = _request(context, em_ingest)
+    pipeline.public_url()  # a malformed EM_INGEST_PUBLIC_URL fails before the conversion, not after
+    plan = pipeline.plan_conversion(request)
+    if plan.regions is None:
+        context.log.info(f"{request.source}/{request.key}: OME-Zarr already matches its inputs; nothing rewritten")
+    elif plan.regions.count > 1:
+        context.log.info(f"{request.source}/{request.key}: {plan.regions.count} regions, each writing levels "
+                         f"s0..s{plan.regions.top}; the last step writes the rest and publishes")
+    yield dg.Output(plan, "plan")
+    for index in range(plan.region_count):
+        yield dg.DynamicOutput(index, mapping_key=f"region_{index}", output_name="regions")
+
+
+@dg.op(out=dg.Out(io_manager_key=HANDOFF_IO_MANAGER))
+def convert_region(context: dg.OpExecutionContext, em_ingest: EmIngestResource, plan: ConversionPlan,
+                   region: int) -> RegionWritten:
+    """Write one region of the image: whole shards of s0 and of every level the region covers."""
+    pipeline, request = _request(context, em_ingest)
+    return pipeline.convert_region(request, plan, region)
+
+
+@dg.op(out={"image": dg.Out(io_manager_key=HANDOFF_IO_MANAGER),
+            "ome_ngff_valid": dg.Out(dg.Nothing), "matches_source": dg.Out(dg.Nothing)})
+def publish_image(context: dg.OpExecutionContext, em_ingest: EmIngestResource, plan: ConversionPlan,
+                  parts: list[RegionWritten]) -> Iterator[dg.Output | dg.AssetCheckResult]:
+    """The levels above the regions, labels, thumbnail and sidecar; publish; then the two checks."""
+    pipeline, request = _request(context, em_ingest)
+    zarr_key = ome_zarr_key(request.source)
+    conversion = pipeline.publish_conversion(request, plan, parts)
+    forget_run(pipeline.settings.data_root, context.run_id)
+    row = conversion.row
+    raw_bytes = row["raw_bytes"] or 0
+    stored = row["stored_bytes"] or 0
+    uncompressed = row["shape_z"] * row["shape_y"] * row["shape_x"] * _itemsize(row["dtype"])
+    yield dg.Output(
+        None, "image",
+        metadata={
+            "path": dg.MetadataValue.path(str(conversion.zarr_path)),
+            "shape_zyx": dg.MetadataValue.json([row["shape_z"], row["shape_y"], row["shape_x"]]),
+            "dtype": row["dtype"],
+            "voxel_size_nm_zyx": dg.MetadataValue.json(
+                [row["voxel_size_z_nm"], row["voxel_size_y_nm"], row["voxel_size_x_nm"]]),
+            "voxel_size_origin": row["voxel_size_origin"],
+            "translation_nm_zyx": dg.MetadataValue.json(
+                [row["translation_z_nm"], row["translation_y_nm"], row["translation_x_nm"]]),
+            "scales": dg.MetadataValue.md(_levels_table(conversion.levels)),
+            "n_scales": len(conversion.levels),
+            "chunk_shape": dg.MetadataValue.json(row["chunk_shape"]),
+            "compression": row["compression"],
+            "raw_bytes": raw_bytes,
+            "stored_bytes": stored,
+            "stored_size": _human_bytes(stored),
+            "compression_ratio": round(uncompressed / stored, 3) if stored else 0.0,
+            "raw_manifest_sha256": row["raw_manifest_sha256"],
+            "skipped_unchanged": conversion.skipped,
+            "region_steps": plan.region_count,
+            "thumbnail": _thumbnail_markdown(conversion.thumbnail_path),
+            # Label name -> what it holds; the same record as the catalog's extra_json.
+            "labels": dg.MetadataValue.json(json.loads(row["extra_json"] or "{}").get("labels") or {}),
+            "neuroglancer": _neuroglancer_metadata(pipeline, request, conversion),
+        },
+        data_version=dg.DataVersion(conversion.inputs_digest),
+    )
+    yield from _check_results(pipeline, request, conversion, zarr_key)
 
 
 def _neuroglancer_metadata(pipeline: Pipeline, request: DatasetRequest, conversion: Conversion) -> dg.MetadataValue:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # Bump when the conversion's output for the same input changes, so existing Zarrs are rewritten.
 CONVERTER_VERSION = "1"
+# How often a run polls while another run on this machine writes the same image.
+WAIT_FOR_OTHER_WRITER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class ConversionPlan:
     staging: str | None
     regions: RegionPlan | None
     levels: tuple[Level, ...]
+    replaces: str | None = None  # the version published when the plan was made
 
     @property
     def region_count(self) -> int:
@@ -91,7 +95,7 @@ class ConversionPlan:
     def to_json(self) -> str:
         return json.dumps({"source": self.source, "key": self.key, "inputs_digest": self.inputs_digest,
                            "staging": self.staging, "regions": self.regions.as_dict() if self.regions else None,
-                           "levels": [asdict(level) for level in self.levels]})
+                           "levels": [asdict(level) for level in self.levels], "replaces": self.replaces})
 
     @classmethod
     def from_json(cls, text: str) -> ConversionPlan:
@@ -99,7 +103,8 @@ class ConversionPlan:
         regions = RegionPlan.from_dict(record["regions"]) if record["regions"] else None
         levels = tuple(Level(lv["path"], triple(lv["shape"]), triple(lv["scale_nm"]), triple(lv["translation_nm"]),
                              triple(lv["factors"])) for lv in record["levels"])
-        return cls(record["source"], record["key"], record["inputs_digest"], record["staging"], regions, levels)
+        return cls(record["source"], record["key"], record["inputs_digest"], record["staging"], regions, levels,
+                   record.get("replaces"))
 
 
 @dataclass(frozen=True)
@@ -196,39 +201,52 @@ class Pipeline:
         """Decide how the image is written: not at all when it already matches its inputs, else in
         `region_count` regions (see `omezarr.regions`) into a new version folder made here, with the image's
         metadata and empty levels."""
-        with storage.partition_lock(self.root, request.source, request.key):
-            source = self.source(request.source)
-            raw = self.raw_store(request, source)
-            manifest = raw.previous
-            if manifest is None:
-                raise EmIngestError(f"{request.source}/{request.key}: no raw download yet; materialize "
-                                    f"{request.source}/raw for this partition first")
-            digest = self.inputs_digest(request, manifest)
-            final = storage.zarr_path(self.root, request.source, request.key)
-            if not force and self._up_to_date(request, final, digest):
-                return ConversionPlan(request.source, request.key, digest, None, None, ())
-            if raw.interrupted:
-                raise EmIngestError(f"{raw.dir}: the last fetch of {request.source}/{request.key} did not finish, so "
-                                    f"its files may not match {raw.manifest_path.name}; materialize {request.source}/raw "
-                                    "for this partition again before converting")
-            with source.open_volume(request, raw) as volume:
-                limits.check_volume(volume.shape, np.dtype(volume.dtype).itemsize, self.settings.limits,
-                                    f"{request.source}/{request.key} ({volume.name})", raw_bytes=manifest.total_bytes)
-                geometry = resolve_geometry(volume, request)
-                staging = storage.new_version(final)
-                try:
-                    levels = create_image(staging, volume.shape, volume.dtype, geometry,
-                                          name=f"{request.source}/{request.key}", layout=self.layout)
-                except BaseException:
-                    storage.discard_version(staging)
-                    raise
-                blocks = [self.layout.block_for(level.shape) for level in levels]
-                regions = plan_regions(levels, blocks, np.dtype(volume.dtype).itemsize, self.region_bytes)
+        final = storage.zarr_path(self.root, request.source, request.key)
+        while True:
+            with storage.partition_lock(self.root, request.source, request.key):
+                busy = storage.writers_elsewhere(final)
+                if not busy:
+                    return self._plan(request, final, force=force)
+            # Another run on this machine is converting this image now: wait for it, then see whether
+            # it left anything to do (usually not: the same inputs give the same image).
+            log.info("%s/%s: another run is writing %s; waiting for it", request.source, request.key, busy[0])
+            time.sleep(WAIT_FOR_OTHER_WRITER_S)
+
+    def _plan(self, request: DatasetRequest, final: Path, *, force: bool) -> ConversionPlan:
+        """`plan_conversion`'s work, under the partition lock."""
+        source = self.source(request.source)
+        raw = self.raw_store(request, source)
+        manifest = raw.previous
+        if manifest is None:
+            raise EmIngestError(f"{request.source}/{request.key}: no raw download yet; materialize "
+                                f"{request.source}/raw for this partition first")
+        digest = self.inputs_digest(request, manifest)
+        if not force and self._up_to_date(request, final, digest):
+            return ConversionPlan(request.source, request.key, digest, None, None, ())
+        if raw.interrupted:
+            raise EmIngestError(f"{raw.dir}: the last fetch of {request.source}/{request.key} did not finish, so "
+                                f"its files may not match {raw.manifest_path.name}; materialize {request.source}/raw "
+                                "for this partition again before converting")
+        with source.open_volume(request, raw) as volume:
+            limits.check_volume(volume.shape, np.dtype(volume.dtype).itemsize, self.settings.limits,
+                                f"{request.source}/{request.key} ({volume.name})", raw_bytes=manifest.total_bytes)
+            geometry = resolve_geometry(volume, request)
+            staging = storage.new_version(final)
+            try:
+                levels = create_image(staging, volume.shape, volume.dtype, geometry,
+                                      name=f"{request.source}/{request.key}", layout=self.layout)
+            except BaseException:
+                storage.discard_version(staging)
+                raise
+            blocks = [self.layout.block_for(level.shape) for level in levels]
+            regions = plan_regions(levels, blocks, np.dtype(volume.dtype).itemsize, self.region_bytes)
         if regions.count > 1:
             log.info("%s/%s: %s converted in %d regions of up to %s (levels s0..s%d; s%d.. by the last step)",
                      request.source, request.key, "x".join(map(str, volume.shape)), regions.count,
                      self.settings.region_bytes, regions.top, regions.top + 1)
-        return ConversionPlan(request.source, request.key, digest, str(staging), regions, tuple(levels))
+        published = storage.current_target(final)
+        return ConversionPlan(request.source, request.key, digest, str(staging), regions, tuple(levels),
+                              str(published) if published else None)
 
     @property
     def region_bytes(self) -> int:
@@ -284,6 +302,16 @@ class Pipeline:
             raise EmIngestError(f"{request.source}/{request.key}: regions {missing} were not written")
         staging = Path(plan.staging)
         with storage.partition_lock(self.root, request.source, request.key):
+            published = storage.current_target(final)
+            if str(published) != str(plan.replaces) and self._up_to_date(request, final, plan.inputs_digest):
+                # Another run published the same inputs meanwhile (on another machine: runs on this one wait
+                # for each other in `plan_conversion`); its image is the one this run would publish.
+                log.info("%s/%s: another run published this image meanwhile; this run's copy is discarded",
+                         request.source, request.key)
+                storage.discard_version(staging)
+                sidecar = catalog.read_sidecar(final)
+                return Conversion(sidecar["catalog_row"], sidecar["levels"], final, final / "thumbnail.png", True,
+                                  plan.inputs_digest)
             storage.claim_version(staging)
             try:
                 conversion = self._finish(request, plan, parts, staging, final)

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from em_ingest.errors import ConfigurationError
 
@@ -192,14 +193,37 @@ def _is_version_of(path: Path, versions: Path) -> bool:
             and path.resolve().parent == versions.resolve())
 
 
+def writers_elsewhere(final: Path) -> list[Path]:
+    """Unpublished version folders of `final` that another live process on this host is writing now (a second
+    run of the same partition waits for these rather than doing the same work beside them)."""
+    versions = final.parent / VERSIONS_DIR / final.name
+    if not versions.is_dir():
+        return []
+    published = current_target(final)
+    busy = []
+    for entry in versions.iterdir():
+        if entry == published or not _is_version_of(entry, versions):
+            continue
+        record = _read_record(entry)
+        if (record and record.get("host") == socket.gethostname() and record.get("pid") != os.getpid()
+                and _alive(int(record["pid"])) and not _abandoned(entry)):
+            busy.append(entry)
+    return busy
+
+
+def _read_record(version: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(_writer_record(version).read_text())
+        float(record["at"]), int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _abandoned(version: Path) -> bool:
     """Whether no live process writes into `version` any more (see `claim_version`)."""
-    record_path = _writer_record(version)
-    try:
-        record = json.loads(record_path.read_text())
-        last = float(record["at"])
-    except (OSError, ValueError, KeyError, TypeError):
-        record, last = None, version.stat().st_mtime
+    record = _read_record(version)
+    last = float(record["at"]) if record else version.stat().st_mtime
     if time.time() - last >= STALE_STAGING_S:
         return True
     return record is not None and record.get("host") == socket.gethostname() and not _alive(int(record["pid"]))

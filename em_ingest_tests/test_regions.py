@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from em_ingest.formats.volume import ArrayVolume, Geometry
 from em_ingest.omezarr.pyramid import plan_pyramid
 from em_ingest.omezarr.regions import covers_whole_blocks, footprint, plan_regions
-from em_ingest.omezarr.writer import (Intensity, StoredLevel, ZarrLayout, create_image, finish_image, write_levels,
-                                      write_ome_zarr)
+from em_ingest.omezarr.writer import Intensity, StoredLevel, ZarrLayout, create_image, finish_image, write_levels, write_ome_zarr
 from em_ingest.settings import parse_bytes
 
 LAYOUT = ZarrLayout(chunks=(16, 16, 16), chunks_per_shard=(2, 2, 2))
@@ -88,7 +87,7 @@ def test_region_steps_write_the_one_process_image_byte_for_byte(tmp_path, ngff_v
     whole = write_ome_zarr(ArrayVolume(data), geometry, tmp_path / "one.ome.zarr", name="img", layout=layout)
     expected = _files(tmp_path / "one.ome.zarr")
 
-    backwards = lambda n: reversed(range(n))  # noqa: E731 - region order must not matter
+    backwards = lambda n: reversed(range(n))
     plan, split = _write_in_regions(ArrayVolume(data), geometry, tmp_path / "split.ome.zarr", layout,
                                     region_bytes=200 * data.itemsize << 10, order=backwards)
     assert plan.count >= 8 and 0 < plan.top < len(whole.levels) - 1, "several regions, levels on both sides"
@@ -133,3 +132,87 @@ def test_region_bytes_are_read_with_units(text, expected):
 def test_region_bytes_refuse_what_is_not_a_size(text):
     with pytest.raises(ValueError, match="EM_INGEST_REGION_BYTES"):
         parse_bytes(text, "EM_INGEST_REGION_BYTES")
+
+
+# ---- through Dagster: the ome_zarr asset fans out into region steps ------------------------------------------
+EPFL_KEY = "hippocampus-training"
+EPFL_PATH = "/groups/c/cv/cvlab-unit/www/data/ ElectronMicroscopy_Hippocampus/training.tif"
+# Two s0 shards (128 x 256 x 256) along each axis, the far ones partial.
+LARGE = (130, 260, 270)
+
+
+@pytest.fixture
+def large_epfl(tmp_path, fresh_replica):
+    import io
+
+    import tifffile
+
+    from em_ingest_tests.harness import workspace_for
+
+    replica = fresh_replica("epfl")
+    volume = np.random.default_rng(3).integers(0, 255, LARGE, dtype=np.uint8)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, volume)
+    replica.http.add_file(EPFL_PATH, buffer.getvalue())
+    spaces = [workspace_for(tmp_path / name, replica, selection={"epfl": {EPFL_KEY: {"file": "training.tif"}}})
+              for name in ("one", "split")]
+    spaces[1].env["EM_INGEST_REGION_BYTES"] = "8MiB"
+    return volume, spaces
+
+
+def _steps(result) -> list[str]:
+    import dagster as dg
+
+    return [e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_SUCCESS]
+
+
+def test_the_asset_converts_a_large_image_in_region_steps_with_the_same_output(large_epfl):
+    from em_ingest import catalog, storage
+    from em_ingest_tests.harness import read_s0
+
+    volume, (one, split) = large_epfl
+    first = one.materialize("epfl", EPFL_KEY)
+    second = split.materialize("epfl", EPFL_KEY)
+    assert sum("convert_region[" in s for s in _steps(first)) == 1
+    regions = [s for s in _steps(second) if "convert_region[" in s]
+    assert len(regions) == 8, regions  # 2 x 2 x 2 shards of 8 MiB, one a region
+    materialization = second.asset_materializations_for_node("epfl_ome_zarr")[0]
+    assert materialization.metadata["region_steps"].value == 8
+    checks = second.get_asset_check_evaluations()
+    assert {c.check_name: c.passed for c in checks} == {"ome_ngff_valid": True, "matches_source": True}
+    np.testing.assert_array_equal(read_s0(split, "epfl", EPFL_KEY), volume)
+
+    images = [storage.zarr_path(ws.data_root, "epfl", EPFL_KEY) for ws in (one, split)]
+    files = [{k: v for k, v in _files(image).items() if k != catalog.SIDECAR_NAME} for image in images]
+    assert sorted(files[0]) == sorted(files[1]) and [k for k in files[0] if files[0][k] != files[1][k]] == []
+    rows = [catalog.read_sidecar(image)["catalog_row"] for image in images]
+    same = ("shape_z", "shape_y", "shape_x", "n_scales", "stored_bytes", "intensity_min", "intensity_max",
+            "intensity_mean", "raw_manifest_sha256")
+    assert [rows[0][k] for k in same] == [rows[1][k] for k in same]
+    # Nothing is left behind: no hand-off records of the finished run, no staging folder.
+    assert not any((split.data_root / ".runs").iterdir())
+    versions = images[1].parent / storage.VERSIONS_DIR / images[1].name
+    assert list(versions.iterdir()) == [storage.current_target(images[1])]
+
+    again = split.materialize("epfl", EPFL_KEY)  # up to date: planned as nothing, no region step
+    assert not [s for s in _steps(again) if "convert_region[" in s]
+    assert again.asset_materializations_for_node("epfl_ome_zarr")[0].metadata["skipped_unchanged"].value is True
+
+
+def test_region_steps_run_in_their_own_processes_under_the_multiprocess_executor(large_epfl):
+    import dagster as dg
+
+    from em_ingest_tests.harness import read_s0
+
+    volume, (_one, split) = large_epfl
+    split.env.update(EM_INGEST_EXECUTOR="multiprocess", EM_INGEST_REGION_BYTES="16MiB")  # 4 regions of 2 shards
+    result = split.dagster_cli("asset", "materialize", "-m", "em_ingest.definitions", "--select",
+                               "epfl/raw,epfl/ome_zarr", "--partition", EPFL_KEY, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(read_s0(split, "epfl", EPFL_KEY), volume)
+    instance = dg.DagsterInstance.from_config(str(split.root / "dagster_home"))
+    (run,) = instance.get_runs()
+    starts = [e for e in instance.all_logs(run.run_id) if e.dagster_event_type == dg.DagsterEventType.STEP_START]
+    region_pids = {e.dagster_event.pid for e in starts if "convert_region[" in e.step_key}
+    assert len([e for e in starts if "convert_region[" in e.step_key]) == 4
+    assert len(region_pids) == 4, "each region step ran in a process of its own"

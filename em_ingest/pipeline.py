@@ -197,7 +197,7 @@ class Pipeline:
         parts = [self.convert_region(request, plan, i) for i in range(plan.region_count)]
         return self.publish_conversion(request, plan, parts)
 
-    def plan_conversion(self, request: DatasetRequest, *, force: bool = False) -> ConversionPlan:
+    def plan_conversion(self, request: DatasetRequest, *, force: bool = False, run_id: str | None = None) -> ConversionPlan:
         """Decide how the image is written: not at all when it already matches its inputs, else in
         `region_count` regions (see `omezarr.regions`) into a new version folder made here, with the image's
         metadata and empty levels."""
@@ -206,13 +206,13 @@ class Pipeline:
             with storage.partition_lock(self.root, request.source, request.key):
                 busy = storage.writers_elsewhere(final)
                 if not busy:
-                    return self._plan(request, final, force=force)
+                    return self._plan(request, final, force=force, run_id=run_id)
             # Another run on this machine is converting this image now: wait for it, then see whether
             # it left anything to do (usually not: the same inputs give the same image).
             log.info("%s/%s: another run is writing %s; waiting for it", request.source, request.key, busy[0])
             time.sleep(WAIT_FOR_OTHER_WRITER_S)
 
-    def _plan(self, request: DatasetRequest, final: Path, *, force: bool) -> ConversionPlan:
+    def _plan(self, request: DatasetRequest, final: Path, *, force: bool, run_id: str | None) -> ConversionPlan:
         """`plan_conversion`'s work, under the partition lock."""
         source = self.source(request.source)
         raw = self.raw_store(request, source)
@@ -231,7 +231,7 @@ class Pipeline:
             limits.check_volume(volume.shape, np.dtype(volume.dtype).itemsize, self.settings.limits,
                                 f"{request.source}/{request.key} ({volume.name})", raw_bytes=manifest.total_bytes)
             geometry = resolve_geometry(volume, request)
-            staging = storage.new_version(final)
+            staging = storage.new_version(final, run_id)
             try:
                 levels = create_image(staging, volume.shape, volume.dtype, geometry,
                                       name=f"{request.source}/{request.key}", layout=self.layout)
@@ -268,15 +268,15 @@ class Pipeline:
                         request.source, request.key, "; ".join(damage[:5]))
         return not damage
 
-    def convert_region(self, request: DatasetRequest, plan: ConversionPlan, index: int,
-                       on_block: Callable[[int], None] | None = None) -> RegionWritten:
+    def convert_region(self, request: DatasetRequest, plan: ConversionPlan, index: int, *,
+                       run_id: str | None = None, on_block: Callable[[int], None] | None = None) -> RegionWritten:
         """Write levels s0..s`top` of one region of a planned conversion (see `plan_conversion`)."""
         assert plan.staging is not None and plan.regions is not None, "a skipped conversion has no regions"
         staging = Path(plan.staging)
         if not staging.is_dir():
             raise EmIngestError(f"{request.source}/{request.key}: the version folder {staging} this conversion was "
                                 "writing is gone (removed as abandoned?); materialize the partition again")
-        storage.claim_version(staging)
+        storage.claim_version(staging, run_id)
         source = self.source(request.source)
         levels = list(plan.levels)
         try:
@@ -289,9 +289,10 @@ class Pipeline:
             raise
         return RegionWritten(index, intensity.as_dict())
 
-    def publish_conversion(self, request: DatasetRequest, plan: ConversionPlan,
-                           parts: Sequence[RegionWritten]) -> Conversion:
-        """After every region: the levels above them, labels, thumbnail, sidecar, then the atomic publish."""
+    def publish_conversion(self, request: DatasetRequest, plan: ConversionPlan, parts: Sequence[RegionWritten], *,
+                           run_id: str | None = None, finished_run: Callable[[str], bool] | None = None) -> Conversion:
+        """After every region: the levels above them, labels, thumbnail, sidecar, then the atomic publish.
+        `finished_run` tells whether an orchestrator run is over (its abandoned version folders then go)."""
         final = storage.zarr_path(self.root, request.source, request.key)
         if plan.staging is None or plan.regions is None:
             sidecar = catalog.read_sidecar(final)
@@ -312,13 +313,13 @@ class Pipeline:
                 sidecar = catalog.read_sidecar(final)
                 return Conversion(sidecar["catalog_row"], sidecar["levels"], final, final / "thumbnail.png", True,
                                   plan.inputs_digest)
-            storage.claim_version(staging)
+            storage.claim_version(staging, run_id)
             try:
                 conversion = self._finish(request, plan, parts, staging, final)
             except BaseException:
                 storage.discard_version(staging)
                 raise
-            storage.publish_version(final, staging)
+            storage.publish_version(final, staging, finished_run)
         return conversion
 
     def _finish(self, request: DatasetRequest, plan: ConversionPlan, parts: Sequence[RegionWritten],

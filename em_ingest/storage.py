@@ -11,7 +11,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -106,27 +106,28 @@ def catalog_path(root: Path) -> Path:
     return root / "catalog" / "metadata_catalog.parquet"
 
 
-def new_version(final: Path) -> Path:
+def new_version(final: Path, run_id: str | None = None) -> Path:
     """A fresh, empty version folder for `final`, claimed by this process (see `claim_version`)."""
     versions = final.parent / VERSIONS_DIR / final.name
     versions.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     staging = versions / f"{stamp}-{uuid.uuid4().hex[:8]}"
+    claim_version(staging, run_id)  # first, so no folder is ever seen without its writer's record
     staging.mkdir()
-    claim_version(staging)
     return staging
 
 
-def claim_version(staging: Path) -> None:
-    """Record that this process writes into `staging` now.
+def claim_version(staging: Path, run_id: str | None = None) -> None:
+    """Record that this process (of orchestrator run `run_id`, if any) writes into `staging` now.
 
     The record (`<version>.writer`, beside the folder so the image never holds it) is how a later publish
     tells an abandoned folder from one a live step is still writing: one whose last writer ran on this
-    host and has exited is abandoned (a killed run), and so is one untouched for a day (a writer on
-    another host or container, whose process cannot be checked from here). Steps of one conversion may
-    run in different processes, so each claims the folder when it starts.
+    host and has exited is abandoned (a killed run), so is one whose run the orchestrator reports finished,
+    and so is one untouched for a day (a writer on another host or container, whose process cannot be
+    checked from here). Steps of one conversion may run in different processes, so each claims the folder
+    when it starts.
     """
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "at": time.time(), "run": run_id}
     _writer_record(staging).write_text(json.dumps(record))
 
 
@@ -140,12 +141,13 @@ def discard_version(staging: Path) -> None:
     _writer_record(staging).unlink(missing_ok=True)
 
 
-def publish_version(final: Path, staging: Path) -> None:
+def publish_version(final: Path, staging: Path, finished_run: Callable[[str], bool] | None = None) -> None:
     """Publish the complete version folder `staging` as `final` in one atomic step.
 
     `final` is a symlink into the hidden versions folder, swapped with rename(2), so readers see the
     previous complete version or the new complete version and never a partial one. The previous
-    version is removed, and so are abandoned folders (see `claim_version`).
+    version is removed, and so are abandoned folders (see `claim_version`; `finished_run` tells whether an
+    orchestrator run is over).
     """
     versions = final.parent / VERSIONS_DIR / final.name
     previous = current_target(final)
@@ -162,7 +164,7 @@ def publish_version(final: Path, staging: Path) -> None:
         else:  # moved, restored or edited by hand: not ours to delete
             log.warning("%s pointed to %s, outside %s; left in place", final, previous, versions)
     for entry in versions.iterdir():
-        if entry != staging and _is_version_of(entry, versions) and _abandoned(entry):
+        if entry != staging and _is_version_of(entry, versions) and _abandoned(entry, finished_run):
             discard_version(entry)
 
 
@@ -220,11 +222,13 @@ def _read_record(version: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _abandoned(version: Path) -> bool:
+def _abandoned(version: Path, finished_run: Callable[[str], bool] | None = None) -> bool:
     """Whether no live process writes into `version` any more (see `claim_version`)."""
     record = _read_record(version)
     last = float(record["at"]) if record else version.stat().st_mtime
     if time.time() - last >= STALE_STAGING_S:
+        return True
+    if record and record.get("run") and finished_run is not None and finished_run(str(record["run"])):
         return True
     return record is not None and record.get("host") == socket.gethostname() and not _alive(int(record["pid"]))
 

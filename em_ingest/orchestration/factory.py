@@ -135,6 +135,12 @@ def build_source_assets(source_cls: type[Source], partition_keys: list[str]) -> 
     return [raw, ome_zarr]
 
 
+def _finished(instance: dg.DagsterInstance, run_id: str) -> bool:
+    """Whether the instance knows run `run_id` as over (a run it does not know cannot be checked: not over)."""
+    run = instance.get_run_by_id(run_id)
+    return run is not None and run.is_finished
+
+
 def _request(context: dg.OpExecutionContext, em_ingest: EmIngestResource) -> tuple[Pipeline, DatasetRequest]:
     """The pipeline and the partition's request, for an op of a source's `ome_zarr` asset (the ops are shared
     by every source; the asset being materialized names the source)."""
@@ -150,7 +156,7 @@ def plan_conversion(context: dg.OpExecutionContext, em_ingest: EmIngestResource)
     """Decide how the image is written: not at all when it matches its inputs, else in one or more regions."""
     pipeline, request = _request(context, em_ingest)
     pipeline.public_url()  # a malformed EM_INGEST_PUBLIC_URL fails before the conversion, not after
-    plan = pipeline.plan_conversion(request)
+    plan = pipeline.plan_conversion(request, run_id=context.run_id)
     if plan.regions is None:
         context.log.info(f"{request.source}/{request.key}: OME-Zarr already matches its inputs; nothing rewritten")
     elif plan.regions.count > 1:
@@ -166,7 +172,7 @@ def convert_region(context: dg.OpExecutionContext, em_ingest: EmIngestResource, 
                    region: int) -> RegionWritten:
     """Write one region of the image: whole shards of s0 and of every level the region covers."""
     pipeline, request = _request(context, em_ingest)
-    return pipeline.convert_region(request, plan, region)
+    return pipeline.convert_region(request, plan, region, run_id=context.run_id)
 
 
 @dg.op(out={"image": dg.Out(io_manager_key=HANDOFF_IO_MANAGER),
@@ -176,7 +182,8 @@ def publish_image(context: dg.OpExecutionContext, em_ingest: EmIngestResource, p
     """The levels above the regions, labels, thumbnail and sidecar; publish; then the two checks."""
     pipeline, request = _request(context, em_ingest)
     zarr_key = ome_zarr_key(request.source)
-    conversion = pipeline.publish_conversion(request, plan, parts)
+    conversion = pipeline.publish_conversion(request, plan, parts, run_id=context.run_id,
+                                             finished_run=lambda run_id: _finished(context.instance, run_id))
     forget_run(pipeline.settings.data_root, context.run_id)
     row = conversion.row
     raw_bytes = row["raw_bytes"] or 0

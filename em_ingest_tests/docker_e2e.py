@@ -760,6 +760,9 @@ class EndToEnd:
             if reloaded["__typename"] != "WorkspaceLocationEntry":
                 raise E2EFailure(f"reloading the code location: {reloaded}")
             wait_for("the code location reloaded", self.stack.location_loaded, 180, 2)
+            # Unpublished, so the image is converted again: plan, region and publish steps then pass their records
+            # to each other through the data volume, from container to container.
+            (self.data / "zarr" / source / f"{key}.ome.zarr").unlink()
             run_id = self.stack.materialize_partition(source, key, f"{source}/{key} (step containers)")
             self.stack.wait_runs([run_id], timeout_s=600, what="a run with per-step containers")
         steps = {}
@@ -768,8 +771,10 @@ class EndToEnd:
                 entries = {m["label"]: m.get("text") for m in event["metadataEntries"]}
                 steps[event["stepKey"]] = entries.get("Docker container id")
         self.stack.step_containers += [c for c in steps.values() if c]
-        if len(steps) != 2 or not all(steps.values()) or len(set(steps.values())) != 2:
-            raise E2EFailure(f"expected two steps, each in its own container; saw {steps}")
+        expected = {f"{source}__raw", f"{source}_ome_zarr.plan_conversion", f"{source}_ome_zarr.convert_region[region_0]",
+                    f"{source}_ome_zarr.publish_image"}
+        if set(steps) != expected or not all(steps.values()) or len(set(steps.values())) != len(expected):
+            raise E2EFailure(f"expected the steps {sorted(expected)}, each in its own container; saw {steps}")
         run_info = inspect(self.stack.run_container(run_id) or "")
         socket_mounted = lambda info: any(m["Destination"] == "/var/run/docker.sock" for m in info["Mounts"])
         if not socket_mounted(run_info):

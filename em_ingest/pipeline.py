@@ -22,7 +22,8 @@ from em_ingest.formats.volume import Geometry, Volume, triple
 from em_ingest.omezarr.labels import WrittenLabel, write_labels
 from em_ingest.omezarr.validate import validate_ome_zarr
 from em_ingest.omezarr.writer import WriteResult, ZarrLayout, write_ome_zarr
-from em_ingest.raw import Manifest, RawStore
+from em_ingest.progress import Progress, Sink
+from em_ingest.raw import Manifest, RawStore, fetch_progress
 from em_ingest.selection import DatasetRequest, Selection, load_selection
 from em_ingest.settings import Settings
 from em_ingest.sources import Description, Source, option_models, source_classes
@@ -116,16 +117,21 @@ class Pipeline:
             return None
         return view.neuroglancer_link(row, base, view.label_names(zarr_dir))
 
-    def raw_store(self, request: DatasetRequest, source: Source) -> RawStore:
+    def raw_store(self, request: DatasetRequest, source: Source, *, progress: Progress | None = None) -> RawStore:
         return RawStore(self.root, request.source, request.key, source.transports,
-                        max_in_flight=self.settings.transfer.max_in_flight)
+                        max_in_flight=self.settings.transfer.max_in_flight, progress=progress)
 
     # ---- steps ------------------------------------------------------------------------------
-    def fetch_raw(self, request: DatasetRequest) -> Manifest:
-        """Bring raw/<source>/<key> up to date; returns the new manifest (with transfer stats)."""
+    def fetch_raw(self, request: DatasetRequest, *, progress_sink: Sink | None = None) -> Manifest:
+        """Bring raw/<source>/<key> up to date; returns the new manifest (with transfer stats).
+
+        How far the fetch has come goes to `progress_sink` as one-line messages (see `Progress`; default:
+        the `em_ingest.progress` logger), ending with a final line.
+        """
         source = self.source(request.source)
-        with storage.partition_lock(self.root, request.source, request.key):
-            raw = self.raw_store(request, source)
+        with storage.partition_lock(self.root, request.source, request.key), \
+                fetch_progress(request.source, request.key, progress_sink) as progress:
+            raw = self.raw_store(request, source, progress=progress)
             raw.begin()  # sources may also write into the folder directly; commit clears the mark
             return source.fetch_raw(request, raw)
 

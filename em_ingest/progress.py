@@ -47,7 +47,8 @@ class Progress:
     rate). Totals are given up front or added with `expect` as they become known; units expected without
     a size keep the percentage in units until `sized` tells their bytes. A line goes to `sink` at most
     every `every_s` seconds, or sooner each time another `every_fraction` of the total is done (but never
-    twice within `min_interval_s`), and `finish` (or leaving a `with` block) writes the final line.
+    twice within `min_interval_s`), and `finish` (or leaving a `with` block) writes the final line. The
+    sink is called under the reporter's lock, so lines arrive whole and in order.
 
     `advance` is cheap (a lock, a clock read and a comparison) so it can be called per chunk or block.
     """
@@ -95,9 +96,7 @@ class Progress:
             if (now < self._next_line_at
                     and (self._bytes if self._by_bytes else self._units) < self._next_mark) or self._finished:
                 return
-            line = self._line_if_due(now)
-        if line is not None:
-            self.sink(line)
+            self._write_if_due(now)
 
     def skip(self, units: int = 1, nbytes: int = 0) -> None:
         """`units` found already done (e.g. unchanged since the last fetch): done, but not part of the rate."""
@@ -107,9 +106,8 @@ class Progress:
             self._bytes += nbytes
             self._skipped_units += units
             self._skipped_bytes += nbytes
-            line = None if self._finished else self._line_if_due(now)
-        if line is not None:
-            self.sink(line)
+            if not self._finished:
+                self._write_if_due(now)
 
     def expect(self, units: int = 0, nbytes: int | None = 0) -> None:
         """Add to the totals: `units` more to do, of `nbytes` bytes altogether (None: not known yet)."""
@@ -136,8 +134,7 @@ class Progress:
             if self._finished:
                 return
             self._finished = True
-            line = self._format(now, final="failed" if failed else "done")
-        self.sink(line)
+            self.sink(self._format(now, final="failed" if failed else "done"))
 
     def __enter__(self) -> Progress:
         return self
@@ -185,16 +182,18 @@ class Progress:
         # No line for reaching 100 %: the final line follows.
         self._next_mark = mark if mark < total - step / 2 else float("inf")
 
-    def _line_if_due(self, now: float) -> str | None:
+    def _write_if_due(self, now: float) -> None:
+        # The sink is called under the lock: lines arrive whole and in order, and lines are rare enough
+        # (a second or more apart) that the other threads' wait for one does not matter.
         self._start(now)
         by_time = now >= self._next_line_at
         by_fraction = (self._bytes if self._by_bytes else self._units) >= self._next_mark
         if not by_time and not (by_fraction and now - self._last_line >= self.min_interval_s):
-            return None
+            return
         self._last_line = now
         self._next_line_at = now + self.every_s
         self._replan()
-        return self._format(now)
+        self.sink(self._format(now))
 
     def _format(self, now: float, final: str | None = None) -> str:
         """The message. A line on the way gives the rate since the previous line (the current speed, which

@@ -30,7 +30,9 @@ def human_bytes(n: float) -> str:
 
 
 def human_duration(seconds: float) -> str:
-    """A duration to the nearest second, e.g. "45 s", "3 min 12 s", "2 h 05 min"."""
+    """A duration, e.g. "0.4 s", "45 s", "3 min 12 s", "2 h 05 min"."""
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
     s = round(seconds)
     if s < 60:
         return f"{s} s"

@@ -13,6 +13,7 @@ from em_ingest.progress import Progress, human_bytes, human_duration
 from em_ingest.raw import RawStore, fetch_progress
 from em_ingest.replicas.http import ReplicaHTTPServer
 from em_ingest.settings import TransferSettings
+from em_ingest.transfer.ftp import FtpClient
 from em_ingest.transfer.http import HttpClient
 
 FAST = TransferSettings(max_attempts=4, backoff_initial_s=0.01, backoff_max_s=0.05, read_timeout_s=2.0)
@@ -184,6 +185,25 @@ def test_one_large_download_reports_its_bytes_while_it_runs(server, tmp_path, cl
     again.finish()
     assert re.fullmatch(r"fetch test/k: done in \S+ s, 1/1 objects \(0 fetched, 1 unchanged\), 1\.0 MiB of 1\.0 MiB",
                         lines[-1])
+
+
+def test_an_ftp_download_tells_the_bytes_it_holds_as_they_arrive(replicas, tmp_path):
+    from em_ingest.replicas.empiar import TREE
+
+    empiar = replicas["empiar"]
+    url = f"{empiar.ftp_url}{TREE}/90001/data/tomograms/tomo_01.rec"  # about 1.5 MB
+    client = FtpClient(FAST)
+    remote = client.stat(url)
+    held: list[int] = []
+    empiar.ftp_faults.cut_after_bytes, empiar.ftp_faults.cuts = 500_000, 1
+    try:
+        download = client.fetch(url, tmp_path / "tomo_01.rec", expected=remote, on_bytes=held.append)
+        resumed_at = list(empiar.ftp_faults.rest_offsets)
+    finally:
+        empiar.ftp_faults.clear()
+    assert len(resumed_at) == 1 and 0 < resumed_at[0] <= 500_000
+    assert len(held) >= 10 and held == sorted(held)  # the resumed transfer continues from what it held
+    assert held[-1] == download.size == remote.size
 
 
 def test_progress_lines_reach_the_run_log_of_the_raw_step(workspace):

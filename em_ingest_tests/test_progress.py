@@ -202,7 +202,8 @@ def test_an_ftp_download_tells_the_bytes_it_holds_as_they_arrive(replicas, tmp_p
     finally:
         empiar.ftp_faults.clear()
     assert len(resumed_at) == 1 and 0 < resumed_at[0] <= 500_000
-    assert len(held) >= 10 and held == sorted(held)  # the resumed transfer continues from what it held
+    # Several reports on the way (recv sizes vary), and the resumed transfer continues from what it held.
+    assert len(held) >= 3 and held[0] < remote.size and held == sorted(held)
     assert held[-1] == download.size == remote.size
 
 

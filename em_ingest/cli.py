@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +36,28 @@ def _require_replicas() -> None:
                             'pip install -e ".[replicas]" (or "em-ingest[replicas]")')
 
 
+@contextmanager
+def _progress_on_stderr() -> Iterator[None]:
+    """While the demo runs, the core's progress lines (logger em_ingest.progress; each names the step and its
+    partition, e.g. "fetch epfl/hippocampus-training: ...") go to stderr, indented, ahead of the line that says
+    how that partition's run ended."""
+    from em_ingest.progress import LOGGER_NAME
+
+    logger = logging.getLogger(LOGGER_NAME)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("    %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # shown once, here, whatever the root logger does
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def _demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
@@ -44,7 +69,7 @@ def _demo(args: argparse.Namespace) -> int:
     data_root = local_root(args.data_root)
     data_root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with ReplicaSet(args.source or None) as replicas:
+    with ReplicaSet(args.source or None) as replicas, _progress_on_stderr():
         selection_file = replicas.write_selection(data_root / "datasets.demo.yaml")
         # The pipeline reads its configuration from the environment, exactly as under `dagster dev`.
         os.environ.update(replicas.env)

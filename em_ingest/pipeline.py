@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -26,7 +27,8 @@ from em_ingest.omezarr.pyramid import Level
 from em_ingest.omezarr.regions import RegionPlan, plan_regions
 from em_ingest.omezarr.validate import validate_ome_zarr
 from em_ingest.omezarr.writer import Intensity, StoredLevel, WriteResult, ZarrLayout, create_image, finish_image, write_levels
-from em_ingest.raw import Manifest, RawStore
+from em_ingest.progress import Progress, Sink
+from em_ingest.raw import Manifest, RawStore, fetch_progress
 from em_ingest.selection import DatasetRequest, Selection, load_selection
 from em_ingest.settings import Settings, parse_bytes
 from em_ingest.sources import Description, Source, option_models, source_classes
@@ -172,16 +174,21 @@ class Pipeline:
             return None
         return view.neuroglancer_link(row, base, view.label_names(zarr_dir))
 
-    def raw_store(self, request: DatasetRequest, source: Source) -> RawStore:
+    def raw_store(self, request: DatasetRequest, source: Source, *, progress: Progress | None = None) -> RawStore:
         return RawStore(self.root, request.source, request.key, source.transports,
-                        max_in_flight=self.settings.transfer.max_in_flight)
+                        max_in_flight=self.settings.transfer.max_in_flight, progress=progress)
 
     # ---- steps ------------------------------------------------------------------------------
-    def fetch_raw(self, request: DatasetRequest) -> Manifest:
-        """Bring raw/<source>/<key> up to date; returns the new manifest (with transfer stats)."""
+    def fetch_raw(self, request: DatasetRequest, *, progress_sink: Sink | None = None) -> Manifest:
+        """Bring raw/<source>/<key> up to date; returns the new manifest (with transfer stats).
+
+        How far the fetch has come goes to `progress_sink` as one-line messages (see `Progress`; default:
+        the `em_ingest.progress` logger), ending with a final line.
+        """
         source = self.source(request.source)
-        with storage.partition_lock(self.root, request.source, request.key):
-            raw = self.raw_store(request, source)
+        with storage.partition_lock(self.root, request.source, request.key), \
+                fetch_progress(request.source, request.key, progress_sink) as progress:
+            raw = self.raw_store(request, source, progress=progress)
             raw.begin()  # sources may also write into the folder directly; commit clears the mark
             return source.fetch_raw(request, raw)
 
@@ -269,8 +276,9 @@ class Pipeline:
         return not damage
 
     def convert_region(self, request: DatasetRequest, plan: ConversionPlan, index: int, *,
-                       run_id: str | None = None, on_block: Callable[[int], None] | None = None) -> RegionWritten:
-        """Write levels s0..s`top` of one region of a planned conversion (see `plan_conversion`)."""
+                       run_id: str | None = None, progress_sink: Sink | None = None) -> RegionWritten:
+        """Write levels s0..s`top` of one region of a planned conversion (see `plan_conversion`). How far it has
+        come (s0 blocks and bytes) goes to `progress_sink` as one-line messages (see `Progress`)."""
         assert plan.staging is not None and plan.regions is not None, "a skipped conversion has no regions"
         staging = Path(plan.staging)
         if not staging.is_dir():
@@ -279,10 +287,19 @@ class Pipeline:
         storage.claim_version(staging, run_id)
         source = self.source(request.source)
         levels = list(plan.levels)
+        boxes = plan.regions.boxes(index)
+        block = self.layout.block_for(levels[0].shape)
+        what = f"convert {request.source}/{request.key}" + (
+            f" region {index + 1} of {plan.regions.count}" if plan.regions.count > 1 else "")
         try:
-            with source.open_volume(request, self.raw_store(request, source)) as volume:
+            with source.open_volume(request, self.raw_store(request, source)) as volume, \
+                    Progress(what, unit="blocks", sink=progress_sink, done_word="written",
+                             total_units=sum(math.prod(-(-(r.stop - r.start) // b) for r, b in zip(box, block))
+                                             for box in boxes),
+                             total_bytes=sum(math.prod(r.stop - r.start for r in box) for box in boxes)
+                             * np.dtype(volume.dtype).itemsize) as progress:
                 intensity = write_levels(volume, staging, levels, layout=self.layout, last=plan.regions.top,
-                                         within=plan.regions.boxes(index), on_block=on_block)
+                                         within=boxes, on_block=lambda nbytes: progress.advance(1, nbytes))
         except BaseException:
             if plan.regions.count == 1:  # no other step writes into it: nothing worth keeping
                 storage.discard_version(staging)

@@ -9,7 +9,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from functools import cached_property
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from em_ingest.errors import SourceResponseError, TransferError, UnsafePathError
+from em_ingest.progress import Progress
 from em_ingest.storage import write_atomic
 from em_ingest.transfer.base import RemoteObject, Transport, Transports, is_absent, map_bounded
 from em_ingest.transfer.http import HttpClient, sha256_file
@@ -166,6 +167,36 @@ class Manifest:
             raise SourceResponseError(f"{origin}: not a valid raw manifest ({exc})") from None
 
 
+def fetch_progress(source: str, dataset_key: str, sink: Callable[[str], None] | None = None) -> Progress:
+    """The progress of one dataset's fetch: objects fetched or unchanged, and their bytes."""
+    return Progress(f"fetch {source}/{dataset_key}", unit="objects", sink=sink, done_word="fetched",
+                    skipped_word="unchanged")
+
+
+def _size_known(item: Wanted) -> int | None:
+    """The bytes `item` will hold, if known before asking the server."""
+    if item.byte_range is not None:
+        return item.byte_range[1] - item.byte_range[0]
+    return item.remote.size if item.remote is not None else None
+
+
+class _HeldBytes:
+    """Tells progress the bytes of one download as the transport reports how much of the object it holds
+    (taking back bytes when a transfer restarts from zero), then the object itself."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.reported = 0
+
+    def __call__(self, held: int) -> None:
+        self.progress.advance(0, held - self.reported)
+        self.reported = held
+
+    def done(self, size: int) -> None:
+        self.progress.advance(1, size - self.reported)
+        self.reported = size
+
+
 def safe_relative_path(name: str) -> str:
     """`name` as a relative POSIX path that cannot leave its folder; refuses anything doubtful."""
     if not name or "\\" in name or name.startswith("/") or any(ord(c) < 32 or ord(c) == 127 for c in name):
@@ -182,10 +213,12 @@ class RawStore:
     """raw/<source>/<dataset_key>/: the one mirror. Every source brings its objects up to date through
     `mirror` (one skip rule, one interrupted-fetch rule, one bounded pool) and keeps its metadata
     responses with `store_document`; the store counts what was fetched and skipped, and `commit`
-    writes the manifest."""
+    writes the manifest. `progress` hears of every mirrored object and its bytes as they come (default:
+    lines to the `em_ingest.progress` logger); whoever runs the fetch calls its `finish`."""
 
     def __init__(self, root: Path, source: str, dataset_key: str,
-                 transports: Transports | Transport | None = None, *, max_in_flight: int = 8):
+                 transports: Transports | Transport | None = None, *, max_in_flight: int = 8,
+                 progress: Progress | None = None):
         for what, name in (("source", source), ("dataset key", dataset_key)):
             # One plain folder name each, so the store can only ever be raw/<source>/<key> itself.
             if not _FOLDER_NAME.fullmatch(name):
@@ -204,6 +237,7 @@ class RawStore:
         self._journal_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self.stats = TransferStats()
+        self.progress = progress or fetch_progress(source, dataset_key)
 
     @property
     def marker_path(self) -> Path:
@@ -300,6 +334,11 @@ class RawStore:
         """Bring every wanted object up to date, at most `max_in_flight` at once (never more than the
         store's own limit); returns each item's manifest entry, or None for an optional absent one."""
         limit = min(self.max_in_flight, max_in_flight or self.max_in_flight)
+        # Counted up front, so progress has a total (a generator of wanted items is listed once here).
+        items = items if isinstance(items, Collection) else list(items)
+        sizes = [_size_known(item) for item in items]
+        self.progress.expect(sum(size is not None for size in sizes), sum(size or 0 for size in sizes))
+        self.progress.expect(sum(size is None for size in sizes), None)
         return map_bounded(self._bring, items, limit, name=f"raw-{self.source}")
 
     def fetch(self, url: str, relpath: str, *, optional: bool = False) -> ManifestEntry | None:
@@ -312,10 +351,14 @@ class RawStore:
         version: str | None
         try:
             remote = item.remote or transport.stat(item.url)
+            if _size_known(item) is None and remote.size is not None:
+                self.progress.sized(remote.size)
             current = self.is_current(relpath, remote, item.byte_range)
             if current is not None:
                 self.count(TransferStats(skipped_objects=1, skipped_bytes=current.size))
+                self.progress.skip(1, current.size)
                 return current
+            held = _HeldBytes(self.progress)
             if item.byte_range is not None:
                 start, stop = item.byte_range
                 data = transport.read_range(item.url, start, stop, expected=remote)
@@ -324,7 +367,7 @@ class RawStore:
                 etag, last_modified = remote.etag, remote.last_modified
                 version = _range_version(item.byte_range)
             else:
-                download = transport.fetch(item.url, self.target(relpath), expected=remote)
+                download = transport.fetch(item.url, self.target(relpath), expected=remote, on_bytes=held)
                 size, digest = download.size, download.sha256
                 # A version the source supplied (a listing's, or a synthesized immutable one) is what the
                 # next refresh compares against, so it wins over what the body's headers said.
@@ -334,9 +377,11 @@ class RawStore:
                 version = item.version
         except TransferError as exc:
             if item.optional and is_absent(exc):
+                self.progress.advance(1)
                 return None
             raise
         self.count(TransferStats(fetched_objects=1, fetched_bytes=size))
+        held.done(size)
         return ManifestEntry(path=relpath, url=item.url, size=size, sha256=digest, etag=etag,
                              last_modified=last_modified, version=version)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,4 +55,7 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "epfl/hippocampus-training: ok" in result.stdout
     assert "with 0 failed run(s)" in result.stdout
+    # Each partition's progress on stderr, apart from the results and the catalog on stdout.
+    assert re.search(r"^    fetch epfl/hippocampus-training: done in [\d.]+ s, 2/2 objects, ", result.stderr, re.M)
+    assert "fetch epfl/" not in result.stdout
     assert (tmp_path / "demo" / "catalog" / "metadata_catalog.parquet").exists()

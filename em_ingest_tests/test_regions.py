@@ -181,6 +181,11 @@ def test_the_asset_converts_a_large_image_in_region_steps_with_the_same_output(l
     checks = second.get_asset_check_evaluations()
     assert {c.check_name: c.passed for c in checks} == {"ome_ngff_valid": True, "matches_source": True}
     np.testing.assert_array_equal(read_s0(split, "epfl", EPFL_KEY), volume)
+    # Each region step tells its progress in its own step's log, ending with its whole count of blocks.
+    finals = {e.step_key: e.user_message for e in split.instance.all_logs(second.run_id)
+              if "region " in (e.user_message or "") and " of 8: " in e.user_message and "written in" in e.user_message}
+    assert sorted(finals) == sorted(regions)
+    assert all(" 1/1 blocks" in line for line in finals.values()), finals
 
     images = [storage.zarr_path(ws.data_root, "epfl", EPFL_KEY) for ws in (one, split)]
     files = [{k: v for k, v in _files(image).items() if k != catalog.SIDECAR_NAME} for image in images]

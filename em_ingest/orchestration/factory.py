@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from em_ingest.orchestration.handoff import forget_run
+from em_ingest.orchestration.progress import run_log_sink
 from em_ingest.orchestration.resources import EmIngestResource
 from em_ingest.pipeline import CONVERTER_VERSION, Conversion, ConversionPlan, Pipeline, RegionWritten
 from em_ingest.selection import DatasetRequest
@@ -65,13 +66,15 @@ def build_source_assets(source_cls: type[Source], partition_keys: list[str]) -> 
             f"Raw download from {source_cls.title or name}: the bytes exactly as the archive serves them, "
             f"under `raw/{name}/<dataset>/`, with `manifest.json` listing every object's URL, size, sha256 and "
             "ETag / Last-Modified. Re-runs fetch only objects whose version changed. The data version is "
-            "the manifest digest, so a changed download marks the OME-Zarr stale. Refreshed nightly at 02:00 UTC."
+            "the manifest digest, so a changed download marks the OME-Zarr stale. While it runs, its log says how "
+            "far the fetch has come (objects and bytes, rate, time left) about every 10 s. Refreshed nightly at "
+            "02:00 UTC."
         ),
     )
     def raw(context: dg.AssetExecutionContext, em_ingest: EmIngestResource) -> dg.MaterializeResult:
         pipeline = em_ingest.pipeline()
         request = pipeline.request(name, context.partition_key)
-        manifest = pipeline.fetch_raw(request)
+        manifest = pipeline.fetch_raw(request, progress_sink=run_log_sink(context))
         stats = manifest.stats
         context.log.info(
             f"{name}/{request.key}: fetched {stats.fetched_objects} objects ({stats.fetched_bytes} bytes), "
@@ -172,7 +175,7 @@ def convert_region(context: dg.OpExecutionContext, em_ingest: EmIngestResource, 
                    region: int) -> RegionWritten:
     """Write one region of the image: whole shards of s0 and of every level the region covers."""
     pipeline, request = _request(context, em_ingest)
-    return pipeline.convert_region(request, plan, region, run_id=context.run_id)
+    return pipeline.convert_region(request, plan, region, run_id=context.run_id, progress_sink=run_log_sink(context))
 
 
 @dg.op(out={"image": dg.Out(io_manager_key=HANDOFF_IO_MANAGER),

@@ -72,9 +72,12 @@ class Transport(ABC):
         """Size and version of `url` without fetching its body."""
 
     @abstractmethod
-    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
+    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None,
+              on_bytes: Callable[[int], None] | None = None) -> Download:
         """`url` into the file `dest`, atomically (a hidden partial name until complete), resuming a partial
-        copy of the same version; the size is checked against `expected`."""
+        copy of the same version; the size is checked against `expected`. A transport that streams the body
+        calls `on_bytes` with how many bytes of the object it holds so far (for progress; the count starts
+        again from zero when a transfer restarts); one that reads the object whole need not call it."""
 
     def read_range(self, url: str, start: int, stop: int, *, expected: RemoteObject) -> bytes:
         """Bytes [start, stop) of `url`, refused if the object is no longer the version `expected`."""

@@ -123,10 +123,13 @@ class FtpClient(Transport):
 
         return self._call(url, f"SIZE {url}", stat)
 
-    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
-        return self.download(url, dest, expected=expected if expected is not None else self.stat(url))
+    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None,
+              on_bytes: Callable[[int], None] | None = None) -> Download:
+        return self.download(url, dest, expected=expected if expected is not None else self.stat(url),
+                             on_bytes=on_bytes)
 
-    def download(self, url: str, dest: Path, *, expected: RemoteObject) -> Download:
+    def download(self, url: str, dest: Path, *, expected: RemoteObject,
+                 on_bytes: Callable[[int], None] | None = None) -> Download:
         """Fetch `url` to `dest` atomically, continuing a partial copy with REST; the size is verified."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = part_path_for(dest, expected)
@@ -154,6 +157,8 @@ class FtpClient(Transport):
                             break
                         fh.write(block)
                         received += len(block)
+                        if on_bytes is not None:
+                            on_bytes(received)
                 if not overflow:  # after an abandoned transfer the server's final reply may never come
                     ftp.voidresp()  # "426 transfer aborted" raises error_temp here -> retried from `received`
             if overflow:

@@ -104,8 +104,9 @@ class HttpClient(Transport):
     def stat(self, url: str) -> RemoteObject:
         return self.head(url)
 
-    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
-        return self.download(url, dest, expected=expected)
+    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None,
+              on_bytes: Callable[[int], None] | None = None) -> Download:
+        return self.download(url, dest, expected=expected, on_bytes=on_bytes)
 
     def read_range(self, url: str, start: int, stop: int, *, expected: RemoteObject) -> bytes:
         """Bytes [start, stop) of `url`, pinned with If-Match to the version `expected` (a changed
@@ -183,7 +184,8 @@ class HttpClient(Transport):
         content = self._body("POST", url, json=body, headers={"Accept": "application/json"})
         return _parse_json(content, f"POST {url}")
 
-    def download(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
+    def download(self, url: str, dest: Path, *, expected: RemoteObject | None = None,
+                 on_bytes: Callable[[int], None] | None = None) -> Download:
         """Fetch `url` to `dest` atomically, resuming a partial copy left by an earlier attempt.
 
         The body goes to a hidden `.part` file; an interrupted transfer continues with a Range
@@ -229,6 +231,8 @@ class HttpClient(Transport):
                                 break
                             fh.write(block)
                             received += len(block)
+                            if on_bytes is not None:
+                                on_bytes(received)
                 except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                         requests.Timeout) as exc:
                     raise RetryableError(f"GET {url}: connection lost at byte {received}: {exc}", url=url) from None

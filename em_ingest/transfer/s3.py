@@ -123,9 +123,11 @@ class S3Client(Transport):
         return RemoteObject(url, int(head.get("ContentLength", 0)), head.get("ETag"),
                             modified.isoformat() if isinstance(modified, datetime) else modified)
 
-    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
+    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None,
+              on_bytes: Callable[[int], None] | None = None) -> Download:
         """The object into `dest` atomically; with `expected`, pinned to that version (If-Match) and
-        checked against its size and MD5 ETag. Objects here are chunks and metadata: read whole."""
+        checked against its size and MD5 ETag. Objects here are chunks and metadata: read whole (so
+        `on_bytes` is not called)."""
         key = self.key_of(url)
         listed = S3Object(key, expected.size, expected.etag, expected.last_modified) \
             if expected is not None and expected.size is not None else None

@@ -293,7 +293,7 @@ class Pipeline:
             f" region {index + 1} of {plan.regions.count}" if plan.regions.count > 1 else "")
         try:
             with source.open_volume(request, self.raw_store(request, source)) as volume, \
-                    Progress(what, unit="blocks", sink=progress_sink, done_word="written",
+                    Progress(what, unit="blocks", sink=progress_sink,
                              total_units=sum(math.prod(-(-(r.stop - r.start) // b) for r, b in zip(box, block))
                                              for box in boxes),
                              total_bytes=sum(math.prod(r.stop - r.start for r in box) for box in boxes)

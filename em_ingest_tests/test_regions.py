@@ -183,7 +183,7 @@ def test_the_asset_converts_a_large_image_in_region_steps_with_the_same_output(l
     np.testing.assert_array_equal(read_s0(split, "epfl", EPFL_KEY), volume)
     # Each region step tells its progress in its own step's log, ending with its whole count of blocks.
     finals = {e.step_key: e.user_message for e in split.instance.all_logs(second.run_id)
-              if "region " in (e.user_message or "") and " of 8: " in e.user_message and "written in" in e.user_message}
+              if "region " in (e.user_message or "") and " of 8: " in e.user_message and "done in" in e.user_message}
     assert sorted(finals) == sorted(regions)
     assert all(" 1/1 blocks" in line for line in finals.values()), finals
 

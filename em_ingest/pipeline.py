@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -24,7 +23,7 @@ from em_ingest.errors import EmIngestError, SelectionError, ValidationError
 from em_ingest.formats.volume import Geometry, Volume, triple
 from em_ingest.omezarr.labels import WrittenLabel, write_labels
 from em_ingest.omezarr.pyramid import Level
-from em_ingest.omezarr.regions import RegionPlan, plan_regions
+from em_ingest.omezarr.regions import RegionPlan, blocks_in, plan_regions, voxels_in
 from em_ingest.omezarr.validate import validate_ome_zarr
 from em_ingest.omezarr.writer import Intensity, StoredLevel, WriteResult, ZarrLayout, create_image, finish_image, write_levels
 from em_ingest.progress import Progress, Sink
@@ -288,16 +287,13 @@ class Pipeline:
         source = self.source(request.source)
         levels = list(plan.levels)
         boxes = plan.regions.boxes(index)
-        block = self.layout.block_for(levels[0].shape)
         what = f"convert {request.source}/{request.key}" + (
             f" region {index + 1} of {plan.regions.count}" if plan.regions.count > 1 else "")
         try:
             with source.open_volume(request, self.raw_store(request, source)) as volume, \
                     Progress(what, unit="blocks", sink=progress_sink,
-                             total_units=sum(math.prod(-(-(r.stop - r.start) // b) for r, b in zip(box, block))
-                                             for box in boxes),
-                             total_bytes=sum(math.prod(r.stop - r.start for r in box) for box in boxes)
-                             * np.dtype(volume.dtype).itemsize) as progress:
+                             total_units=blocks_in(boxes, self.layout.block_for(levels[0].shape)),
+                             total_bytes=voxels_in(boxes) * np.dtype(volume.dtype).itemsize) as progress:
                 intensity = write_levels(volume, staging, levels, layout=self.layout, last=plan.regions.top,
                                          within=boxes, on_block=lambda nbytes: progress.advance(1, nbytes))
         except BaseException:
@@ -319,6 +315,9 @@ class Pipeline:
         if missing:
             raise EmIngestError(f"{request.source}/{request.key}: regions {missing} were not written")
         staging = Path(plan.staging)
+        if not staging.is_dir():
+            raise EmIngestError(f"{request.source}/{request.key}: the version folder {staging} this conversion was "
+                                "writing is gone (removed after a failure?); materialize the partition again")
         with storage.partition_lock(self.root, request.source, request.key):
             published = storage.current_target(final)
             if str(published) != str(plan.replaces) and self._up_to_date(request, final, plan.inputs_digest):

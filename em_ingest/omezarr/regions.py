@@ -88,6 +88,15 @@ def plan_regions(levels: Sequence[Level], blocks: Sequence[Shape], itemsize: int
     return RegionPlan(shape, top, cell, -(-cells // per_region))
 
 
+def blocks_in(boxes: Sequence[Region], block: Shape) -> int:
+    """How many write blocks of s0 the boxes hold (each box starts on a block boundary)."""
+    return sum(math.prod(-(-(r.stop - r.start) // b) for r, b in zip(box, block)) for box in boxes)
+
+
+def voxels_in(boxes: Sequence[Region]) -> int:
+    return sum(math.prod(r.stop - r.start for r in box) for box in boxes)
+
+
 def covers_whole_blocks(plan: RegionPlan, levels: Sequence[Level], blocks: Sequence[Shape]) -> bool:
     """Whether every cell boundary falls on a block boundary of every level up to `top` (the property that
     lets region steps write side by side); checked by the tests for many shapes."""

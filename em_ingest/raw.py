@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import itertools
 import json
 import logging
+import operator
 import os
 import re
 import stat
 import threading
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from em_ingest.errors import SourceResponseError, TransferError, UnsafePathError
-from em_ingest.storage import write_atomic
+from em_ingest.storage import write_atomic, write_atomic_chunks
 from em_ingest.transfer.base import RemoteObject, Transport, Transports, is_absent, map_bounded
 from em_ingest.transfer.http import HttpClient, sha256_file
 
@@ -28,12 +32,17 @@ MANIFEST_VERSION = 1
 _SAFE_PART = re.compile(r"^[A-Za-z0-9._ ()+,=@~-]+$")
 # Zarr v2 metadata objects are dot-files by specification: data to mirror, not hidden files.
 _ZARR_DOTNAMES = frozenset({".zarray", ".zattrs", ".zgroup", ".zmetadata"})
+# The characters `_SAFE_PART` allows, and the separator: for a check of a whole name in a few string operations
+# (every wanted object's name is checked on every refresh; a regular expression match costs three times more).
+_SAFE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._ ()+,=@~-/"
+# Objects per json.dumps call when a manifest is written or digested: bounded memory, few calls.
+_BATCH = 4096
 _RANGE_VERSION = re.compile(r"bytes=(\d+)-(\d+)")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ManifestEntry:
     """One object of a raw download. `path` is relative to the dataset's raw folder."""
 
@@ -46,11 +55,86 @@ class ManifestEntry:
     version: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        # Field by field: dataclasses.asdict deep-copies, which dominated a 250,000-object refresh.
-        return {name: value for name in _ENTRY_FIELDS if (value := getattr(self, name)) is not None}
+        """The entry as the manifest writes it: fields in declaration order, None left out."""
+        # Written out: dataclasses.asdict deep-copies, and even a loop over the fields showed in a
+        # 1,000,000-object refresh.
+        record = {"path": self.path, "url": self.url, "size": self.size, "sha256": self.sha256}
+        if self.etag is not None:
+            record["etag"] = self.etag
+        if self.last_modified is not None:
+            record["last_modified"] = self.last_modified
+        if self.version is not None:
+            record["version"] = self.version
+        return record
 
 
-_ENTRY_FIELDS = tuple(f.name for f in fields(ManifestEntry))
+_ENTRY_KEYS = frozenset(ManifestEntry.__dataclass_fields__)
+_new_object = object.__new__
+_set_field = object.__setattr__  # a frozen dataclass's fields are set this way by its own __init__
+# How json.dumps writes a str (ensure_ascii, its default): the manifest's lines are assembled with it.
+_quote = json.encoder.encode_basestring_ascii
+
+
+def _entry_from_record(record: dict[str, Any]) -> ManifestEntry:
+    """A manifest object as an entry: `ManifestEntry(**record)` without the keyword call (half the cost of
+    loading a large manifest); a field the entry does not have is refused, a missing one is a KeyError."""
+    if not record.keys() <= _ENTRY_KEYS:
+        raise TypeError(f"unexpected fields {sorted(record.keys() - _ENTRY_KEYS)} in object {record.get('path')!r}")
+    entry = _new_object(ManifestEntry)
+    _set_field(entry, "path", record["path"])
+    _set_field(entry, "url", record["url"])
+    _set_field(entry, "size", record["size"])
+    _set_field(entry, "sha256", record["sha256"])
+    _set_field(entry, "etag", record.get("etag"))
+    _set_field(entry, "last_modified", record.get("last_modified"))
+    _set_field(entry, "version", record.get("version"))
+    return entry
+
+
+def _object_line(entry: ManifestEntry) -> str:
+    """`json.dumps(entry.as_dict())`, assembled from the encoded strings (the encoder's per-call and per-key
+    work was most of writing a large manifest); anything but plain str and int fields goes through json."""
+    try:
+        if type(entry.size) is int:
+            line = (f'{{"path": {_quote(entry.path)}, "url": {_quote(entry.url)}, "size": {entry.size}, '
+                    f'"sha256": {_quote(entry.sha256)}')
+            if entry.etag is not None:
+                line += f', "etag": {_quote(entry.etag)}'
+            if entry.last_modified is not None:
+                line += f', "last_modified": {_quote(entry.last_modified)}'
+            if entry.version is not None:
+                line += f', "version": {_quote(entry.version)}'
+            return line + "}"
+    except TypeError:  # a field that is not a str (a hand-edited manifest): json writes it as it is
+        pass
+    return json.dumps(entry.as_dict())
+
+
+def _digest_row(entry: ManifestEntry) -> str:
+    """`json.dumps([path, url, size, sha256], sort_keys=True)` of an entry, assembled the same way."""
+    try:
+        if type(entry.size) is int:
+            return f"[{_quote(entry.path)}, {_quote(entry.url)}, {entry.size}, {_quote(entry.sha256)}]"
+    except TypeError:
+        pass
+    return json.dumps([entry.path, entry.url, entry.size, entry.sha256], sort_keys=True)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a large manifest is built or read.
+
+    Its objects (entries, dicts of strings) form no cycles and are freed by reference counting; but each
+    full collection walks every live object, and building a million of them triggers many (about half the
+    time of loading one in Python 3.11).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -64,7 +148,7 @@ class TransferStats:
         return TransferStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Wanted:
     """One object a source wants in its raw store: where it is, and where it goes (relative path)."""
 
@@ -106,16 +190,28 @@ class Manifest:
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     stats: TransferStats = field(default_factory=TransferStats)
 
-    @property
+    @cached_property
     def digest(self) -> str:
-        """Content identity of the download: changes exactly when some object's bytes change."""
-        body = {
-            "source": self.source,
-            "dataset_key": self.dataset_key,
-            "request": self.request,
-            "objects": sorted((e.path, e.url, e.size, e.sha256) for e in self.entries),
-        }
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        """Content identity of the download: changes exactly when some object's bytes change.
+
+        The SHA-256 of `json.dumps({"source", "dataset_key", "request", "objects": sorted (path, url, size,
+        sha256) rows}, sort_keys=True)`, hashed piece by piece so a million rows are never one string.
+        """
+        entries: Sequence[ManifestEntry] = self.entries
+        paths = [e.path for e in entries]
+        if not all(map(operator.lt, paths, itertools.islice(paths, 1, None))):
+            # Not strictly ordered by path (as `commit` writes them): order the rows as sorted() would.
+            entries = sorted(entries, key=operator.attrgetter("path", "url", "size", "sha256"))
+        del paths
+        hasher = hashlib.sha256()
+        # The keys in sorted order: dataset_key, objects, request, source.
+        hasher.update(f'{{"dataset_key": {json.dumps(self.dataset_key, sort_keys=True)}, "objects": ['.encode())
+        for start in range(0, len(entries), _BATCH):
+            batch = ", ".join(map(_digest_row, entries[start:start + _BATCH]))
+            hasher.update(((", " if start else "") + batch).encode())
+        hasher.update(f'], "request": {json.dumps(self.request, sort_keys=True)}, '
+                      f'"source": {json.dumps(self.source, sort_keys=True)}}}'.encode())
+        return hasher.hexdigest()
 
     @property
     def total_bytes(self) -> int:
@@ -135,6 +231,10 @@ class Manifest:
         One line per object keeps a large manifest readable and diffable, and lets json's C encoder do
         the objects (an indented dump goes through the pure-Python encoder: seconds at 250,000 objects).
         """
+        return "".join(self.json_parts())
+
+    def json_parts(self) -> Iterator[str]:
+        """`to_json` piece by piece, to be written without holding the whole document."""
         header = json.dumps({
             "manifest_version": MANIFEST_VERSION,
             "source": self.source,
@@ -145,19 +245,55 @@ class Manifest:
             "digest": self.digest,
             "stats": asdict(self.stats),
         }, indent=1)
-        objects = ",\n  ".join(json.dumps(e.as_dict()) for e in self.entries)
-        return f'{header[:-2]},\n "objects": [\n  {objects}\n ]\n}}\n' if objects else \
-            f'{header[:-2]},\n "objects": []\n}}\n'
+        if not self.entries:
+            yield f'{header[:-2]},\n "objects": []\n}}\n'
+            return
+        yield f'{header[:-2]},\n "objects": [\n  '
+        for start in range(0, len(self.entries), _BATCH):
+            lines = ",\n  ".join(map(_object_line, self.entries[start:start + _BATCH]))
+            yield f",\n  {lines}" if start else lines
+        yield "\n ]\n}\n"
 
     @classmethod
     def from_json(cls, text: str, *, origin: str) -> Manifest:
+        """A manifest document as `to_json` writes it, or any earlier layout of the same JSON (e.g. indented)."""
+        with _gc_paused():
+            try:
+                doc = json.loads(text)
+            except ValueError as exc:
+                raise SourceResponseError(f"{origin}: not a valid raw manifest ({exc})") from None
+        return cls.from_document(doc, origin=origin)
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        """The manifest file at `path`; its text is let go before the entries are built (a lower peak)."""
+        with _gc_paused():
+            try:
+                text = path.read_text(encoding="utf-8")
+                doc = json.loads(text)
+                del text
+            except ValueError as exc:
+                raise SourceResponseError(f"{path}: not a valid raw manifest ({exc})") from None
+        return cls.from_document(doc, origin=str(path))
+
+    @classmethod
+    def from_document(cls, doc: Any, *, origin: str) -> Manifest:
+        """The manifest a parsed document describes. Its list of objects is consumed: each object's dict is
+        replaced by its entry as it is read, so the two never both exist for every object at once."""
         try:
-            doc = json.loads(text)
+            objects = doc["objects"]
+            if type(objects) is not list:
+                raise TypeError(f"objects is a {type(objects).__name__}, not a list")
+            with _gc_paused():
+                for position, record in enumerate(objects):
+                    objects[position] = _entry_from_record(record)
+                entries = tuple(objects)
+            objects.clear()
             return cls(
                 source=doc["source"],
                 dataset_key=doc["dataset_key"],
                 request=doc["request"],
-                entries=tuple(ManifestEntry(**obj) for obj in doc["objects"]),
+                entries=entries,
                 source_version=doc.get("source_version"),
                 created_at=doc["created_at"],
                 stats=TransferStats(**doc.get("stats", {})),
@@ -168,6 +304,9 @@ class Manifest:
 
 def safe_relative_path(name: str) -> str:
     """`name` as a relative POSIX path that cannot leave its folder; refuses anything doubtful."""
+    if _plainly_safe(name):
+        return name
+    # A Zarr dot-name, or not safe: the part by part check, which names what is wrong.
     if not name or "\\" in name or name.startswith("/") or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise UnsafePathError(f"refusing unsafe remote name {name!r}")
     parts = name.split("/")
@@ -176,6 +315,13 @@ def safe_relative_path(name: str) -> str:
         if part in ("", "..", ".") or not _SAFE_PART.match(part) or hidden:
             raise UnsafePathError(f"refusing unsafe remote name {name!r} (component {part!r})")
     return "/".join(parts)
+
+
+def _plainly_safe(name: str) -> bool:
+    """True for a name of safe characters whose parts are none empty and none starting with a dot: what
+    `safe_relative_path` accepts without a Zarr dot-name (almost every name; the rest take the full check)."""
+    wrapped = f"/{name}/"
+    return not name.strip(_SAFE_CHARS) and "//" not in wrapped and "/." not in wrapped
 
 
 class RawStore:
@@ -191,6 +337,7 @@ class RawStore:
             if not _FOLDER_NAME.fullmatch(name):
                 raise UnsafePathError(f"refusing {what} {name!r} as a raw store folder name")
         self.dir = Path(root) / "raw" / source / dataset_key
+        self._dir_prefix = f"{os.fspath(self.dir)}/"  # local paths as strings: no Path built per object
         self.source = source
         self.dataset_key = dataset_key
         if transports is None:
@@ -241,7 +388,7 @@ class RawStore:
     def load_manifest(self) -> Manifest | None:
         if not self.manifest_path.exists():
             return None
-        return Manifest.from_json(self.manifest_path.read_text(), origin=str(self.manifest_path))
+        return Manifest.read(self.manifest_path)
 
     def _remove_owned(self, relpath: str) -> None:
         """Delete one file of this store, after proving it lies inside the store's own folder."""
@@ -277,30 +424,68 @@ class RawStore:
     def is_current(self, relpath: str, remote: RemoteObject,
                    byte_range: tuple[int, int] | None = None) -> ManifestEntry | None:
         """The previous entry if the local copy is still the remote's version, else None (the skip rule)."""
-        entry = self.previous_entry(relpath)
+        return self._current(relpath, remote, byte_range, None)
+
+    def _current(self, relpath: str, remote: RemoteObject, byte_range: tuple[int, int] | None,
+                 dir_fd: int | None) -> ManifestEntry | None:
+        """`is_current`; with `dir_fd` (this store's folder, open) the stat is relative to it: no path walk."""
+        entry = self.previous._by_path.get(relpath) if self.previous is not None else None
         if entry is None or entry.url != remote.url:
             return None
         if byte_range is not None and entry.version != _range_version(byte_range):
             return None
-        if not remote.same_version_as(entry.as_dict(), compare_size=byte_range is None):
+        if not remote.describes(entry.size, entry.etag, entry.last_modified, compare_size=byte_range is None):
             return None
-        local = self.dir / relpath
-        try:  # one stat: a regular file of the recorded size
-            status = local.stat()
-        except FileNotFoundError:
+        try:  # one stat: a regular file of the recorded size (a deleted or truncated copy is fetched again)
+            status = os.stat(relpath, dir_fd=dir_fd) if dir_fd is not None else os.stat(self._dir_prefix + relpath)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         if not stat.S_ISREG(status.st_mode) or status.st_size != entry.size:
             return None
         # After an interrupted fetch the file may be a newer download than the manifest says: check it.
-        if self.interrupted and sha256_file(local) != entry.sha256:
+        if self.interrupted and sha256_file(self.dir / relpath) != entry.sha256:
             return None
         return entry
+
+    def _settle_listed(self, items: Iterable[Wanted]) -> tuple[list[ManifestEntry | None], list[tuple[int, Wanted]]]:
+        """Decide, here and without a request, every item whose listing shows it unchanged and whose local
+        copy is intact (most of a large refresh); returns the entries so far (None: not settled) and the
+        (position, item) pairs left for `_bring`: to fetch, to ask the transport about, or to hash."""
+        results: list[ManifestEntry | None] = []
+        to_bring: list[tuple[int, Wanted]] = []
+        if self.previous is None or self.interrupted:
+            to_bring = list(enumerate(items))
+            return [None] * len(to_bring), to_bring
+        skipped_bytes = 0
+        try:
+            dir_fd: int | None = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            dir_fd = None  # no folder: nothing is current, and each check says so
+        try:
+            for position, item in enumerate(items):
+                relpath = safe_relative_path(item.relpath)
+                current = None if item.remote is None else self._current(relpath, item.remote, item.byte_range, dir_fd)
+                results.append(current)
+                if current is None:
+                    to_bring.append((position, item))
+                else:
+                    skipped_bytes += current.size
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+        self.count(TransferStats(skipped_objects=len(results) - len(to_bring), skipped_bytes=skipped_bytes))
+        return results, to_bring
 
     def mirror(self, items: Iterable[Wanted], *, max_in_flight: int | None = None) -> list[ManifestEntry | None]:
         """Bring every wanted object up to date, at most `max_in_flight` at once (never more than the
         store's own limit); returns each item's manifest entry, or None for an optional absent one."""
         limit = min(self.max_in_flight, max_in_flight or self.max_in_flight)
-        return map_bounded(self._bring, items, limit, name=f"raw-{self.source}")
+        # What a listing shows unchanged is settled first, in this thread; the rest goes to the pool.
+        results, to_bring = self._settle_listed(items)
+        brought = map_bounded(self._bring, (item for _, item in to_bring), limit, name=f"raw-{self.source}")
+        for (position, _), entry in zip(to_bring, brought):
+            results[position] = entry
+        return results
 
     def fetch(self, url: str, relpath: str, *, optional: bool = False) -> ManifestEntry | None:
         """`mirror` of one object."""
@@ -368,17 +553,20 @@ class RawStore:
                source_version: str | None = None) -> Manifest:
         """Write the manifest (atomically) with what this fetch counted, and drop files no entry refers
         to any more (None entries, absent optional objects, are left out)."""
-        kept = tuple(sorted((e for e in entries if e is not None), key=lambda e: e.path))
+        kept = tuple(sorted((e for e in entries if e is not None), key=operator.attrgetter("path")))
         manifest = Manifest(self.source, self.dataset_key, dict(request), kept, source_version, stats=self.stats)
+        kept_by_path = manifest._by_path  # built once: the documents, the removals and the next mirror use it
         self.begin()  # documents and manifest are written one after the other: a kill between shows
-        for entry in kept:
-            data = self._pending_documents.get(entry.path)
-            if data is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
+        for relpath, data in self._pending_documents.items():
+            entry = kept_by_path.get(relpath)
+            if entry is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
                 write_atomic(self.target(entry.path), data)
-        write_atomic(self.manifest_path, manifest.to_json().encode())
+        write_atomic_chunks(self.manifest_path, (part.encode() for part in manifest.json_parts()))
         # Only what this store wrote or listed may go: the old manifest's objects and the journal.
-        listed = {e.path for e in self.previous.entries} if self.previous else set()
-        for relpath in sorted((listed | self._journalled()) - {e.path for e in kept}):
+        listed = self.previous._by_path if self.previous else {}
+        gone = {relpath for relpath in listed if relpath not in kept_by_path}
+        gone.update(relpath for relpath in self._journalled() if relpath not in kept_by_path)
+        for relpath in sorted(gone):
             self._remove_owned(relpath)
         self.marker_path.unlink(missing_ok=True)
         self._pending_documents.clear()

@@ -298,7 +298,7 @@ class Manifest:
                 created_at=doc["created_at"],
                 stats=TransferStats(**doc.get("stats", {})),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: an object not a dict
             raise SourceResponseError(f"{origin}: not a valid raw manifest ({exc})") from None
 
 

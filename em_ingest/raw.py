@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import gc
 import hashlib
 import itertools
@@ -302,10 +303,20 @@ class Manifest:
             raise SourceResponseError(f"{origin}: not a valid raw manifest ({exc})") from None
 
 
+_BY_PATH = operator.attrgetter("path")
+
+
+def _find(entries: Sequence[ManifestEntry], path: str) -> ManifestEntry | None:
+    """The entry of `path` among `entries` sorted by path (a binary search: no index built for a few lookups)."""
+    position = bisect.bisect_left(entries, path, key=_BY_PATH)
+    return entries[position] if position < len(entries) and entries[position].path == path else None
+
+
 def safe_relative_path(name: str) -> str:
     """`name` as a relative POSIX path that cannot leave its folder; refuses anything doubtful."""
-    if _plainly_safe(name):
-        return name
+    wrapped = f"/{name}/"
+    if not name.strip(_SAFE_CHARS) and "//" not in wrapped and "/." not in wrapped:
+        return name  # safe characters only, and no part empty or starting with a dot: most names, quickly
     # A Zarr dot-name, or not safe: the part by part check, which names what is wrong.
     if not name or "\\" in name or name.startswith("/") or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise UnsafePathError(f"refusing unsafe remote name {name!r}")
@@ -315,13 +326,6 @@ def safe_relative_path(name: str) -> str:
         if part in ("", "..", ".") or not _SAFE_PART.match(part) or hidden:
             raise UnsafePathError(f"refusing unsafe remote name {name!r} (component {part!r})")
     return "/".join(parts)
-
-
-def _plainly_safe(name: str) -> bool:
-    """True for a name of safe characters whose parts are none empty and none starting with a dot: what
-    `safe_relative_path` accepts without a Zarr dot-name (almost every name; the rest take the full check)."""
-    wrapped = f"/{name}/"
-    return not name.strip(_SAFE_CHARS) and "//" not in wrapped and "/." not in wrapped
 
 
 class RawStore:
@@ -553,19 +557,26 @@ class RawStore:
                source_version: str | None = None) -> Manifest:
         """Write the manifest (atomically) with what this fetch counted, and drop files no entry refers
         to any more (None entries, absent optional objects, are left out)."""
-        kept = tuple(sorted((e for e in entries if e is not None), key=operator.attrgetter("path")))
+        kept = tuple(sorted((e for e in entries if e is not None), key=_BY_PATH))
         manifest = Manifest(self.source, self.dataset_key, dict(request), kept, source_version, stats=self.stats)
-        kept_by_path = manifest._by_path  # built once: the documents, the removals and the next mirror use it
         self.begin()  # documents and manifest are written one after the other: a kill between shows
         for relpath, data in self._pending_documents.items():
-            entry = kept_by_path.get(relpath)
+            entry = _find(kept, relpath)
             if entry is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
                 write_atomic(self.target(entry.path), data)
         write_atomic_chunks(self.manifest_path, (part.encode() for part in manifest.json_parts()))
         # Only what this store wrote or listed may go: the old manifest's objects and the journal.
-        listed = self.previous._by_path if self.previous else {}
-        gone = {relpath for relpath in listed if relpath not in kept_by_path}
-        gone.update(relpath for relpath in self._journalled() if relpath not in kept_by_path)
+        listed = self.previous.entries if self.previous else ()
+        if len(listed) == len(kept) and all(map(operator.is_, listed, kept)):
+            # The very entries loaded (a refresh where nothing changed): none of them is gone, and the
+            # index the mirror used serves the new manifest as it is.
+            gone = {relpath for relpath in self._journalled() if _find(kept, relpath) is None}
+            if self.previous is not None and "_by_path" in self.previous.__dict__:
+                manifest.__dict__["_by_path"] = self.previous._by_path
+        else:
+            kept_paths = {e.path for e in kept}
+            gone = {e.path for e in listed if e.path not in kept_paths}
+            gone.update(relpath for relpath in self._journalled() if relpath not in kept_paths)
         for relpath in sorted(gone):
             self._remove_owned(relpath)
         self.marker_path.unlink(missing_ok=True)

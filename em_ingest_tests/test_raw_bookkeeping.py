@@ -167,6 +167,19 @@ def test_after_an_interrupted_fetch_a_listed_object_is_verified_by_its_bytes(tmp
     assert local.read_bytes() == body and manifest.stats.skipped_objects == len(keys) - 1
 
 
+def test_commit_removes_what_a_dead_run_wrote_and_what_is_no_longer_listed(tmp_path, mirrored):
+    transport, keys = mirrored
+    folder = tmp_path / "raw" / "test" / "k"
+    dead = RawStore(tmp_path, "test", "k", transport)  # a run that wrote a file and died before its commit
+    dead.target("chunks/stray").write_bytes(b"half")
+    _, manifest = refresh(tmp_path, transport, keys)  # nothing changed at the source
+    assert not (folder / "chunks" / "stray").exists() and len(manifest.entries) == len(keys)
+    assert all((folder / "chunks" / key).is_file() for key in keys)
+    _, manifest = refresh(tmp_path, transport, keys[1:])  # one object no longer wanted
+    assert not (folder / "chunks" / keys[0]).exists() and (folder / "chunks" / keys[1]).is_file()
+    assert transport.requests == [] and len(manifest.entries) == len(keys) - 1
+
+
 def test_order_of_results_follows_the_items_when_some_are_fetched(tmp_path, mirrored):
     transport, keys = mirrored
     transport.put("new/a", b"a")

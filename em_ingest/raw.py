@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import gc
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -19,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from em_ingest.errors import SourceResponseError, TransferError, UnsafePathError
-from em_ingest.storage import write_atomic, write_atomic_chunks
+from em_ingest.storage import open_atomic, write_atomic
 from em_ingest.transfer.base import RemoteObject, Transport, Transports, is_absent, map_bounded
 from em_ingest.transfer.http import HttpClient, sha256_file
 
@@ -36,8 +37,9 @@ _ZARR_DOTNAMES = frozenset({".zarray", ".zattrs", ".zgroup", ".zmetadata"})
 # The characters `_SAFE_PART` allows, and the separator: for a check of a whole name in a few string operations
 # (every wanted object's name is checked on every refresh; a regular expression match costs three times more).
 _SAFE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._ ()+,=@~-/"
-# Objects per json.dumps call when a manifest is written or digested: bounded memory, few calls.
+# Objects per piece when a manifest is written or digested: bounded memory, few calls.
 _BATCH = 4096
+_DIGEST_PLACEHOLDER = "0" * 64  # as long as a SHA-256 in hex
 _RANGE_VERSION = re.compile(r"bytes=(\d+)-(\d+)")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 log = logging.getLogger(__name__)
@@ -92,33 +94,27 @@ def _entry_from_record(record: dict[str, Any]) -> ManifestEntry:
     return entry
 
 
-def _object_line(entry: ManifestEntry) -> str:
-    """`json.dumps(entry.as_dict())`, assembled from the encoded strings (the encoder's per-call and per-key
-    work was most of writing a large manifest); anything but plain str and int fields goes through json."""
+def _line_and_row(entry: ManifestEntry) -> tuple[str, str]:
+    """The entry's line in the manifest, `json.dumps(entry.as_dict())`, and its row in the digest,
+    `json.dumps([path, url, size, sha256], sort_keys=True)`, assembled from the encoded strings (json's
+    per-call and per-key work was most of writing a large manifest), each string encoded once for both.
+    Fields that are not plain str and int (a hand-edited manifest) go through json itself."""
+    size = entry.size
     try:
-        if type(entry.size) is int:
-            line = (f'{{"path": {_quote(entry.path)}, "url": {_quote(entry.url)}, "size": {entry.size}, '
-                    f'"sha256": {_quote(entry.sha256)}')
+        if type(size) is int:
+            path, url, sha256 = _quote(entry.path), _quote(entry.url), _quote(entry.sha256)
+            line = f'{{"path": {path}, "url": {url}, "size": {size}, "sha256": {sha256}'
             if entry.etag is not None:
                 line += f', "etag": {_quote(entry.etag)}'
             if entry.last_modified is not None:
                 line += f', "last_modified": {_quote(entry.last_modified)}'
             if entry.version is not None:
                 line += f', "version": {_quote(entry.version)}'
-            return line + "}"
-    except TypeError:  # a field that is not a str (a hand-edited manifest): json writes it as it is
+            return line + "}", f"[{path}, {url}, {size}, {sha256}]"
+    except TypeError:  # a field that is not a str
         pass
-    return json.dumps(entry.as_dict())
-
-
-def _digest_row(entry: ManifestEntry) -> str:
-    """`json.dumps([path, url, size, sha256], sort_keys=True)` of an entry, assembled the same way."""
-    try:
-        if type(entry.size) is int:
-            return f"[{_quote(entry.path)}, {_quote(entry.url)}, {entry.size}, {_quote(entry.sha256)}]"
-    except TypeError:
-        pass
-    return json.dumps([entry.path, entry.url, entry.size, entry.sha256], sort_keys=True)
+    return (json.dumps(entry.as_dict()),
+            json.dumps([entry.path, entry.url, entry.size, entry.sha256], sort_keys=True))
 
 
 @contextmanager
@@ -199,20 +195,31 @@ class Manifest:
         sha256) rows}, sort_keys=True)`, hashed piece by piece so a million rows are never one string.
         """
         entries: Sequence[ManifestEntry] = self.entries
-        paths = [e.path for e in entries]
-        if not all(map(operator.lt, paths, itertools.islice(paths, 1, None))):
-            # Not strictly ordered by path (as `commit` writes them): order the rows as sorted() would.
+        if not self._in_path_order():
             entries = sorted(entries, key=operator.attrgetter("path", "url", "size", "sha256"))
-        del paths
-        hasher = hashlib.sha256()
-        # The keys in sorted order: dataset_key, objects, request, source.
-        hasher.update(f'{{"dataset_key": {json.dumps(self.dataset_key, sort_keys=True)}, "objects": ['.encode())
+        hasher = self._digest_start()
         for start in range(0, len(entries), _BATCH):
-            batch = ", ".join(map(_digest_row, entries[start:start + _BATCH]))
-            hasher.update(((", " if start else "") + batch).encode())
+            rows = ", ".join(row for _, row in map(_line_and_row, entries[start:start + _BATCH]))
+            hasher.update(f", {rows}".encode() if start else rows.encode())
+        return self._digest_end(hasher)
+
+    def _in_path_order(self) -> bool:
+        """True when the entries' paths strictly increase (as `commit` keeps them): then the digest's sorted
+        rows are in the entries' own order."""
+        paths = [e.path for e in self.entries]
+        return all(map(operator.lt, paths, itertools.islice(paths, 1, None)))
+
+    def _digest_start(self) -> Any:
+        hasher = hashlib.sha256()
+        # The body's keys in sorted order: dataset_key, objects, request, source.
+        hasher.update(f'{{"dataset_key": {json.dumps(self.dataset_key, sort_keys=True)}, "objects": ['.encode())
+        return hasher
+
+    def _digest_end(self, hasher: Any) -> str:
         hasher.update(f'], "request": {json.dumps(self.request, sort_keys=True)}, '
                       f'"source": {json.dumps(self.source, sort_keys=True)}}}'.encode())
-        return hasher.hexdigest()
+        digest: str = hasher.hexdigest()
+        return digest
 
     @property
     def total_bytes(self) -> int:
@@ -232,28 +239,52 @@ class Manifest:
         One line per object keeps a large manifest readable and diffable, and lets json's C encoder do
         the objects (an indented dump goes through the pure-Python encoder: seconds at 250,000 objects).
         """
-        return "".join(self.json_parts())
+        out = io.BytesIO()
+        self.write(out)
+        return out.getvalue().decode()
 
-    def json_parts(self) -> Iterator[str]:
-        """`to_json` piece by piece, to be written without holding the whole document."""
-        header = json.dumps({
+    def write(self, out: BinaryIO) -> None:
+        """Write the document `to_json` gives to a seekable binary file, without holding it whole.
+
+        Entries in path order (as `commit` keeps them) are encoded once for both the document and the digest:
+        the header is written with a placeholder of the digest's length, filled in after the last object.
+        """
+        one_pass = "digest" not in self.__dict__ and bool(self.entries) and self._in_path_order()
+        header = self._header(_DIGEST_PLACEHOLDER if one_pass else self.digest)
+        start = out.tell()
+        if not self.entries:
+            out.write(f'{header[:-2]},\n "objects": []\n}}\n'.encode())
+            return
+        out.write(f'{header[:-2]},\n "objects": [\n  '.encode())
+        hasher = self._digest_start()
+        for first in range(0, len(self.entries), _BATCH):
+            lines, rows = zip(*map(_line_and_row, self.entries[first:first + _BATCH]), strict=True)
+            separator = ",\n  " if first else ""
+            out.write((separator + ",\n  ".join(lines)).encode())
+            if one_pass:
+                hasher.update(((", " if first else "") + ", ".join(rows)).encode())
+        out.write(b"\n ]\n}\n")
+        if one_pass:
+            digest = self._digest_end(hasher)
+            self.__dict__["digest"] = digest  # a cached_property's slot: later reads cost nothing
+            end = out.tell()
+            # The header is ASCII (json escapes the rest), so its character offsets are byte offsets; the
+            # digest is its last occurrence of the placeholder (only the stats, numbers, follow it).
+            out.seek(start + header.rindex(_DIGEST_PLACEHOLDER))
+            out.write(digest.encode())
+            out.seek(end)
+
+    def _header(self, digest: str) -> str:
+        return json.dumps({
             "manifest_version": MANIFEST_VERSION,
             "source": self.source,
             "dataset_key": self.dataset_key,
             "request": self.request,
             "source_version": self.source_version,
             "created_at": self.created_at,
-            "digest": self.digest,
+            "digest": digest,
             "stats": asdict(self.stats),
         }, indent=1)
-        if not self.entries:
-            yield f'{header[:-2]},\n "objects": []\n}}\n'
-            return
-        yield f'{header[:-2]},\n "objects": [\n  '
-        for start in range(0, len(self.entries), _BATCH):
-            lines = ",\n  ".join(map(_object_line, self.entries[start:start + _BATCH]))
-            yield f",\n  {lines}" if start else lines
-        yield "\n ]\n}\n"
 
     @classmethod
     def from_json(cls, text: str, *, origin: str) -> Manifest:
@@ -564,7 +595,8 @@ class RawStore:
             entry = _find(kept, relpath)
             if entry is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
                 write_atomic(self.target(entry.path), data)
-        write_atomic_chunks(self.manifest_path, (part.encode() for part in manifest.json_parts()))
+        with open_atomic(self.manifest_path) as out:
+            manifest.write(out)
         # Only what this store wrote or listed may go: the old manifest's objects and the journal.
         listed = self.previous.entries if self.previous else ()
         if len(listed) == len(kept) and all(map(operator.is_, listed, kept)):

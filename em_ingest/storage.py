@@ -9,9 +9,10 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from em_ingest.errors import ConfigurationError
 
@@ -76,17 +77,19 @@ def fsync_path(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so a reader sees the old file or the new one, never a torn one."""
-    write_atomic_chunks(path, (data,))
+    with open_atomic(path) as fh:
+        fh.write(data)
 
 
-def write_atomic_chunks(path: Path, chunks: Iterable[bytes]) -> None:
-    """`write_atomic` of a file produced piece by piece, so a large one is never whole in memory."""
+@contextmanager
+def open_atomic(path: Path) -> Iterator[BinaryIO]:
+    """A new binary file that replaces `path` only once the block completes (durably); `write_atomic` of a
+    file produced piece by piece, so a large one is never whole in memory. An exception leaves `path` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; published files are meant to be read

@@ -119,7 +119,7 @@ def _line_and_row(entry: ManifestEntry) -> tuple[str, str]:
 
 @contextmanager
 def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a large manifest is built or read.
+    """Pause the cyclic garbage collector while a large manifest is built, read or written.
 
     Its objects (entries, dicts of strings) form no cycles and are freed by reference counting; but each
     full collection walks every live object, and building a million of them triggers many (about half the
@@ -198,9 +198,10 @@ class Manifest:
         if not self._in_path_order():
             entries = sorted(entries, key=operator.attrgetter("path", "url", "size", "sha256"))
         hasher = self._digest_start()
-        for start in range(0, len(entries), _BATCH):
-            rows = ", ".join(row for _, row in map(_line_and_row, entries[start:start + _BATCH]))
-            hasher.update(f", {rows}".encode() if start else rows.encode())
+        with _gc_paused():
+            for start in range(0, len(entries), _BATCH):
+                rows = ", ".join(row for _, row in map(_line_and_row, entries[start:start + _BATCH]))
+                hasher.update(f", {rows}".encode() if start else rows.encode())
         return self._digest_end(hasher)
 
     def _in_path_order(self) -> bool:
@@ -257,12 +258,13 @@ class Manifest:
             return
         out.write(f'{header[:-2]},\n "objects": [\n  '.encode())
         hasher = self._digest_start()
-        for first in range(0, len(self.entries), _BATCH):
-            lines, rows = zip(*map(_line_and_row, self.entries[first:first + _BATCH]), strict=True)
-            separator = ",\n  " if first else ""
-            out.write((separator + ",\n  ".join(lines)).encode())
-            if one_pass:
-                hasher.update(((", " if first else "") + ", ".join(rows)).encode())
+        with _gc_paused():  # each batch's pairs would promote and trigger full collections over the entries
+            for first in range(0, len(self.entries), _BATCH):
+                lines, rows = zip(*map(_line_and_row, self.entries[first:first + _BATCH]), strict=True)
+                separator = ",\n  " if first else ""
+                out.write((separator + ",\n  ".join(lines)).encode())
+                if one_pass:
+                    hasher.update(((", " if first else "") + ", ".join(rows)).encode())
         out.write(b"\n ]\n}\n")
         if one_pass:
             digest = self._digest_end(hasher)

@@ -145,9 +145,13 @@ def test_end_to_end_over_ftp(workspace, empiar, key):
     assert row["source_url"].startswith("ftp://")
 
     read_before = empiar.ftp_faults.retr_bytes
+    empiar.ftp_faults.commands.clear()
     again = ws.materialize("empiar", key)
     assert again.get_asset_materialization_events()[0].materialization.metadata["fetched_bytes"].value == 0
     assert empiar.ftp_faults.retr_bytes == read_before  # no RETR at all on the re-run
+    # The listing (MLSD: size and modification time) decides the re-run: no SIZE or MDTM per file either.
+    commands = empiar.ftp_faults.commands
+    assert commands["MLSD"] >= 1 and commands["SIZE"] == commands["MDTM"] == commands["RETR"] == 0
 
 
 @pytest.mark.parametrize("ftp", [False, True], ids=["https", "ftp"])

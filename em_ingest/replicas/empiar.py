@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,14 @@ class FtpFaults:
     cuts: int = 0
     retr_bytes: int = 0  # file bytes read for RETR (all transfers), for "nothing re-fetched" checks
     rest_offsets: list[int] = field(default_factory=list)  # every REST a client sent, to see resumes
+    commands: Counter[str] = field(default_factory=Counter)  # every command a client sent, by name
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def clear(self) -> None:
         with self.lock:
             self.cut_after_bytes, self.cuts = None, 0
             self.rest_offsets.clear()
+            self.commands.clear()
 
 
 class _CuttingFile:
@@ -236,6 +239,11 @@ class EmpiarReplica(Replica):
         class EmpiarFTPHandler(FTPHandler):
             abstracted_fs = _filesystem_with(faults)
             banner = "EMPIAR replica FTP"
+
+            def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
+                with faults.lock:
+                    faults.commands[cmd] += 1
+                super().pre_process_command(line, cmd, arg)
 
             def ftp_REST(self, line: str) -> None:
                 with faults.lock:

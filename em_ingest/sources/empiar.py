@@ -24,10 +24,13 @@ from em_ingest.selection import DatasetOptions, DatasetRequest
 from em_ingest.settings import Setting, Settings
 from em_ingest.sources.base import Description, InventoryItem, Source, options_as
 from em_ingest.transfer.autoindex import ListingEntry, parse_autoindex
+from em_ingest.transfer.base import RemoteObject
 from em_ingest.transfer.ftp import FtpClient
 from em_ingest.transfer.http import HttpClient
 
 log = logging.getLogger(__name__)
+# A wanted file: relative path, URL, and its version as the listing gives it (None: not given exactly).
+ListedFile = tuple[str, str, RemoteObject | None]
 
 ACCESSION = re.compile(r"^EMPIAR-(\d+)$")
 ENTRY_DOCUMENT = "entry.json"
@@ -166,9 +169,10 @@ class EmpiarSource(Source):
         page = self.http.get_bytes(url, headers={"Accept": "text/html"})
         return parse_autoindex(page.decode("utf-8", errors="replace"))
 
-    def list_files(self, directory_url: str, pattern: str | None) -> list[tuple[str, str]]:
-        """(relative path, URL) of the wanted image files below `directory_url`, in natural order."""
-        found: dict[str, str] = {}
+    def list_files(self, directory_url: str, pattern: str | None) -> list[ListedFile]:
+        """(relative path, URL, what the listing says of it) of the wanted image files below `directory_url`,
+        in natural order."""
+        found: dict[str, tuple[str, RemoteObject | None]] = {}
         pending = [("", directory_url, 0)]
         while pending:
             prefix, url, depth = pending.pop()
@@ -190,8 +194,8 @@ class EmpiarSource(Source):
                 if entry.is_dir:
                     pending.append((relpath + "/", child, depth + 1))
                 else:
-                    found[relpath] = child
-        return [(relpath, found[relpath]) for relpath in map(str, natural_order(found))]
+                    found[relpath] = (child, _listed_version(child, entry))
+        return [(relpath, *found[relpath]) for relpath in map(str, natural_order(found))]
 
     # ---- Source interface ---------------------------------------------------------------------
     def discover(self) -> Iterable[InventoryItem]:
@@ -212,14 +216,15 @@ class EmpiarSource(Source):
         imageset = choose_imageset(record, options.imageset, entry_url)
         directory_url = self.directory_url(number, imageset_directory(imageset, entry_url))
         files = self.imageset_files(directory_url, imageset, options.files)
-        # The store picks HTTP or FTP by each URL's scheme: one path for both file trees.
-        entries = raw.mirror([Wanted(url, f"{FILES_DIR}/{relpath}") for relpath, url in files])
+        # The store picks HTTP or FTP by each URL's scheme: one path for both file trees. What an FTP listing
+        # says of a file decides its refresh; for a file an autoindex page lists, the transport is asked.
+        entries = raw.mirror([Wanted(url, f"{FILES_DIR}/{relpath}", remote=remote) for relpath, url, remote in files])
         entries.append(raw.store_document(ENTRY_DOCUMENT, entry_url, document))
         version = record.get("update_date") or record.get("release_date")
         return raw.commit(entries, request.options_dict(), source_version=str(version) if version else None)
 
     def imageset_files(self, directory_url: str, imageset: dict[str, Any],
-                       pattern: str | None) -> list[tuple[str, str]]:
+                       pattern: str | None) -> list[ListedFile]:
         """(relative path, URL) of the imageset's wanted image files; refuses an imageset with none."""
         files = self.list_files(directory_url, pattern)
         announced = imageset.get("num_images_or_tilt_series")
@@ -295,10 +300,18 @@ def _authors(record: dict[str, Any]) -> tuple[str, ...]:
     return tuple(" ".join(filter(None, (p.get("first_name"), p.get("last_name")))) for p in people)
 
 
-def _union(first: list[tuple[str, str]], second: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _union(first: list[ListedFile], second: list[ListedFile]) -> list[ListedFile]:
     """Two listings of one directory as one, in natural order (a file either names counts)."""
-    merged = dict(first) | dict(second)
-    return [(relpath, merged[relpath]) for relpath in map(str, natural_order(merged))]
+    merged = {file[0]: file for file in first} | {file[0]: file for file in second}
+    return [merged[relpath] for relpath in map(str, natural_order(merged))]
+
+
+def _listed_version(url: str, entry: ListingEntry) -> RemoteObject | None:
+    """The file's version as its listing gives it, when that is enough to decide a refresh (exact size and
+    modification time: an FTP MLSD listing); None: the transport is asked (SIZE and MDTM, or a HEAD)."""
+    if entry.size is None or entry.modified is None:
+        return None
+    return RemoteObject(url, entry.size, last_modified=entry.modified)
 
 
 def _voxel_size_sources(volume: Volume) -> dict[str, str | None]:

@@ -387,7 +387,7 @@ def _known_ranges(raw: RawStore, remote: RemoteObject, chunks: dict[str, int], r
         entry = raw.previous_entry(relpaths[chunk_id])
         cut = byte_range_of(entry) if entry is not None else None
         if (entry is not None and cut is not None and entry.url == remote.url
-                and remote.same_version_as(entry.as_dict(), compare_size=False)):
+                and remote.describes(entry.size, entry.etag, entry.last_modified, compare_size=False)):
             ranges[chunk_id] = cut
         elif key not in absent_before:
             return None

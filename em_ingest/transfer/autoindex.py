@@ -14,6 +14,10 @@ class ListingEntry:
     name: str
     is_dir: bool
     href: str  # as linked, relative to the listing's URL
+    # What the listing says of a file when it says it exactly (FTP MLSD: bytes, and the modification time
+    # in MDTM's form); None otherwise (an autoindex page's sizes are rounded, a Unix LIST's times too).
+    size: int | None = None
+    modified: str | None = None
 
 
 class _Links(HTMLParser):

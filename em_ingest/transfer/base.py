@@ -17,7 +17,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoteObject:
     """What a server says about an object before we fetch it (from a HEAD, SIZE/MDTM or a listing)."""
 
@@ -31,12 +31,17 @@ class RemoteObject:
 
         `compare_size` is off for an entry that holds a byte range of the object, whose size is the range's.
         """
-        if compare_size and self.size is not None and other.get("size") != self.size:
+        return self.describes(other.get("size"), other.get("etag"), other.get("last_modified"),
+                              compare_size=compare_size)
+
+    def describes(self, size: object, etag: object, last_modified: object, *, compare_size: bool = True) -> bool:
+        """`same_version_as` on a record's fields (no mapping built: it runs once per object of a refresh)."""
+        if compare_size and self.size is not None and size != self.size:
             return False
-        if self.etag and other.get("etag"):
-            return self.etag == other["etag"]
-        if self.last_modified and other.get("last_modified"):
-            return self.last_modified == other["last_modified"]
+        if self.etag and etag:
+            return self.etag == etag
+        if self.last_modified and last_modified:
+            return self.last_modified == last_modified
         return False  # nothing to compare: fetch again rather than trust a guess
 
 

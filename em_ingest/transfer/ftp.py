@@ -102,11 +102,10 @@ class FtpClient(Transport):
 
         def listing(ftp: ftplib.FTP, address: FtpAddress) -> list[ListingEntry]:
             try:
-                facts = list(ftp.mlsd(address.path, facts=["type"]))
+                facts = list(ftp.mlsd(address.path, facts=["type", "size", "modify"]))
             except ftplib.error_perm:  # server without MLSD (RFC 3659): fall back to a Unix-style LIST
                 return _parse_list(address.path, ftp)
-            return [ListingEntry(name, f.get("type") == "dir", name + ("/" if f.get("type") == "dir" else ""))
-                    for name, f in facts if f.get("type") in ("file", "dir")]
+            return [_mlsd_entry(name, f) for name, f in facts if f.get("type") in ("file", "dir")]
 
         return self._call(url, f"LIST {url}", listing)
 
@@ -186,6 +185,16 @@ def _overflow_message(url: str, cap: int, announced: bool) -> str:
         return f"{url}: the server sent more than the {cap} bytes announced for it (SIZE); download discarded"
     return (f"{url}: the server sent more than max_unannounced_bytes={cap} with no size announced (SIZE gave "
             "none); download discarded (raise max_unannounced_bytes if the file is really that large)")
+
+
+def _mlsd_entry(name: str, facts: dict[str, str]) -> ListingEntry:
+    """One MLSD line; a file's size and modification time (the same time-val as MDTM's, RFC 3659) are kept,
+    so a mirror can tell an unchanged file from the listing alone."""
+    if facts.get("type") == "dir":
+        return ListingEntry(name, True, name + "/")
+    size = facts.get("size", "")
+    return ListingEntry(name, False, name, size=int(size) if size.isdigit() else None,
+                        modified=facts.get("modify") or None)
 
 
 def _parse_list(path: str, ftp: ftplib.FTP) -> list[ListingEntry]:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,8 @@ class RecordingTransport(Transport):
         body, etag = self.objects[url]
         return RemoteObject(url, len(body), etag)
 
-    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None) -> Download:
+    def fetch(self, url: str, dest: Path, *, expected: RemoteObject | None = None,
+              on_bytes: Callable[[int], None] | None = None) -> Download:
         self.requests.append(("GET", url))
         body, etag = self.objects[url]
         write_atomic(dest, body)

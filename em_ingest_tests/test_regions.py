@@ -137,8 +137,8 @@ def test_region_bytes_refuse_what_is_not_a_size(text):
 # ---- through Dagster: the ome_zarr asset fans out into region steps ------------------------------------------
 EPFL_KEY = "hippocampus-training"
 EPFL_PATH = "/groups/c/cv/cvlab-unit/www/data/ ElectronMicroscopy_Hippocampus/training.tif"
-# Two s0 shards (128 x 256 x 256) along each axis, the far ones partial.
-LARGE = (130, 260, 270)
+# Two s0 shards (128 x 256 x 256) along each axis, the far ones partial in y and x: 17 MiB.
+LARGE = (256, 260, 270)
 
 
 @pytest.fixture

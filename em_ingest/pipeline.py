@@ -288,7 +288,8 @@ class Pipeline:
         levels = list(plan.levels)
         boxes = plan.regions.boxes(index)
         what = f"convert {request.source}/{request.key}" + (
-            f" region {index + 1} of {plan.regions.count}" if plan.regions.count > 1 else "")
+            f" region {index + 1} of {plan.regions.count} (levels s0..s{plan.regions.top})"
+            if plan.regions.count > 1 else "")
         try:
             with source.open_volume(request, self.raw_store(request, source)) as volume, \
                     Progress(what, unit="blocks", sink=progress_sink,
@@ -303,9 +304,11 @@ class Pipeline:
         return RegionWritten(index, intensity.as_dict())
 
     def publish_conversion(self, request: DatasetRequest, plan: ConversionPlan, parts: Sequence[RegionWritten], *,
-                           run_id: str | None = None, finished_run: Callable[[str], bool] | None = None) -> Conversion:
+                           run_id: str | None = None, finished_run: Callable[[str], bool] | None = None,
+                           progress_sink: Sink | None = None) -> Conversion:
         """After every region: the levels above them, labels, thumbnail, sidecar, then the atomic publish.
-        `finished_run` tells whether an orchestrator run is over (its abandoned version folders then go)."""
+        `finished_run` tells whether an orchestrator run is over (its abandoned version folders then go);
+        `progress_sink` is told how far the levels above the regions have come."""
         final = storage.zarr_path(self.root, request.source, request.key)
         if plan.staging is None or plan.regions is None:
             sidecar = catalog.read_sidecar(final)
@@ -331,7 +334,7 @@ class Pipeline:
                                   plan.inputs_digest)
             storage.claim_version(staging, run_id)
             try:
-                conversion = self._finish(request, plan, parts, staging, final)
+                conversion = self._finish(request, plan, parts, staging, final, progress_sink)
             except BaseException:
                 storage.discard_version(staging)
                 raise
@@ -339,7 +342,7 @@ class Pipeline:
         return conversion
 
     def _finish(self, request: DatasetRequest, plan: ConversionPlan, parts: Sequence[RegionWritten],
-                staging: Path, final: Path) -> Conversion:
+                staging: Path, final: Path, progress_sink: Sink | None) -> Conversion:
         assert plan.regions is not None
         source = self.source(request.source)
         raw = self.raw_store(request, source)
@@ -350,7 +353,13 @@ class Pipeline:
         levels = list(plan.levels)
         if plan.regions.top + 1 < len(levels):
             top = StoredLevel(staging, levels[plan.regions.top], self.layout)
-            write_levels(top, staging, levels, layout=self.layout, first=plan.regions.top, stored=True)
+            whole = [triple(slice(0, n) for n in top.shape)]
+            with Progress(f"convert {request.source}/{request.key} levels s{plan.regions.top + 1}..s{len(levels) - 1} "
+                          f"from s{plan.regions.top}", unit="blocks", sink=progress_sink,
+                          total_units=blocks_in(whole, self.layout.block_for(top.shape)),
+                          total_bytes=voxels_in(whole) * top.dtype.itemsize) as progress:
+                write_levels(top, staging, levels, layout=self.layout, first=plan.regions.top, stored=True,
+                             on_block=lambda nbytes: progress.advance(1, nbytes))
         intensity = Intensity()
         for part in sorted(parts, key=lambda p: p.index):
             intensity = intensity.merge(Intensity.from_dict(part.intensity))

@@ -186,7 +186,8 @@ def publish_image(context: dg.OpExecutionContext, em_ingest: EmIngestResource, p
     pipeline, request = _request(context, em_ingest)
     zarr_key = ome_zarr_key(request.source)
     conversion = pipeline.publish_conversion(request, plan, parts, run_id=context.run_id,
-                                             finished_run=lambda run_id: _finished(context.instance, run_id))
+                                             finished_run=lambda run_id: _finished(context.instance, run_id),
+                                             progress_sink=run_log_sink(context))
     forget_run(pipeline.settings.data_root, context.run_id)
     row = conversion.row
     raw_bytes = row["raw_bytes"] or 0

@@ -361,14 +361,14 @@ class _Syncer:
     def sync_soon(self, paths: Iterable[Path]) -> None:
         self._pending += [(path, self._pool.submit(fsync_path, path)) for path in paths]
 
-    def finish(self) -> None:
+    def finish(self, root: Path) -> None:
         folders: set[Path] = set()
         for path, future in self._pending:
             try:
                 future.result()
             except FileNotFoundError:
                 continue  # not a file this layout writes: `finish_image` syncs whatever exists
-            folders.update(path.parents)
+            folders.update(folder for folder in path.parents if folder == root or root in folder.parents)
         self._pending = []
         list(self._pool.map(fsync_path, folders))
         self._pool.shutdown()
@@ -499,7 +499,7 @@ def write_levels(volume: Volume, dest: Path, levels: Sequence[Level], *, layout:
         leftover = [levels[k].path for k, a in enumerate(assemblers) if a.open_bytes]
         if leftover:  # cannot happen unless blocks, levels and boxes disagree; never publish a partial level
             raise FormatError(f"{volume.name}: levels {leftover} were not completely written")
-        syncer.finish()
+        syncer.finish(dest)
     finally:
         writer.settle()
         syncer.abandon()

@@ -6,8 +6,10 @@
 
 import base64
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -189,40 +191,48 @@ def publish_image(context: dg.OpExecutionContext, em_ingest: EmIngestResource, p
                                              finished_run=lambda run_id: _finished(context.instance, run_id),
                                              progress_sink=run_log_sink(context))
     forget_run(pipeline.settings.data_root, context.run_id)
+    with warnings.catch_warnings():
+        # An op's Output takes a data version as a beta parameter (an asset's MaterializeResult does not warn):
+        # the same data version the asset recorded before it was a graph, so users need not see the warning.
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        image = dg.Output(None, "image", metadata=_image_metadata(pipeline, request, plan, conversion),
+                          data_version=dg.DataVersion(conversion.inputs_digest))
+    yield image
+    yield from _check_results(pipeline, request, conversion, zarr_key)
+
+
+def _image_metadata(pipeline: Pipeline, request: DatasetRequest, plan: ConversionPlan,
+                    conversion: Conversion) -> dict[str, Any]:
+    """What the UI shows of a published image."""
     row = conversion.row
     raw_bytes = row["raw_bytes"] or 0
     stored = row["stored_bytes"] or 0
     uncompressed = row["shape_z"] * row["shape_y"] * row["shape_x"] * _itemsize(row["dtype"])
-    yield dg.Output(
-        None, "image",
-        metadata={
-            "path": dg.MetadataValue.path(str(conversion.zarr_path)),
-            "shape_zyx": dg.MetadataValue.json([row["shape_z"], row["shape_y"], row["shape_x"]]),
-            "dtype": row["dtype"],
-            "voxel_size_nm_zyx": dg.MetadataValue.json(
-                [row["voxel_size_z_nm"], row["voxel_size_y_nm"], row["voxel_size_x_nm"]]),
-            "voxel_size_origin": row["voxel_size_origin"],
-            "translation_nm_zyx": dg.MetadataValue.json(
-                [row["translation_z_nm"], row["translation_y_nm"], row["translation_x_nm"]]),
-            "scales": dg.MetadataValue.md(_levels_table(conversion.levels)),
-            "n_scales": len(conversion.levels),
-            "chunk_shape": dg.MetadataValue.json(row["chunk_shape"]),
-            "compression": row["compression"],
-            "raw_bytes": raw_bytes,
-            "stored_bytes": stored,
-            "stored_size": _human_bytes(stored),
-            "compression_ratio": round(uncompressed / stored, 3) if stored else 0.0,
-            "raw_manifest_sha256": row["raw_manifest_sha256"],
-            "skipped_unchanged": conversion.skipped,
-            "region_steps": plan.region_count,
-            "thumbnail": _thumbnail_markdown(conversion.thumbnail_path),
-            # Label name -> what it holds; the same record as the catalog's extra_json.
-            "labels": dg.MetadataValue.json(json.loads(row["extra_json"] or "{}").get("labels") or {}),
-            "neuroglancer": _neuroglancer_metadata(pipeline, request, conversion),
-        },
-        data_version=dg.DataVersion(conversion.inputs_digest),
-    )
-    yield from _check_results(pipeline, request, conversion, zarr_key)
+    return {
+        "path": dg.MetadataValue.path(str(conversion.zarr_path)),
+        "shape_zyx": dg.MetadataValue.json([row["shape_z"], row["shape_y"], row["shape_x"]]),
+        "dtype": row["dtype"],
+        "voxel_size_nm_zyx": dg.MetadataValue.json(
+            [row["voxel_size_z_nm"], row["voxel_size_y_nm"], row["voxel_size_x_nm"]]),
+        "voxel_size_origin": row["voxel_size_origin"],
+        "translation_nm_zyx": dg.MetadataValue.json(
+            [row["translation_z_nm"], row["translation_y_nm"], row["translation_x_nm"]]),
+        "scales": dg.MetadataValue.md(_levels_table(conversion.levels)),
+        "n_scales": len(conversion.levels),
+        "chunk_shape": dg.MetadataValue.json(row["chunk_shape"]),
+        "compression": row["compression"],
+        "raw_bytes": raw_bytes,
+        "stored_bytes": stored,
+        "stored_size": _human_bytes(stored),
+        "compression_ratio": round(uncompressed / stored, 3) if stored else 0.0,
+        "raw_manifest_sha256": row["raw_manifest_sha256"],
+        "skipped_unchanged": conversion.skipped,
+        "region_steps": plan.region_count,
+        "thumbnail": _thumbnail_markdown(conversion.thumbnail_path),
+        # Label name -> what it holds; the same record as the catalog's extra_json.
+        "labels": dg.MetadataValue.json(json.loads(row["extra_json"] or "{}").get("labels") or {}),
+        "neuroglancer": _neuroglancer_metadata(pipeline, request, conversion),
+    }
 
 
 def _neuroglancer_metadata(pipeline: Pipeline, request: DatasetRequest, conversion: Conversion) -> dg.MetadataValue:

@@ -225,3 +225,69 @@ def test_region_steps_run_in_their_own_processes_under_the_multiprocess_executor
     region_pids = {e.dagster_event.pid for e in starts if "convert_region[" in e.step_key}
     assert len([e for e in starts if "convert_region[" in e.step_key]) == 4
     assert len(region_pids) == 4, "each region step ran in a process of its own"
+
+
+# ---- version folders of other writers -------------------------------------------------------------------------
+def _foreign_version(final: Path, run_id: str, *, host: str = "another-host", pid: int = 1) -> Path:
+    """A version folder as a writer elsewhere leaves it: its record names that writer."""
+    import json
+    import time
+
+    from em_ingest import storage
+
+    staging = storage.new_version(final, run_id)
+    (staging / "zarr.json").write_text("{}")
+    record = staging.with_name(staging.name + storage.WRITER_SUFFIX)
+    record.write_text(json.dumps({"host": host, "pid": pid, "at": time.time(), "run": run_id}))
+    return staging
+
+
+def test_publish_removes_the_folders_of_finished_runs_only(tmp_path):
+    from em_ingest import storage
+
+    final = tmp_path / "zarr" / "epfl" / "k.ome.zarr"
+    final.parent.mkdir(parents=True)
+    finished, running = _foreign_version(final, "run-finished"), _foreign_version(final, "run-running")
+    with storage.staged_directory(final) as staging:
+        (staging / "zarr.json").write_text("{}")
+    assert finished.exists() and running.exists(), "without the orchestrator's word, a young folder elsewhere stays"
+
+    staging = storage.new_version(final, "run-now")
+    storage.publish_version(final, staging, finished_run=lambda run_id: run_id == "run-finished")
+    assert not finished.exists() and not finished.with_name(finished.name + storage.WRITER_SUFFIX).exists()
+    assert running.exists()
+    assert storage.current_target(final) == staging.resolve()
+
+
+def test_a_second_run_on_this_machine_waits_for_the_live_writer_of_the_same_image(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from em_ingest import storage
+
+    final = tmp_path / "zarr" / "epfl" / "k.ome.zarr"
+    final.parent.mkdir(parents=True)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = _foreign_version(final, "run-other", host=socket.gethostname(), pid=writer.pid)
+        assert storage.writers_elsewhere(final) == [busy]
+        done = threading.Event()
+        waiter = threading.Thread(target=lambda: (_wait_until_free(final), done.set()))
+        waiter.start()
+        assert not done.wait(1.5), "a live writer on this machine holds the image"
+    finally:
+        writer.kill()
+        writer.wait()
+    waiter.join(timeout=10)
+    assert done.is_set() and storage.writers_elsewhere(final) == []
+
+
+def _wait_until_free(final: Path) -> None:
+    import time
+
+    from em_ingest import storage
+
+    while storage.writers_elsewhere(final):
+        time.sleep(0.1)

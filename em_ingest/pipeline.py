@@ -88,6 +88,8 @@ class ConversionPlan:
     regions: RegionPlan | None
     levels: tuple[Level, ...]
     replaces: str | None = None  # the version published when the plan was made
+    geometry: Geometry | None = None  # the source's, override applied (as the multiscales say)
+    dtype: str | None = None  # the source volume's
 
     @property
     def region_count(self) -> int:
@@ -96,7 +98,8 @@ class ConversionPlan:
     def to_json(self) -> str:
         return json.dumps({"source": self.source, "key": self.key, "inputs_digest": self.inputs_digest,
                            "staging": self.staging, "regions": self.regions.as_dict() if self.regions else None,
-                           "levels": [asdict(level) for level in self.levels], "replaces": self.replaces})
+                           "levels": [asdict(level) for level in self.levels], "replaces": self.replaces,
+                           "geometry": asdict(self.geometry) if self.geometry else None, "dtype": self.dtype})
 
     @classmethod
     def from_json(cls, text: str) -> ConversionPlan:
@@ -104,8 +107,12 @@ class ConversionPlan:
         regions = RegionPlan.from_dict(record["regions"]) if record["regions"] else None
         levels = tuple(Level(lv["path"], triple(lv["shape"]), triple(lv["scale_nm"]), triple(lv["translation_nm"]),
                              triple(lv["factors"])) for lv in record["levels"])
+        geometry = record.get("geometry")
         return cls(record["source"], record["key"], record["inputs_digest"], record["staging"], regions, levels,
-                   record.get("replaces"))
+                   record.get("replaces"),
+                   Geometry(triple(geometry["voxel_size_nm"]), geometry["voxel_size_origin"],
+                            triple(geometry["translation_nm"]) if geometry["translation_nm"] else None)
+                   if geometry else None, record.get("dtype"))
 
 
 @dataclass(frozen=True)
@@ -252,7 +259,7 @@ class Pipeline:
                      self.settings.region_bytes, regions.top, regions.top + 1)
         published = storage.current_target(final)
         return ConversionPlan(request.source, request.key, digest, str(staging), regions, tuple(levels),
-                              str(published) if published else None)
+                              str(published) if published else None, geometry, np.dtype(volume.dtype).str)
 
     @property
     def region_bytes(self) -> int:
@@ -278,11 +285,8 @@ class Pipeline:
                        run_id: str | None = None, progress_sink: Sink | None = None) -> RegionWritten:
         """Write levels s0..s`top` of one region of a planned conversion (see `plan_conversion`). How far it has
         come (s0 blocks and bytes) goes to `progress_sink` as one-line messages (see `Progress`)."""
-        assert plan.staging is not None and plan.regions is not None, "a skipped conversion has no regions"
-        staging = Path(plan.staging)
-        if not staging.is_dir():
-            raise EmIngestError(f"{request.source}/{request.key}: the version folder {staging} this conversion was "
-                                "writing is gone (removed as abandoned?); materialize the partition again")
+        assert plan.regions is not None, "a skipped conversion has no regions"
+        staging = self._staging(request, plan)
         storage.claim_version(staging, run_id)
         source = self.source(request.source)
         levels = list(plan.levels)
@@ -303,6 +307,20 @@ class Pipeline:
             raise
         return RegionWritten(index, intensity.as_dict())
 
+    def _staging(self, request: DatasetRequest, plan: ConversionPlan) -> Path:
+        """The plan's version folder, proven to be one of this image's before a step writes into it or removes it:
+        the plan comes back from a record under the data root, which anyone who can write there could edit."""
+        final = storage.zarr_path(self.root, request.source, request.key)
+        staging = Path(plan.staging or "")
+        if (plan.source, plan.key) != (request.source, request.key) or not storage.is_version_name(final, staging):
+            raise EmIngestError(f"{request.source}/{request.key}: the conversion plan names {staging}, which is not a "
+                                f"version folder of {final}; refused")
+        if not staging.is_dir():
+            raise EmIngestError(f"{request.source}/{request.key}: the version folder {staging} this conversion was "
+                                "writing is gone (removed after a failure, or as abandoned); materialize the "
+                                "partition again")
+        return staging
+
     def publish_conversion(self, request: DatasetRequest, plan: ConversionPlan, parts: Sequence[RegionWritten], *,
                            run_id: str | None = None, finished_run: Callable[[str], bool] | None = None,
                            progress_sink: Sink | None = None) -> Conversion:
@@ -314,13 +332,10 @@ class Pipeline:
             sidecar = catalog.read_sidecar(final)
             return Conversion(sidecar["catalog_row"], sidecar["levels"], final, final / "thumbnail.png", True,
                               plan.inputs_digest)
+        staging = self._staging(request, plan)
         missing = sorted(set(range(plan.regions.count)) - {part.index for part in parts})
         if missing:
             raise EmIngestError(f"{request.source}/{request.key}: regions {missing} were not written")
-        staging = Path(plan.staging)
-        if not staging.is_dir():
-            raise EmIngestError(f"{request.source}/{request.key}: the version folder {staging} this conversion was "
-                                "writing is gone (removed after a failure?); materialize the partition again")
         with storage.partition_lock(self.root, request.source, request.key):
             published = storage.current_target(final)
             if str(published) != str(plan.replaces) and self._up_to_date(request, final, plan.inputs_digest):
@@ -363,11 +378,10 @@ class Pipeline:
         intensity = Intensity()
         for part in sorted(parts, key=lambda p: p.index):
             intensity = intensity.merge(Intensity.from_dict(part.intensity))
+        assert plan.geometry is not None and plan.dtype is not None, "a plan that writes records both"
+        geometry = plan.geometry
         description = source.describe(request, raw)
-        with source.open_volume(request, raw) as volume:
-            geometry = resolve_geometry(volume, request)
-            dtype = volume.dtype
-        result = finish_image(staging, levels, dtype, intensity, layout=self.layout)
+        result = finish_image(staging, levels, np.dtype(plan.dtype), intensity, layout=self.layout)
         labels = self._write_labels(request, source, raw, staging, result, geometry)
         row = self._row(request, description, geometry, manifest, result, final, labels)
         levels_record = [{"path": lv.path, "shape": list(lv.shape), "scale_nm": list(lv.scale_nm),

@@ -6,6 +6,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -21,6 +22,7 @@ from em_ingest.errors import ConfigurationError
 VERSIONS_DIR = ".versions"
 LOCKS_DIR = ".locks"
 WRITER_SUFFIX = ".writer"
+_VERSION_NAME = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}")  # what `new_version` names a folder
 STALE_STAGING_S = 24 * 3600
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,14 @@ def claim_version(staging: Path, run_id: str | None = None) -> None:
     """
     record = {"host": socket.gethostname(), "pid": os.getpid(), "at": time.time(), "run": run_id}
     _writer_record(staging).write_text(json.dumps(record))
+
+
+def is_version_name(final: Path, path: Path) -> bool:
+    """Whether `path` names a version folder `new_version` makes for `final` (whether or not it exists yet):
+    directly inside the image's own `.versions/` folder, with the name it gives, and not a link."""
+    versions = final.parent / VERSIONS_DIR / final.name
+    return (path.parent == versions and _VERSION_NAME.fullmatch(path.name) is not None
+            and not path.is_symlink())
 
 
 def _writer_record(staging: Path) -> Path:

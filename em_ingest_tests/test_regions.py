@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from em_ingest.formats.volume import ArrayVolume, Geometry
 from em_ingest.omezarr.pyramid import plan_pyramid
-from em_ingest.omezarr.regions import covers_whole_blocks, footprint, plan_regions
+from em_ingest.omezarr.regions import MAX_REGIONS, covers_whole_blocks, footprint, plan_regions
 from em_ingest.omezarr.writer import Intensity, StoredLevel, ZarrLayout, create_image, finish_image, write_levels, write_ome_zarr
 from em_ingest.settings import parse_bytes
 
@@ -50,7 +50,9 @@ def test_regions_tile_the_volume_without_sharing_a_block(shape, voxel, ngff, ite
         # The coarse levels are left to the last step, unless one cell is the whole volume (too big to split).
         assert plan.top < len(levels) - 1 or plan.cell == shape
         # As few regions as the cell size allows, each at most region_bytes unless one cell is larger.
-        assert plan.count == math.ceil(plan.cells / max(1, (region_kib << 10) // cell))
+        assert plan.count == math.ceil(plan.cells / max(1, (region_kib << 10) // cell,
+                                                        math.ceil(plan.cells / MAX_REGIONS)))
+        assert plan.count <= MAX_REGIONS
         assert cell <= region_kib << 10 or plan.top == 0
         if plan.top + 1 < len(levels):  # the next level's cell would not have fit
             assert math.prod(footprint(levels, blocks, plan.top + 1)) * itemsize > region_kib << 10 or plan.top == 0
@@ -291,3 +293,37 @@ def _wait_until_free(final: Path) -> None:
 
     while storage.writers_elsewhere(final):
         time.sleep(0.1)
+
+
+def test_a_tiny_region_size_on_a_huge_volume_still_plans_a_bounded_number_of_steps():
+    levels, blocks = _levels_and_blocks((60_000, 60_000, 60_000), (8.0, 8.0, 8.0), ZarrLayout())
+    plan = plan_regions(levels, blocks, 1, region_bytes=1)
+    assert plan.top == 0 and plan.cells > 100 * MAX_REGIONS
+    assert plan.count <= MAX_REGIONS
+    assert sum(len(plan.boxes(i)) for i in (0, plan.count - 1)) >= 2 * (plan.cells // MAX_REGIONS)
+
+
+def test_a_plan_naming_a_folder_outside_the_images_versions_is_refused(workspace):
+    import dataclasses
+
+    from em_ingest.errors import EmIngestError
+
+    ws = workspace("epfl")
+    assert ws.materialize("epfl", EPFL_KEY, steps=("raw",)).success
+    pipeline = ws.pipeline
+    request = pipeline.request("epfl", EPFL_KEY)
+    plan = pipeline.plan_conversion(request)
+    precious = ws.root / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("not em-ingest's")
+    versions = Path(plan.staging).parent
+    for forged in (precious, versions / ".." / Path(plan.staging).name, versions / "20260101T000000-0000000g"):
+        edited = dataclasses.replace(plan, staging=str(forged))
+        with pytest.raises(EmIngestError, match="not a version folder"):
+            pipeline.convert_region(request, edited, 0)
+        with pytest.raises(EmIngestError, match="not a version folder"):
+            pipeline.publish_conversion(request, edited, [])
+    assert (precious / "keep.txt").read_text() == "not em-ingest's"
+    # The genuine plan still converts and publishes.
+    conversion = pipeline.publish_conversion(request, plan, [pipeline.convert_region(request, plan, 0)])
+    assert not conversion.skipped and conversion.zarr_path.exists()

@@ -18,6 +18,8 @@ from em_ingest.formats.volume import Region, triple
 from em_ingest.omezarr.pyramid import Level
 
 Shape = tuple[int, int, int]
+# A small region_bytes on a large volume would otherwise plan a step per shard (millions for terabytes).
+MAX_REGIONS = 10_000
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ def plan_regions(levels: Sequence[Level], blocks: Sequence[Shape], itemsize: int
     A volume that fits is one region writing every level: the one-process path. Otherwise `top` is the
     coarsest level whose block footprint still fits in `region_bytes`, so the regions write as much of the
     pyramid as they can and the last step has the least left to do (level `top` is 1/8^top of s0 for
-    isotropic halving); consecutive cells are grouped into regions of up to `region_bytes`.
+    isotropic halving); consecutive cells are grouped into regions of up to `region_bytes`, or larger when that
+    would make more than MAX_REGIONS regions.
     """
     shape = levels[0].shape
     total = math.prod(shape) * itemsize
@@ -84,7 +87,8 @@ def plan_regions(levels: Sequence[Level], blocks: Sequence[Shape], itemsize: int
             top = k
     cell = footprint(levels, blocks, top)
     cells = math.prod(-(-n // c) for n, c in zip(shape, cell))
-    per_region = max(1, region_bytes // (math.prod(cell) * itemsize))
+    # At most MAX_REGIONS steps, whatever region_bytes asks for: each is a Dagster step with its own events.
+    per_region = max(1, region_bytes // (math.prod(cell) * itemsize), -(-cells // MAX_REGIONS))
     return RegionPlan(shape, top, cell, -(-cells // per_region))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from functools import cache
@@ -149,7 +149,6 @@ def read_catalog(path: Path) -> pa.Table:
     Only missing columns are refused here: a column of the wrong type still loads, so the schema
     asset check can report the drift instead of failing to run.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not path.exists():
@@ -157,8 +156,24 @@ def read_catalog(path: Path) -> pa.Table:
     if path.is_dir():
         # pyarrow would read a directory as a (possibly empty) dataset and show "no rows".
         raise ValidationError(f"catalog {path} is a directory, expected a Parquet file")
+    return _checked_table(lambda: pq.read_table(path), str(path))
+
+
+def read_catalog_bytes(data: bytes | None, where: str) -> pa.Table:
+    """The catalog from its Parquet bytes (as read from a bucket); `where` names it in errors."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if data is None:
+        raise ValidationError(f"no catalog at {where}")
+    return _checked_table(lambda: pq.read_table(pa.BufferReader(data)), where)
+
+
+def _checked_table(read: Callable[[], pa.Table], path: str) -> pa.Table:
+    import pyarrow as pa
+
     try:
-        table = pq.read_table(path)
+        table = read()
     except (pa.ArrowException, OSError) as exc:
         # ArrowInvalid for a truncated or non-Parquet file, OSError for one we may not read.
         raise ValidationError(f"catalog {path} cannot be read as Parquet: {exc}") from None
@@ -180,8 +195,10 @@ class CatalogProblem:
 PROBLEM_KINDS = ("schema", "version", "duplicate", "missing_zarr", "damaged_zarr", "unreadable_sidecar")
 
 
-def catalog_problems(table: pa.Table) -> list[CatalogProblem]:
-    """Everything wrong with a catalog table: schema drift, duplicate keys, missing or damaged Zarrs."""
+def catalog_problems(table: pa.Table,
+                     open_image: Callable[[str], integrity.ImageFiles] | None = None) -> list[CatalogProblem]:
+    """Everything wrong with a catalog table: schema drift, duplicate keys, missing or damaged Zarrs.
+    `open_image` gives the files of the image a row's `zarr_path` names (default: a local folder)."""
     expected = schema()
     if not table.schema.equals(expected, check_metadata=False):
         return [CatalogProblem("schema", f"schema differs from catalog v{CATALOG_VERSION}: {table.schema} != {expected}")]
@@ -197,32 +214,43 @@ def catalog_problems(table: pa.Table) -> list[CatalogProblem]:
         if key in seen:
             problems.append(CatalogProblem("duplicate", f"duplicate row for {key}", key))
         seen.add(key)
-        image = Path(zarr_path) if zarr_path else None
-        if image is None or not ((image / "zarr.json").exists() or (image / ".zattrs").exists()):
+        image = (open_image or (lambda p: integrity.LocalImage(Path(p))))(zarr_path) if zarr_path else None
+        if image is None or not _holds_group(image):
             problems.append(CatalogProblem("missing_zarr", f"{key}: Zarr missing at {zarr_path}", key))
             continue
         problems += _image_problems(image, key)
     return problems
 
 
-def _image_problems(image: Path, key: str) -> list[CatalogProblem]:
+def _holds_group(image: integrity.ImageFiles) -> bool:
+    for name in ("zarr.json", ".zattrs"):
+        try:
+            image.read(name)
+            return True
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            continue
+    return False
+
+
+def _image_problems(image: integrity.ImageFiles, key: str) -> list[CatalogProblem]:
     try:
         sidecar = read_sidecar(image)
     except (OSError, ValueError) as exc:
-        return [CatalogProblem("unreadable_sidecar", f"{key}: sidecar {image / SIDECAR_NAME} unreadable ({exc})", key)]
+        return [CatalogProblem("unreadable_sidecar", f"{key}: sidecar {image.where}/{SIDECAR_NAME} unreadable ({exc})",
+                               key)]
     return [CatalogProblem("damaged_zarr", f"{key}: {problem}", key) for problem in image_damage(image, sidecar)]
 
 
-def read_sidecar(zarr_dir: Path) -> dict[str, Any]:
-    sidecar: dict[str, Any] = json.loads((zarr_dir / SIDECAR_NAME).read_text())  # written by the pipeline
+def read_sidecar(zarr_dir: Path | integrity.ImageFiles) -> dict[str, Any]:
+    sidecar: dict[str, Any] = json.loads(integrity.files_of(zarr_dir).read(SIDECAR_NAME))  # written by the pipeline
     return sidecar
 
 
-def record_image(zarr_dir: Path) -> dict[str, Any]:
+def record_image(zarr_dir: Path | integrity.ImageFiles) -> dict[str, Any]:
     """What the image at `zarr_dir` holds, for its sidecar (which is itself left out)."""
     return integrity.record_written(zarr_dir, exclude=frozenset({SIDECAR_NAME}))
 
 
-def image_damage(zarr_dir: Path, sidecar: Mapping[str, Any]) -> list[str]:
+def image_damage(zarr_dir: Path | integrity.ImageFiles, sidecar: Mapping[str, Any]) -> list[str]:
     """How the published image differs from the record in its sidecar (empty when intact)."""
     return integrity.damage(zarr_dir, sidecar.get("written"), exclude=frozenset({SIDECAR_NAME}))

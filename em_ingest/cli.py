@@ -10,6 +10,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from em_ingest.errors import EmIngestError
+from em_ingest.objectstore import ObjectRoot
 
 QUIET_RUNS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 DEMO_COLUMNS = ["source", "dataset_key", "shape_z", "shape_y", "shape_x", "dtype", "voxel_size_z_nm",
@@ -63,14 +65,18 @@ def _demo(args: argparse.Namespace) -> int:
 
     from em_ingest.orchestration import build_definitions
     from em_ingest.replicas import ReplicaSet
-    from em_ingest.storage import local_root
 
     _require_replicas()
-    data_root = local_root(args.data_root)
-    data_root.mkdir(parents=True, exist_ok=True)
+    data_root = _data_root(args.data_root)
+    if isinstance(data_root, Path):
+        data_root.mkdir(parents=True, exist_ok=True)
+        selection_dir = data_root
+    else:  # a bucket: the selection file is local configuration, like datasets.yaml
+        ObjectRoot(data_root).check_writable()
+        selection_dir = Path(tempfile.mkdtemp(prefix="em-ingest-demo."))
     started = time.monotonic()
     with ReplicaSet(args.source or None) as replicas, _progress_on_stderr():
-        selection_file = replicas.write_selection(data_root / "datasets.demo.yaml")
+        selection_file = replicas.write_selection(selection_dir / "datasets.demo.yaml")
         # The pipeline reads its configuration from the environment, exactly as under `dagster dev`.
         os.environ.update(replicas.env)
         os.environ["EM_INGEST_DATA_ROOT"] = str(data_root)
@@ -94,7 +100,7 @@ def _demo(args: argparse.Namespace) -> int:
         result = dg.materialize(assets, selection=dg.AssetSelection.groups("catalog"), instance=instance,
                                 resources=defs.resources, raise_on_error=False, run_config=QUIET_RUNS)
         failures += not result.success
-    print(f"\ncatalog: {data_root / 'catalog' / 'metadata_catalog.parquet'}")
+    print(f"\ncatalog: {data_root}/catalog/metadata_catalog.parquet")
     _print_catalog(data_root, None, [], DEMO_COLUMNS, "table")
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s with {failures} failed run(s)")
     return 1 if failures else 0
@@ -271,22 +277,42 @@ def _parse_number(text: str, what: str) -> int | float:
     return number
 
 
-def _print_catalog(data_root: Path, source: str | None, where: list[str], columns: list[str] | None,
+def _data_root(data_root: str) -> Path | str:
+    """A local data root as an absolute folder, or a bucket's URL as it is (see `storage.local_root`)."""
+    from em_ingest.objectstore import is_object_url
+    from em_ingest.storage import local_root
+
+    return ObjectRoot(data_root).url if is_object_url(data_root) else local_root(data_root)
+
+
+def _read_catalog(data_root: Path | str) -> Any:
+    """The catalog table under a data root (local or in a bucket); an error naming where it was looked for."""
+    from em_ingest.catalog import read_catalog, read_catalog_bytes
+    from em_ingest.storage import catalog_path
+
+    if isinstance(data_root, str):
+        bucket = ObjectRoot(data_root)
+        data = bucket.read("catalog/metadata_catalog.parquet")
+        where = bucket.url_of("catalog/metadata_catalog.parquet")
+        if data is None:
+            raise EmIngestError(f"no catalog at {where}; materialize catalog/metadata_catalog first")
+        return read_catalog_bytes(data, where)
+    path = catalog_path(data_root)
+    if not path.exists():
+        raise EmIngestError(f"no catalog at {path}; materialize catalog/metadata_catalog first")
+    return read_catalog(path)
+
+
+def _print_catalog(data_root: Path | str, source: str | None, where: list[str], columns: list[str] | None,
                    fmt: str) -> None:
     import pandas as pd
     import pyarrow as pa
-
-    from em_ingest.catalog import read_catalog
-    from em_ingest.storage import catalog_path
 
     # Parse every filter before touching the catalog, so a mistyped clause is reported as such.
     filters = [_parse_filter(clause, f"--where {clause!r}") for clause in where]
     if source:
         filters.insert(0, _parse_filter(f"source={source}", f"--source {source!r}"))
-    path = catalog_path(data_root)
-    if not path.exists():
-        raise EmIngestError(f"no catalog at {path}; materialize catalog/metadata_catalog first")
-    table = read_catalog(path)
+    table = _read_catalog(data_root)
     for where_filter in filters:
         cells = table.column(where_filter.column).to_pylist()
         table = table.filter(pa.array([where_filter.keeps(cell) for cell in cells], pa.bool_()))
@@ -307,10 +333,9 @@ def _print_catalog(data_root: Path, source: str | None, where: list[str], column
 
 def _catalog(args: argparse.Namespace) -> int:
     from em_ingest.settings import Settings
-    from em_ingest.storage import local_root
 
     # An explicit --data-root "" is an error (local_root), not a fallback to the environment.
-    data_root = local_root(args.data_root if args.data_root is not None else Settings.from_env().data_root)
+    data_root = _data_root(args.data_root if args.data_root is not None else Settings.from_env().data_root)
     columns = args.columns.split(",") if args.columns else None
     _print_catalog(data_root, args.source, args.where, columns, args.format)
     return 0
@@ -333,6 +358,7 @@ def _discover(args: argparse.Namespace) -> int:
 def _view(args: argparse.Namespace) -> int:
     from em_ingest import view
     from em_ingest.catalog import read_catalog
+    from em_ingest.objectstore import is_object_url
     from em_ingest.settings import core_setting
     from em_ingest.storage import catalog_path, local_root, zarr_path
 
@@ -341,7 +367,12 @@ def _view(args: argparse.Namespace) -> int:
     if args.public_url is not None and not args.no_serve:
         raise EmIngestError("--public-url goes with --no-serve (which prints a link for data served there); "
                             "without it the data root is served here")
-    data_root = local_root(args.data_root if args.data_root is not None else str(core_setting("data_root")))
+    given = args.data_root if args.data_root is not None else str(core_setting("data_root"))
+    if is_object_url(given):
+        raise EmIngestError(f"data root {given}: `view` serves a local data root; for one in a bucket, set "
+                            "EM_INGEST_PUBLIC_URL to the bucket's HTTPS address (readable by browsers, with CORS) "
+                            "and open the catalog's neuroglancer_url, or load its zarr_path in Neuroglancer")
+    data_root = local_root(given)
     path = catalog_path(data_root)
     if not path.exists():
         raise EmIngestError(f"no catalog at {path}; materialize catalog/metadata_catalog first "
@@ -425,7 +456,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="start the replicas, ingest every dataset they serve, print the catalog")
-    demo.add_argument("--data-root", default="./demo-data", help="where to write (default ./demo-data)")
+    demo.add_argument("--data-root", default="./demo-data",
+                      help="where to write: a folder, or s3://bucket/prefix (default ./demo-data)")
     demo.add_argument("--source", action="append", help="only this source (repeatable)")
     demo.set_defaults(func=_demo)
 

@@ -46,3 +46,7 @@ class UnsupportedDataError(EmIngestError, ValueError):
 
 class ValidationError(EmIngestError, ValueError):
     """A written output does not satisfy its specification (OME-NGFF, catalog schema)."""
+
+
+class StorageError(EmIngestError, OSError):
+    """The data root's storage (a bucket) refused or failed an operation; names the URL."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,18 +20,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from em_ingest import catalog, limits, storage, view
+from em_ingest import catalog, limits, objectstore, remote, storage, view
 from em_ingest.errors import EmIngestError, SelectionError, ValidationError
 from em_ingest.formats.volume import Geometry, Volume, triple
+from em_ingest.omezarr import integrity
 from em_ingest.omezarr.labels import WrittenLabel, write_labels
 from em_ingest.omezarr.pyramid import Level
 from em_ingest.omezarr.regions import RegionPlan, blocks_in, plan_regions, voxels_in
+from em_ingest.omezarr.thumbnail import thumbnail_level
 from em_ingest.omezarr.validate import validate_ome_zarr
-from em_ingest.omezarr.writer import Intensity, StoredLevel, WriteResult, ZarrLayout, create_image, finish_image, write_levels
+from em_ingest.omezarr.writer import (
+    Intensity,
+    StoredLevel,
+    WriteResult,
+    ZarrLayout,
+    create_image,
+    finish_image,
+    write_levels,
+)
 from em_ingest.progress import Progress, Sink
 from em_ingest.raw import Manifest, RawStore, fetch_progress
 from em_ingest.selection import DatasetRequest, Selection, load_selection
-from em_ingest.settings import Settings, parse_bytes
+from em_ingest.settings import Settings, parse_bytes, parse_duration
 from em_ingest.sources import Description, Source, option_models, source_classes
 
 if TYPE_CHECKING:
@@ -68,8 +80,8 @@ class Conversion:
 
     row: dict[str, Any]
     levels: list[dict[str, Any]]
-    zarr_path: Path
-    thumbnail_path: Path | None
+    zarr_path: Path | str  # a local path, or the URL of the version in the bucket
+    thumbnail_path: Path | str | None
     skipped: bool
     inputs_digest: str
 
@@ -145,13 +157,121 @@ def resolve_geometry(volume: Volume, request: DatasetRequest) -> Geometry:
     return volume.geometry
 
 
+def work_folder(work_dir: str | None, url: str) -> Path:
+    """The local folder where steps work for the data root in the bucket at `url`: `work_dir` if set, else one
+    per data root under the system's temporary folder (so two data roots never share local copies)."""
+    if work_dir:
+        folder = Path(work_dir).expanduser().resolve()
+    else:
+        folder = Path(tempfile.gettempdir()) / "em-ingest-work" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 class Pipeline:
     """One configured em-ingest: settings, the selection file and the data root."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.root = storage.local_root(settings.data_root)
+        # With a data root in a bucket, `root` is the local work folder, laid out like the bucket (see `remote`).
+        self.remote: objectstore.ObjectRoot | None = None
+        if objectstore.is_object_url(settings.data_root):
+            t = settings.transfer
+            self.remote = objectstore.ObjectRoot(settings.data_root, max_attempts=t.max_attempts,
+                                                 connect_timeout_s=t.connect_timeout_s, read_timeout_s=t.read_timeout_s)
+            self.root = work_folder(settings.work_dir, self.remote.url)
+        else:
+            self.root = storage.local_root(settings.data_root)
         self.layout = ZarrLayout(ngff_version=settings.ngff_version)
+
+    # ---- the data root: local, or a bucket with a local work folder -----------------------------------------
+    @property
+    def data_root(self) -> str:
+        """The data root as users name it: a local path or the bucket's URL."""
+        return self.remote.url if self.remote else str(self.root)
+
+    def _name(self, path: Path) -> str:
+        """A path under the local root as the object name it has in the bucket."""
+        return path.relative_to(self.root).as_posix()
+
+    def location(self, path: Path) -> Path | str:
+        """Where a file under the data root is for readers: the local path, or the object's URL."""
+        return self.remote.url_of(self._name(path)) if self.remote else path
+
+    @contextmanager
+    def partition_lock(self, source: str, key: str) -> Iterator[None]:
+        """The partition's lock: a local one between runs on this machine and, with a bucket, a lease object in it
+        (a conditional write) between machines."""
+        with storage.partition_lock(self.root, source, key):
+            if self.remote is None:
+                yield
+                return
+            with self.remote.lease(f"{storage.LOCKS_DIR}/{source}/{key}.lock"):
+                yield
+
+    def read_file(self, location: Path | str) -> bytes | None:
+        """A small file under the data root (a thumbnail, a document) by the location `location` gives."""
+        if isinstance(location, str) and self.remote is not None:
+            if not location.startswith(self.remote.url + "/"):
+                return None
+            return self.remote.read(location[len(self.remote.url) + 1:])
+        try:
+            return Path(location).read_bytes()
+        except OSError:
+            return None
+
+    def write_document(self, name: str, data: bytes) -> Path | str:
+        """Write a small file at `name` under the data root whole (atomically); returns where it is."""
+        if self.remote is not None:
+            self.remote.write(name, data)
+            return self.remote.url_of(name)
+        storage.write_atomic(self.root / name, data)
+        return self.root / name
+
+    def read_document(self, name: str) -> bytes | None:
+        if self.remote is not None:
+            return self.remote.read(name)
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def remove_documents(self, folder: str, *, older_than_s: float | None = None) -> None:
+        """Remove the folder `folder` under the data root, or (with `older_than_s`) each of its sub-folders whose
+        newest file is older than that."""
+        now = time.time()
+        if self.remote is not None:
+            if older_than_s is None:
+                self.remote.delete_tree(folder)
+                return
+            newest: dict[str, float] = {}
+            for relpath, info in self.remote.listing(folder).items():
+                top = relpath.split("/", 1)[0]
+                newest[top] = max(newest.get(top, 0.0), info.modified or now)
+            for top, when in newest.items():
+                if now - when > older_than_s:
+                    self.remote.delete_tree(f"{folder}/{top}")
+            return
+        path = self.root / folder
+        if older_than_s is None:
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_dir():
+            for entry in path.iterdir():
+                if entry.is_dir() and not entry.is_symlink() and now - entry.stat().st_mtime > older_than_s:
+                    shutil.rmtree(entry, ignore_errors=True)
+
+    def image_files(self, zarr_path: str) -> integrity.ImageFiles:
+        """The files of the image a catalog row's `zarr_path` names."""
+        if self.remote is not None and zarr_path.startswith(self.remote.url + "/"):
+            return remote.RemoteImage(self.remote, zarr_path[len(self.remote.url) + 1:])
+        return integrity.LocalImage(Path(zarr_path))
+
+    def _pull_raw(self, request: DatasetRequest) -> bytes | None:
+        """With a bucket: bring the local copy of the raw download to the bucket's (see `remote.pull_raw`)."""
+        if self.remote is None:
+            return None
+        raw_dir = storage.raw_dir(self.root, request.source, request.key)
+        return remote.pull_raw(self.remote, raw_dir, self._name(raw_dir))
 
     # ---- configuration ----------------------------------------------------------------------
     def selection(self) -> Selection:
@@ -173,12 +293,13 @@ class Pipeline:
         """Where browsers reach the data root (checked), or None when it is not published."""
         return view.public_base(self.settings.public_url)
 
-    def neuroglancer_url(self, row: dict[str, Any], zarr_dir: Path) -> str | None:
+    def neuroglancer_url(self, row: dict[str, Any], zarr_dir: Path | str) -> str | None:
         """A Neuroglancer link to one published image (labels included), or None without a public URL."""
         base = self.public_url()
         if base is None:
             return None
-        return view.neuroglancer_link(row, base, view.label_names(zarr_dir))
+        labels = view.label_names(zarr_dir) if isinstance(zarr_dir, Path) else tuple(row.get("labels") or ())
+        return view.neuroglancer_link(row, base, labels)
 
     def raw_store(self, request: DatasetRequest, source: Source, *, progress: Progress | None = None) -> RawStore:
         return RawStore(self.root, request.source, request.key, source.transports,
@@ -192,11 +313,15 @@ class Pipeline:
         the `em_ingest.progress` logger), ending with a final line.
         """
         source = self.source(request.source)
-        with storage.partition_lock(self.root, request.source, request.key), \
+        with self.partition_lock(request.source, request.key), \
                 fetch_progress(request.source, request.key, progress_sink) as progress:
+            before = self._pull_raw(request)
             raw = self.raw_store(request, source, progress=progress)
             raw.begin()  # sources may also write into the folder directly; commit clears the mark
-            return source.fetch_raw(request, raw)
+            manifest = source.fetch_raw(request, raw)
+            if self.remote is not None:
+                remote.push_raw(self.remote, raw.dir, self._name(raw.dir), before)
+            return manifest
 
     def inputs_digest(self, request: DatasetRequest, manifest: Manifest) -> str:
         body = {"manifest": manifest.digest, "options": request.options_dict(), "layout": asdict(self.layout),
@@ -216,7 +341,7 @@ class Pipeline:
         metadata and empty levels."""
         final = storage.zarr_path(self.root, request.source, request.key)
         while True:
-            with storage.partition_lock(self.root, request.source, request.key):
+            with self.partition_lock(request.source, request.key):
                 busy = storage.writers_elsewhere(final)
                 if not busy:
                     return self._plan(request, final, force=force, run_id=run_id)
@@ -228,13 +353,15 @@ class Pipeline:
     def _plan(self, request: DatasetRequest, final: Path, *, force: bool, run_id: str | None) -> ConversionPlan:
         """`plan_conversion`'s work, under the partition lock."""
         source = self.source(request.source)
+        self._pull_raw(request)
         raw = self.raw_store(request, source)
         manifest = raw.previous
         if manifest is None:
             raise EmIngestError(f"{request.source}/{request.key}: no raw download yet; materialize "
                                 f"{request.source}/raw for this partition first")
         digest = self.inputs_digest(request, manifest)
-        if not force and self._up_to_date(request, final, digest):
+        pointer = remote.read_pointer(self.remote, self._name(final)) if self.remote else None
+        if not force and self._up_to_date(request, final, digest, pointer):
             return ConversionPlan(request.source, request.key, digest, None, None, ())
         if raw.interrupted:
             raise EmIngestError(f"{raw.dir}: the last fetch of {request.source}/{request.key} did not finish, so "
@@ -248,8 +375,11 @@ class Pipeline:
             try:
                 levels = create_image(staging, volume.shape, volume.dtype, geometry,
                                       name=f"{request.source}/{request.key}", layout=self.layout)
+                if self.remote is not None:  # the version's metadata and writer record, for every later step
+                    self._claim_remote(staging, run_id)
+                    remote.push_tree(self.remote, staging, self._name(staging))
             except BaseException:
-                storage.discard_version(staging)
+                self._discard(staging)
                 raise
             blocks = [self.layout.block_for(level.shape) for level in levels]
             regions = plan_regions(levels, blocks, np.dtype(volume.dtype).itemsize, self.region_bytes)
@@ -257,25 +387,36 @@ class Pipeline:
             log.info("%s/%s: %s converted in %d regions of up to %s (levels s0..s%d; s%d.. by the last step)",
                      request.source, request.key, "x".join(map(str, volume.shape)), regions.count,
                      self.settings.region_bytes, regions.top, regions.top + 1)
-        published = storage.current_target(final)
-        return ConversionPlan(request.source, request.key, digest, str(staging), regions, tuple(levels),
-                              str(published) if published else None, geometry, np.dtype(volume.dtype).str)
+        if self.remote is not None:
+            replaces = pointer.version if pointer else None
+        else:
+            published = storage.current_target(final)
+            replaces = str(published) if published else None
+        return ConversionPlan(request.source, request.key, digest, self._name(staging), regions, tuple(levels),
+                              replaces, geometry, np.dtype(volume.dtype).str)
 
     @property
     def region_bytes(self) -> int:
         return parse_bytes(self.settings.region_bytes, "EM_INGEST_REGION_BYTES / region_bytes")
 
-    def _up_to_date(self, request: DatasetRequest, final: Path, digest: str) -> bool:
+    def _published(self, final: Path, pointer: remote.Pointer | None) -> integrity.ImageFiles | None:
+        """The files of the image published as `final` (`pointer`: its pointer, with a bucket), if any."""
+        if self.remote is not None:
+            return remote.RemoteImage(self.remote, pointer.version) if pointer else None
+        return integrity.LocalImage(final) if final.exists() else None
+
+    def _up_to_date(self, request: DatasetRequest, final: Path, digest: str, pointer: remote.Pointer | None) -> bool:
         """The published image was written from these inputs and still holds exactly what was written."""
-        if not final.exists():
+        image = self._published(final, pointer)
+        if image is None:
             return False
         try:
-            sidecar = catalog.read_sidecar(final)
+            sidecar = catalog.read_sidecar(image)
         except (OSError, ValueError):
             return False
         if sidecar.get("inputs_digest") != digest:
             return False
-        damage = catalog.image_damage(final, sidecar)
+        damage = catalog.image_damage(image, sidecar)
         if damage:
             log.warning("%s/%s: the published image differs from what was written, so it is written again: %s",
                         request.source, request.key, "; ".join(damage[:5]))
@@ -287,7 +428,7 @@ class Pipeline:
         come (s0 blocks and bytes) goes to `progress_sink` as one-line messages (see `Progress`)."""
         assert plan.regions is not None, "a skipped conversion has no regions"
         staging = self._staging(request, plan)
-        storage.claim_version(staging, run_id)
+        self._claim(staging, run_id)
         source = self.source(request.source)
         levels = list(plan.levels)
         boxes = plan.regions.boxes(index)
@@ -295,30 +436,78 @@ class Pipeline:
             f" region {index + 1} of {plan.regions.count} (levels s0..s{plan.regions.top})"
             if plan.regions.count > 1 else "")
         try:
+            self._pull_raw(request)
             with source.open_volume(request, self.raw_store(request, source)) as volume, \
+                    self._working_copy(staging) as (folder, pulled), \
                     Progress(what, unit="blocks", sink=progress_sink,
                              total_units=blocks_in(boxes, self.layout.block_for(levels[0].shape)),
                              total_bytes=voxels_in(boxes) * np.dtype(volume.dtype).itemsize) as progress:
-                intensity = write_levels(volume, staging, levels, layout=self.layout, last=plan.regions.top,
+                intensity = write_levels(volume, folder, levels, layout=self.layout, last=plan.regions.top,
                                          within=boxes, on_block=lambda nbytes: progress.advance(1, nbytes))
+                if self.remote is not None:  # this region's shards, each written whole by this step alone
+                    remote.push_tree(self.remote, folder, self._name(staging), skip=pulled)
         except BaseException:
             if plan.regions.count == 1:  # no other step writes into it: nothing worth keeping
-                storage.discard_version(staging)
+                self._discard(staging)
             raise
         return RegionWritten(index, intensity.as_dict())
+
+    @contextmanager
+    def _working_copy(self, staging: Path, data: Callable[[str], bool] = lambda relpath: False
+                      ) -> Iterator[tuple[Path, set[str]]]:
+        """The folder a step writes the version into, and the files it was given. On a local data root, the version
+        folder itself. With a bucket, a fresh private folder holding the version's metadata and the data files
+        `data` accepts, removed afterwards: steps on one machine never share one, and the disk a step needs is
+        what it reads and writes."""
+        if self.remote is None:
+            yield staging, set()
+            return
+        folder = Path(tempfile.mkdtemp(prefix=f"{staging.name}.", dir=self._scratch_dir()))
+        try:
+            pulled = remote.pull_tree(self.remote, self._name(staging), folder,
+                                      lambda relpath: relpath.rsplit("/", 1)[-1] in integrity.METADATA_NAMES
+                                      or data(relpath))
+            yield folder, pulled
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _scratch_dir(self) -> Path:
+        path = self.root / ".scratch"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _claim(self, staging: Path, run_id: str | None) -> None:
+        """Record that this step writes the version now (see `storage.claim_version`)."""
+        if self.remote is not None:
+            self._claim_remote(staging, run_id)
+        else:
+            storage.claim_version(staging, run_id)
+
+    def _claim_remote(self, staging: Path, run_id: str | None) -> None:
+        assert self.remote is not None
+        self.remote.write(f"{self._name(staging)}{storage.WRITER_SUFFIX}",
+                          json.dumps(storage.writer_record(run_id)).encode())
+
+    def _discard(self, staging: Path) -> None:
+        """Remove a version that will not be published, locally and in the bucket."""
+        storage.discard_version(staging)
+        if self.remote is not None:
+            remote.discard(self.remote, self._name(staging))
 
     def _staging(self, request: DatasetRequest, plan: ConversionPlan) -> Path:
         """The plan's version folder, proven to be one of this image's before a step writes into it or removes it:
         the plan comes back from a record under the data root, which anyone who can write there could edit."""
         final = storage.zarr_path(self.root, request.source, request.key)
-        staging = Path(plan.staging or "")
+        staging = self.root / (plan.staging or "")
         if (plan.source, plan.key) != (request.source, request.key) or not storage.is_version_name(final, staging):
-            raise EmIngestError(f"{request.source}/{request.key}: the conversion plan names {staging}, which is not a "
-                                f"version folder of {final}; refused")
-        if not staging.is_dir():
-            raise EmIngestError(f"{request.source}/{request.key}: the version folder {staging} this conversion was "
-                                "writing is gone (removed after a failure, or as abandoned); materialize the "
-                                "partition again")
+            raise EmIngestError(f"{request.source}/{request.key}: the conversion plan names {plan.staging}, which is "
+                                f"not a version folder of {self.location(final)}; refused")
+        present = (self.remote.info(f"{plan.staging}{storage.WRITER_SUFFIX}") is not None if self.remote
+                   else staging.is_dir())
+        if not present:
+            raise EmIngestError(f"{request.source}/{request.key}: the version folder {self.location(staging)} this "
+                                "conversion was writing is gone (removed after a failure, or as abandoned); "
+                                "materialize the partition again")
         return staging
 
     def publish_conversion(self, request: DatasetRequest, plan: ConversionPlan, parts: Sequence[RegionWritten], *,
@@ -329,69 +518,117 @@ class Pipeline:
         `progress_sink` is told how far the levels above the regions have come."""
         final = storage.zarr_path(self.root, request.source, request.key)
         if plan.staging is None or plan.regions is None:
-            sidecar = catalog.read_sidecar(final)
-            return Conversion(sidecar["catalog_row"], sidecar["levels"], final, final / "thumbnail.png", True,
-                              plan.inputs_digest)
+            return self._published_conversion(final, plan.inputs_digest)
         staging = self._staging(request, plan)
         missing = sorted(set(range(plan.regions.count)) - {part.index for part in parts})
         if missing:
             raise EmIngestError(f"{request.source}/{request.key}: regions {missing} were not written")
-        with storage.partition_lock(self.root, request.source, request.key):
-            published = storage.current_target(final)
-            if str(published) != str(plan.replaces) and self._up_to_date(request, final, plan.inputs_digest):
+        with self.partition_lock(request.source, request.key):
+            pointer = remote.read_pointer(self.remote, self._name(final)) if self.remote else None
+            if self.remote is not None:
+                published: Path | str | None = pointer.version if pointer else None
+            else:
+                published = storage.current_target(final)
+            if str(published) != str(plan.replaces) and self._up_to_date(request, final, plan.inputs_digest, pointer):
                 # Another run published the same inputs meanwhile (on another machine: runs on this one wait
                 # for each other in `plan_conversion`); its image is the one this run would publish.
                 log.info("%s/%s: another run published this image meanwhile; this run's copy is discarded",
                          request.source, request.key)
-                storage.discard_version(staging)
-                sidecar = catalog.read_sidecar(final)
-                return Conversion(sidecar["catalog_row"], sidecar["levels"], final, final / "thumbnail.png", True,
-                                  plan.inputs_digest)
-            storage.claim_version(staging, run_id)
+                self._discard(staging)
+                return self._published_conversion(final, plan.inputs_digest)
+            self._claim(staging, run_id)
             try:
                 conversion = self._finish(request, plan, parts, staging, final, progress_sink)
+                if self.remote is None:
+                    storage.publish_version(final, staging, finished_run)
+                else:
+                    self._publish_remote(final, staging, plan, pointer, finished_run)
             except BaseException:
-                storage.discard_version(staging)
+                self._discard(staging)
                 raise
-            storage.publish_version(final, staging, finished_run)
         return conversion
+
+    def _publish_remote(self, final: Path, staging: Path, plan: ConversionPlan, pointer: remote.Pointer | None,
+                        finished_run: Callable[[str], bool] | None) -> None:
+        """Make the version current by rewriting the image's pointer object, then remove versions no one needs."""
+        assert self.remote is not None
+        version = self._name(staging)
+        new = remote.publish(self.remote, self._name(final), version, plan.inputs_digest, pointer)
+        self.remote.delete(f"{version}{storage.WRITER_SUFFIX}")
+        storage.discard_version(staging)  # the local copy of its metadata
+        grace = parse_duration(self.settings.replaced_grace, "EM_INGEST_REPLACED_GRACE / replaced_grace")
+        remote.collect(self.remote, self._name(final), self._name(final.parent / storage.VERSIONS_DIR / final.name),
+                       new, grace_s=grace, is_version=storage.is_version_folder_name,
+                       abandoned=lambda record, modified: storage.record_abandoned(
+                           storage.checked_record(record), modified, finished_run))
+
+    def _published_conversion(self, final: Path, inputs_digest: str) -> Conversion:
+        """The image already published as `final`, as a conversion that wrote nothing."""
+        pointer = remote.read_pointer(self.remote, self._name(final)) if self.remote else None
+        image = self._published(final, pointer)
+        if image is None:
+            raise EmIngestError(f"{self.location(final)}: not published")
+        sidecar = catalog.read_sidecar(image)
+        where: Path | str = final if self.remote is None else image.where
+        thumbnail = final / "thumbnail.png" if isinstance(where, Path) else f"{where}/thumbnail.png"
+        return Conversion(sidecar["catalog_row"], sidecar["levels"], where, thumbnail, True, inputs_digest)
 
     def _finish(self, request: DatasetRequest, plan: ConversionPlan, parts: Sequence[RegionWritten],
                 staging: Path, final: Path, progress_sink: Sink | None) -> Conversion:
         assert plan.regions is not None
         source = self.source(request.source)
+        self._pull_raw(request)
         raw = self.raw_store(request, source)
         manifest = raw.previous
         if manifest is None or self.inputs_digest(request, manifest) != plan.inputs_digest:
             raise EmIngestError(f"{request.source}/{request.key}: the raw download changed while it was converted; "
                                 "materialize the partition again")
         levels = list(plan.levels)
+        # The levels this step reads back: the regions' last one (to build those above it) and the thumbnail's.
+        read_back = {levels[plan.regions.top].path, levels[thumbnail_level([lv.shape for lv in levels])].path}
+        with self._working_copy(staging, lambda relpath: relpath.split("/", 1)[0] in read_back) as (folder, pulled):
+            result, labels = self._complete(request, plan, parts, folder, source, raw, progress_sink)
+            assert plan.geometry is not None
+            image_at: Path | str = final if self.remote is None else self.remote.url_of(self._name(staging))
+            row = self._row(request, source.describe(request, raw), plan.geometry, manifest, result, image_at, labels)
+            levels_record = [{"path": lv.path, "shape": list(lv.shape), "scale_nm": list(lv.scale_nm),
+                              "translation_nm": list(lv.translation_nm)} for lv in result.levels]
+            image: integrity.ImageFiles = integrity.LocalImage(staging)
+            if self.remote is not None:
+                remote.push_tree(self.remote, folder, self._name(staging), skip=pulled)
+                image = remote.RemoteImage(self.remote, self._name(staging))
+            sidecar = {"inputs_digest": plan.inputs_digest, "catalog_row": row, "levels": levels_record,
+                       "request": request.options_dict(), "raw_manifest_sha256": manifest.digest,
+                       "written": catalog.record_image(image)}
+            data = json.dumps(sidecar, indent=1, default=str).encode()
+            if self.remote is not None:
+                self.remote.write(f"{self._name(staging)}/{catalog.SIDECAR_NAME}", data)
+            else:  # synced like the image, since the next step publishes it
+                storage.write_atomic(staging / catalog.SIDECAR_NAME, data)
+        thumbnail = (image_at / "thumbnail.png" if isinstance(image_at, Path) else f"{image_at}/thumbnail.png") \
+            if result.thumbnail else None
+        return Conversion(row, levels_record, image_at, thumbnail, False, plan.inputs_digest)
+
+    def _complete(self, request: DatasetRequest, plan: ConversionPlan, parts: Sequence[RegionWritten], folder: Path,
+                  source: Source, raw: RawStore, progress_sink: Sink | None) -> tuple[WriteResult, list[WrittenLabel]]:
+        """Write what the regions left into `folder`: the levels above them, the thumbnail, the labels."""
+        assert plan.regions is not None and plan.geometry is not None and plan.dtype is not None
+        levels = list(plan.levels)
         if plan.regions.top + 1 < len(levels):
-            top = StoredLevel(staging, levels[plan.regions.top], self.layout)
+            top = StoredLevel(folder, levels[plan.regions.top], self.layout)
             whole = [triple(slice(0, n) for n in top.shape)]
             with Progress(f"convert {request.source}/{request.key} levels s{plan.regions.top + 1}..s{len(levels) - 1} "
                           f"from s{plan.regions.top}", unit="blocks", sink=progress_sink,
                           total_units=blocks_in(whole, self.layout.block_for(top.shape)),
                           total_bytes=voxels_in(whole) * top.dtype.itemsize) as progress:
-                write_levels(top, staging, levels, layout=self.layout, first=plan.regions.top, stored=True,
+                write_levels(top, folder, levels, layout=self.layout, first=plan.regions.top, stored=True,
                              on_block=lambda nbytes: progress.advance(1, nbytes))
         intensity = Intensity()
         for part in sorted(parts, key=lambda p: p.index):
             intensity = intensity.merge(Intensity.from_dict(part.intensity))
-        assert plan.geometry is not None and plan.dtype is not None, "a plan that writes records both"
-        geometry = plan.geometry
-        description = source.describe(request, raw)
-        result = finish_image(staging, levels, np.dtype(plan.dtype), intensity, layout=self.layout)
-        labels = self._write_labels(request, source, raw, staging, result, geometry)
-        row = self._row(request, description, geometry, manifest, result, final, labels)
-        levels_record = [{"path": lv.path, "shape": list(lv.shape), "scale_nm": list(lv.scale_nm),
-                          "translation_nm": list(lv.translation_nm)} for lv in result.levels]
-        sidecar = {"inputs_digest": plan.inputs_digest, "catalog_row": row, "levels": levels_record,
-                   "request": request.options_dict(), "raw_manifest_sha256": manifest.digest,
-                   "written": catalog.record_image(staging)}
-        # Synced like the image, since the next step publishes it.
-        storage.write_atomic(staging / catalog.SIDECAR_NAME, json.dumps(sidecar, indent=1, default=str).encode())
-        return Conversion(row, levels_record, final, final / "thumbnail.png", False, plan.inputs_digest)
+        result = finish_image(folder, levels, np.dtype(plan.dtype), intensity, layout=self.layout)
+        labels = self._write_labels(request, source, raw, folder, result, plan.geometry)
+        return result, labels
 
     def _write_labels(self, request: DatasetRequest, source: Source, raw: RawStore, staging: Path,
                       image: WriteResult, geometry: Geometry) -> list[WrittenLabel]:
@@ -406,7 +643,7 @@ class Pipeline:
                                 layout=self.layout)
 
     def _row(self, request: DatasetRequest, d: Description, geometry: Geometry, manifest: Manifest,
-             result: WriteResult, final: Path, labels: list[WrittenLabel]) -> dict[str, Any]:
+             result: WriteResult, final: Path | str, labels: list[WrittenLabel]) -> dict[str, Any]:
         shape = result.levels[0].shape
         translation = geometry.translation_nm or (None, None, None)
         row = catalog.CatalogRow(
@@ -423,7 +660,7 @@ class Pipeline:
             doi=d.doi, license=d.license, authors="; ".join(d.authors) or None,
             source_version=d.source_version or manifest.source_version,
             raw_manifest_sha256=manifest.digest,
-            zarr_path=str(final), thumbnail_path=str(final / "thumbnail.png") if result.thumbnail else None,
+            zarr_path=str(final), thumbnail_path=f"{final}/thumbnail.png" if result.thumbnail else None,
             intensity_min=result.intensity_min, intensity_max=result.intensity_max,
             intensity_mean=result.intensity_mean,
             extra_json=json.dumps({"ngff_version": result.ngff_version, "shards": result.shards, **d.extra,
@@ -458,24 +695,41 @@ class Pipeline:
         selection = self.selection()
         self.public_url()  # a malformed public URL fails here, before any row is made
         rows, problems = [], []
-        for zarr_dir in sorted((self.root / "zarr").glob("*/*.ome.zarr")):
-            key = f"{zarr_dir.parent.name}/{zarr_dir.name.removesuffix('.ome.zarr')}"
-            if not zarr_dir.is_symlink() and not (zarr_dir / catalog.SIDECAR_NAME).exists():
-                continue  # a folder em-ingest did not publish (ours are links into .versions/)
+        for key, zarr_dir in self._published_images():
             try:
                 row = dict(catalog.read_sidecar(zarr_dir)["catalog_row"])
                 row["ingested_at"] = datetime.fromisoformat(row["ingested_at"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
+                where = zarr_dir if isinstance(zarr_dir, Path) else zarr_dir.where
                 problems.append(catalog.CatalogProblem(
-                    "unreadable_sidecar", f"{key}: {zarr_dir / catalog.SIDECAR_NAME} cannot be read ({exc}); "
+                    "unreadable_sidecar", f"{key}: {where}/{catalog.SIDECAR_NAME} cannot be read ({exc}); "
                     "materialize its ome_zarr partition again", key))
                 continue
             row["status"] = "ok" if row["dataset_key"] in selection.get(row["source"], {}) else "unselected"
-            self._add_link(row, zarr_dir)
+            self._add_link(row, zarr_dir if isinstance(zarr_dir, Path) else zarr_dir.where)
             rows.append(row)
         return rows, problems
 
-    def _add_link(self, row: dict[str, Any], zarr_dir: Path) -> None:
+    def _published_images(self) -> list[tuple[str, Path | remote.RemoteImage]]:
+        """Every image em-ingest published under zarr/, as `source/key` and where its files are."""
+        found: list[tuple[str, Path | remote.RemoteImage]] = []
+        if self.remote is None:
+            for zarr_dir in sorted((self.root / "zarr").glob("*/*.ome.zarr")):
+                if not zarr_dir.is_symlink() and not (zarr_dir / catalog.SIDECAR_NAME).exists():
+                    continue  # a folder em-ingest did not publish (ours are links into .versions/)
+                found.append((f"{zarr_dir.parent.name}/{zarr_dir.name.removesuffix('.ome.zarr')}", zarr_dir))
+            return found
+        for source in self.remote.children("zarr"):
+            for name in self.remote.children(f"zarr/{source}"):
+                if not name.endswith(".ome.zarr"):
+                    continue
+                pointer = remote.read_pointer(self.remote, f"zarr/{source}/{name}")
+                if pointer is not None:  # a prefix of that name is not one of ours (ours are pointer objects)
+                    found.append((f"{source}/{name.removesuffix('.ome.zarr')}",
+                                  remote.RemoteImage(self.remote, pointer.version)))
+        return found
+
+    def _add_link(self, row: dict[str, Any], zarr_dir: Path | str) -> None:
         # Made when the catalog is built, not kept in the sidecar, so a changed public URL needs no
         # reconversion: extra_json's `neuroglancer_url` always points at the current one.
         try:
@@ -494,12 +748,27 @@ class Pipeline:
         extra["neuroglancer_url"] = link
         row["extra_json"] = json.dumps(extra, sort_keys=True, default=str)
 
-    def build_catalog(self) -> tuple[pa.Table, Path, list[catalog.CatalogProblem]]:
+    def build_catalog(self) -> tuple[pa.Table, Path | str, list[catalog.CatalogProblem]]:
         """One row per published OME-Zarr under the data root, written to catalog/metadata_catalog.parquet;
         also returns the published images that could not be listed."""
         rows, problems = self.catalog_rows()
         table = catalog.rows_to_table(rows)
         path = storage.catalog_path(self.root)
-        with storage.partition_lock(self.root, "catalog", path.stem):
+        with self.partition_lock("catalog", path.stem):
             catalog.write_catalog(table, path)
-        return table, path, problems
+            if self.remote is not None:
+                name = self._name(path)
+                data = path.read_bytes()
+                if self.remote.read(name) != data:  # one PUT: readers get the old catalog or the new one
+                    self.remote.write(name, data)
+        return table, self.location(path), problems
+
+    def read_catalog(self) -> pa.Table:
+        """The catalog as last built (a ValidationError naming where it should be, if it is not readable)."""
+        path = storage.catalog_path(self.root)
+        if self.remote is None:
+            return catalog.read_catalog(path)
+        return catalog.read_catalog_bytes(self.remote.read(self._name(path)), str(self.location(path)))
+
+    def catalog_problems(self, table: pa.Table) -> list[catalog.CatalogProblem]:
+        return catalog.catalog_problems(table, self.image_files)

@@ -24,7 +24,16 @@ class Setting:
 
 
 CORE_SETTINGS = (
-    Setting("data_root", "EM_INGEST_DATA_ROOT", "./data", "root of raw/, zarr/ and catalog/ (a local path or file:// URL)"),
+    Setting("data_root", "EM_INGEST_DATA_ROOT", "./data",
+            "root of raw/, zarr/ and catalog/: a local path or file:// URL, or s3://bucket/prefix (endpoint and "
+            "credentials from the AWS SDK's chain) or gs://bucket/prefix"),
+    Setting("work_dir", "EM_INGEST_WORK_DIR", None,
+            "with a data root in a bucket: the local folder where steps keep what they read and write before it "
+            "goes up (the raw files of a dataset being converted, one region); default: under the system's "
+            "temporary folder"),
+    Setting("replaced_grace", "EM_INGEST_REPLACED_GRACE", "24h",
+            "with a data root in a bucket: how long a replaced image version stays readable for readers of an "
+            "older catalog before it is removed (seconds, or with s/m/h/d)"),
     Setting("datasets_file", "EM_INGEST_DATASETS", "./datasets.yaml", "the selection file"),
     Setting("region_bytes", "EM_INGEST_REGION_BYTES", "16GiB",
             "an image whose s0 is larger is converted by several region steps of about this size, which the "
@@ -60,6 +69,21 @@ def parse_bytes(text: str, what: str) -> int:
     if match is None or unit not in _BYTE_UNITS or int(float(match[1]) * _BYTE_UNITS[unit]) < 1:
         raise ConfigurationError(f"{what}={text!r}: expected a positive number of bytes, e.g. 17179869184 or 16GiB")
     return int(float(match[1]) * _BYTE_UNITS[unit])
+
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """A duration of zero or more seconds written as `90`, `15m`, `24h` or `7d`."""
+    import re
+
+    from em_ingest.errors import ConfigurationError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", (text or "").lower())
+    if match is None:
+        raise ConfigurationError(f"{what}={text!r}: expected a duration such as 3600, 90m, 24h or 7d")
+    return float(match[1]) * _SECONDS[match[2]]
 
 
 def declared_settings() -> tuple[Setting, ...]:

@@ -137,8 +137,17 @@ def claim_version(staging: Path, run_id: str | None = None) -> None:
     checked from here). Steps of one conversion may run in different processes, so each claims the folder
     when it starts.
     """
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "at": time.time(), "run": run_id}
-    _writer_record(staging).write_text(json.dumps(record))
+    _writer_record(staging).write_text(json.dumps(writer_record(run_id)))
+
+
+def writer_record(run_id: str | None = None) -> dict[str, Any]:
+    """Who writes into a version folder now: this host and process, for orchestrator run `run_id`."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "at": time.time(), "run": run_id}
+
+
+def is_version_folder_name(name: str) -> bool:
+    """Whether `name` is one `new_version` gives a version folder."""
+    return _VERSION_NAME.fullmatch(name) is not None
 
 
 def is_version_name(final: Path, path: Path) -> bool:
@@ -233,17 +242,30 @@ def writers_elsewhere(final: Path) -> list[Path]:
 
 def _read_record(version: Path) -> dict[str, Any] | None:
     try:
-        record = json.loads(_writer_record(version).read_text())
+        return checked_record(json.loads(_writer_record(version).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def checked_record(record: Any) -> dict[str, Any] | None:
+    """A writer record as `writer_record` makes it, or None for anything else."""
+    try:
         float(record["at"]), int(record["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, IndexError):
         return None
     return record if isinstance(record, dict) else None
 
 
 def _abandoned(version: Path, finished_run: Callable[[str], bool] | None = None) -> bool:
     """Whether no live process writes into `version` any more (see `claim_version`)."""
-    record = _read_record(version)
-    last = float(record["at"]) if record else version.stat().st_mtime
+    return record_abandoned(_read_record(version), version.stat().st_mtime, finished_run)
+
+
+def record_abandoned(record: dict[str, Any] | None, modified: float | None,
+                     finished_run: Callable[[str], bool] | None = None) -> bool:
+    """Whether the writer a record names has stopped (see `claim_version`); `modified` stands in for a missing
+    record's time."""
+    last = float(record["at"]) if record else (modified or 0.0)
     if time.time() - last >= STALE_STAGING_S:
         return True
     if record and record.get("run") and finished_run is not None and finished_run(str(record["run"])):

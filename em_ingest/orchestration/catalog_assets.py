@@ -46,8 +46,7 @@ def build_catalog_assets(source_names: list[str]) -> list:
         )
 
     def _load(em_ingest: EmIngestResource):
-        path = em_ingest.pipeline().root / "catalog" / "metadata_catalog.parquet"
-        return catalog.read_catalog(path)
+        return em_ingest.pipeline().read_catalog()
 
     @dg.asset_check(asset=CATALOG_KEY, name="schema", blocking=True,
                     description="Columns, types and version equal the catalog schema.")
@@ -67,7 +66,7 @@ def build_catalog_assets(source_names: list[str]) -> list:
             if "unreadable_sidecar" in kinds:  # images that could not even become a row
                 problems = pipeline.catalog_rows()[1]
             else:
-                problems = catalog.catalog_problems(_load(em_ingest))
+                problems = pipeline.catalog_problems(_load(em_ingest))
             found = [p.message for p in problems if p.kind in kinds]
             return dg.AssetCheckResult(passed=not found, metadata={"problems": "; ".join(found[:20]) or "none",
                                                                    "count": len(found)})

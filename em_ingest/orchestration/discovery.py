@@ -6,7 +6,6 @@ import json
 import dagster as dg
 
 from em_ingest.orchestration.resources import EmIngestResource
-from em_ingest.raw import write_atomic
 from em_ingest.sources import source_classes
 
 INVENTORY_PREVIEW_ROWS = 200
@@ -20,8 +19,8 @@ def build_discovery_job(source_names: list[str]) -> dg.JobDefinition:
             pipeline = em_ingest.pipeline()
             source = source_classes()[name](pipeline.settings)
             items = list(source.discover())
-            path = pipeline.root / "inventory" / f"{name}.json"
-            write_atomic(path, json.dumps([vars(i) for i in items], indent=1, default=str).encode())
+            path = pipeline.write_document(f"inventory/{name}.json",
+                                           json.dumps([vars(i) for i in items], indent=1, default=str).encode())
             lines = ["| dataset key | title |", "|---|---|"]
             lines += [f"| {i.dataset_key} | {(i.title or '').replace('|', '/')} |" for i in items[:INVENTORY_PREVIEW_ROWS]]
             context.log_event(dg.AssetObservation(

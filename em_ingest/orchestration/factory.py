@@ -8,7 +8,6 @@ import base64
 import json
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -42,10 +41,10 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def _thumbnail_markdown(path: Path | None) -> dg.MetadataValue:
-    if path is None or not path.exists():
+def _thumbnail_markdown(png: bytes | None) -> dg.MetadataValue:
+    if not png:
         return dg.MetadataValue.md("(no thumbnail)")
-    encoded = base64.b64encode(path.read_bytes()).decode()
+    encoded = base64.b64encode(png).decode()
     return dg.MetadataValue.md(f"![thumbnail](data:image/png;base64,{encoded})")
 
 
@@ -190,7 +189,7 @@ def publish_image(context: dg.OpExecutionContext, em_ingest: EmIngestResource, p
     conversion = pipeline.publish_conversion(request, plan, parts, run_id=context.run_id,
                                              finished_run=lambda run_id: _finished(context.instance, run_id),
                                              progress_sink=run_log_sink(context))
-    forget_run(pipeline.settings.data_root, context.run_id)
+    forget_run(pipeline, context.run_id)
     with warnings.catch_warnings():
         # An op's Output takes a data version as a beta parameter (an asset's MaterializeResult does not warn):
         # the same data version the asset recorded before it was a graph, so users need not see the warning.
@@ -228,7 +227,8 @@ def _image_metadata(pipeline: Pipeline, request: DatasetRequest, plan: Conversio
         "raw_manifest_sha256": row["raw_manifest_sha256"],
         "skipped_unchanged": conversion.skipped,
         "region_steps": plan.region_count,
-        "thumbnail": _thumbnail_markdown(conversion.thumbnail_path),
+        "thumbnail": _thumbnail_markdown(pipeline.read_file(conversion.thumbnail_path)
+                                         if conversion.thumbnail_path else None),
         # Label name -> what it holds; the same record as the catalog's extra_json.
         "labels": dg.MetadataValue.json(json.loads(row["extra_json"] or "{}").get("labels") or {}),
         "neuroglancer": _neuroglancer_metadata(pipeline, request, conversion),
@@ -242,7 +242,7 @@ def _neuroglancer_metadata(pipeline: Pipeline, request: DatasetRequest, conversi
     if link is not None:
         return dg.MetadataValue.url(link)
     return dg.MetadataValue.text(
-        f"{view_command(request.source, request.key, pipeline.root)}   (no EM_INGEST_PUBLIC_URL is set: run this "
+        f"{view_command(request.source, request.key, pipeline.data_root)}   (no EM_INGEST_PUBLIC_URL is set: run this "
         "command where the data root is, or set EM_INGEST_PUBLIC_URL to where browsers reach it for a link here)")
 
 

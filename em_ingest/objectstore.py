@@ -1,0 +1,276 @@
+"""A data root in object storage (s3://, gs://): reads, writes, conditional writes and leases through fsspec.
+
+The bucket is where everything durable lives; steps work on local copies in a work folder (see `remote`).
+Endpoint and credentials come from the storage SDK's own chain (for S3: `AWS_ENDPOINT_URL_S3` /
+`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`, profiles, instance
+and pod roles), so nothing here reads a secret and no message ever holds one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from em_ingest.errors import ConfigurationError, StorageError
+
+OBJECT_SCHEMES = ("s3", "gs", "gcs")
+# A lease not renewed for this long belongs to a holder that died (renewed every quarter of it).
+LEASE_TTL_S = 120.0
+LEASE_POLL_S = 1.0
+log = logging.getLogger(__name__)
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write found the object not as expected (another writer got there first)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    etag: str | None
+    modified: float | None  # seconds since the epoch, as the store reports it
+
+
+def is_object_url(data_root: str) -> bool:
+    scheme, sep, _ = data_root.partition("://")
+    return bool(sep) and scheme.lower() in OBJECT_SCHEMES
+
+
+class ObjectRoot:
+    """`s3://bucket/prefix` or `gs://bucket/prefix` as a store of named objects (names relative to the prefix)."""
+
+    def __init__(self, url: str, *, max_attempts: int = 6, connect_timeout_s: float = 10.0,
+                 read_timeout_s: float = 60.0) -> None:
+        scheme, _, rest = url.partition("://")
+        scheme = scheme.lower()
+        bucket, _, prefix = rest.partition("/")
+        if scheme not in OBJECT_SCHEMES or not bucket or any(c in url for c in "?#\x00"):
+            raise ConfigurationError(f"data root {url!r}: expected s3://bucket/prefix or gs://bucket/prefix")
+        prefix = "/".join(part for part in prefix.split("/") if part)
+        if any(part in (".", "..") for part in prefix.split("/")):
+            raise ConfigurationError(f"data root {url!r}: '.' and '..' are not allowed in the prefix")
+        self.scheme = "gs" if scheme == "gcs" else scheme
+        self.base = f"{bucket}/{prefix}" if prefix else bucket
+        self.url = f"{self.scheme}://{self.base}"
+        self.fs = _filesystem(self.scheme, max_attempts, connect_timeout_s, read_timeout_s)
+
+    def __repr__(self) -> str:
+        return f"ObjectRoot({self.url!r})"
+
+    # ---- names ------------------------------------------------------------------------------------
+    def url_of(self, name: str) -> str:
+        return f"{self.url}/{name}" if name else self.url
+
+    def _path(self, name: str) -> str:
+        return f"{self.base}/{name}" if name else self.base
+
+    def _name(self, path: str) -> str:
+        return path[len(self.base) + 1:] if path.startswith(self.base + "/") else path
+
+    @contextmanager
+    def _errors(self, action: str, name: str) -> Iterator[None]:
+        """Storage failures as one error naming the URL and what was being done (never the credentials)."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except FileExistsError as exc:  # s3fs's form of 412 Precondition Failed
+            raise PreconditionFailed(f"{self.url_of(name)}: {action}: changed by another writer ({exc})") from None
+        except PermissionError as exc:
+            raise StorageError(f"{self.url_of(name)}: {action} refused by the bucket ({exc}); check the "
+                               "credentials and the bucket policy") from None
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise StorageError(f"{self.url_of(name)}: {action} failed: {type(exc).__name__}: {exc}") from None
+
+    # ---- objects ----------------------------------------------------------------------------------
+    def read(self, name: str) -> bytes | None:
+        """The object's bytes, or None when there is none."""
+        with self._errors("read", name):
+            try:
+                data: bytes = self.fs.cat_file(self._path(name))
+            except FileNotFoundError:
+                return None
+        return data
+
+    def info(self, name: str) -> ObjectInfo | None:
+        with self._errors("stat", name):
+            try:
+                return _info(self.fs.info(self._path(name)))
+            except FileNotFoundError:
+                return None
+
+    def write(self, name: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str | None:
+        """Put one object whole (readers see the old bytes or the new, never a part); returns its ETag.
+
+        `if_absent` and `if_match` make it conditional (S3's If-None-Match / If-Match): the write then fails
+        with `PreconditionFailed` when another writer created or replaced the object first."""
+        with self._errors("write", name):
+            if (if_absent or if_match) and self.scheme == "s3":
+                bucket, _, key = self._path(name).partition("/")
+                condition = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match}
+                answer = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+                return str(answer.get("ETag")) if answer.get("ETag") else None
+            if if_absent and self.fs.exists(self._path(name)):  # other stores: checked, not atomic (README)
+                raise FileExistsError(name)
+            self.fs.pipe_file(self._path(name), data)
+        found = self.info(name)
+        return found.etag if found else None
+
+    def delete(self, *names: str) -> None:
+        if not names:
+            return
+        with self._errors("delete", names[0]):
+            try:
+                self.fs.rm([self._path(n) for n in names])
+            except FileNotFoundError:
+                pass
+
+    def delete_tree(self, name: str) -> None:
+        """Every object under `name/`."""
+        with self._errors("delete", name):
+            paths = self.fs.find(self._path(name))
+            if paths:
+                self.fs.rm(paths)
+
+    def listing(self, name: str) -> dict[str, ObjectInfo]:
+        """Every object under `name/`, by name relative to `name`."""
+        with self._errors("list", name):
+            found = self.fs.find(self._path(name), detail=True)
+        start = len(self._path(name)) + 1
+        return {path[start:]: _info(item) for path, item in found.items() if item.get("type") != "directory"}
+
+    def children(self, name: str) -> list[str]:
+        """The names directly under `name/` (objects and common prefixes), without their path."""
+        with self._errors("list", name):
+            try:
+                paths = self.fs.ls(self._path(name), detail=False)
+            except FileNotFoundError:
+                return []
+        return sorted({str(p).rstrip("/").rsplit("/", 1)[-1] for p in paths})
+
+    def upload(self, local: Path, name: str) -> None:
+        """A local file as one object; large files go up in parts, and the object appears only when the
+        last part is in (an interrupted upload leaves nothing under `name`)."""
+        with self._errors("upload", name):
+            self.fs.put_file(str(local), self._path(name))
+
+    def download(self, name: str, local: Path) -> None:
+        """One object to a local file, streamed under a temporary name and renamed when whole."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            with self._errors("download", name):
+                self.fs.get_file(self._path(name), str(tmp))
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def check_writable(self) -> None:
+        """Fail early, naming the URL, when the bucket cannot be written (a missing bucket, a read-only policy)."""
+        probe = f".em-ingest-probe/{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.write(probe, b"")
+        self.delete(probe)
+
+    # ---- coordination -----------------------------------------------------------------------------
+    @contextmanager
+    def lease(self, name: str, *, holder: Mapping[str, Any] | None = None, ttl_s: float = LEASE_TTL_S) -> Iterator[None]:
+        """Hold the object `name` as a lease: created only if absent (If-None-Match), renewed while held, deleted
+        on release. A second holder waits; a lease its holder stopped renewing (a killed pod) is taken over
+        with a write conditional on its ETag, so two waiters cannot both take it."""
+        record = {"host": socket.gethostname(), "pid": os.getpid(), **(holder or {})}
+        etag = self._acquire(name, record, ttl_s)
+        state = {"etag": etag, "lost": False}
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(name, record, ttl_s, state, stop), daemon=True,
+                                   name=f"lease {name}")
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
+            if not state["lost"]:
+                self.delete(name)
+
+    def _acquire(self, name: str, record: dict[str, Any], ttl_s: float) -> str | None:
+        waited = False
+        while True:
+            body = json.dumps({**record, "renewed": time.time()}).encode()
+            try:
+                return self.write(name, body, if_absent=True)
+            except PreconditionFailed:
+                pass
+            current, etag = self._lease_record(name)
+            if current is not None and time.time() - current.get("renewed", 0.0) > ttl_s and etag:
+                try:
+                    log.warning("%s: lease of %s (pid %s) not renewed for %.0f s; taking it over", self.url_of(name),
+                                current.get("host"), current.get("pid"), ttl_s)
+                    return self.write(name, body, if_match=etag)
+                except PreconditionFailed:
+                    continue
+            if not waited:
+                log.info("%s: held by %s; waiting for it", self.url_of(name),
+                         f"{current.get('host')} pid {current.get('pid')}" if current else "another run")
+                waited = True
+            time.sleep(LEASE_POLL_S)
+
+    def _lease_record(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        info = self.info(name)
+        data = self.read(name)
+        try:
+            record = json.loads(data) if data else None
+        except ValueError:
+            record = {"renewed": 0.0}  # unreadable: treat as stale
+        return (record if isinstance(record, dict) else None), (info.etag if info else None)
+
+    def _renew(self, name: str, record: dict[str, Any], ttl_s: float, state: dict[str, Any],
+               stop: threading.Event) -> None:
+        while not stop.wait(ttl_s / 4):
+            body = json.dumps({**record, "renewed": time.time()}).encode()
+            try:
+                state["etag"] = self.write(name, body, if_match=state["etag"])
+            except PreconditionFailed:
+                state["lost"] = True
+                log.error("%s: the lease was taken over by another run while held", self.url_of(name))
+                return
+            except StorageError as exc:  # a transient failure: the next renewal tries again
+                log.warning("%s: lease renewal failed: %s", self.url_of(name), exc)
+
+
+def _info(item: Mapping[str, Any]) -> ObjectInfo:
+    stamp = item.get("LastModified") or item.get("updated") or item.get("mtime")
+    modified: float | None = None
+    if isinstance(stamp, str):
+        from datetime import datetime
+
+        modified = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    elif stamp is not None:
+        modified = stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+    etag = item.get("ETag") or item.get("etag")
+    return ObjectInfo(int(item.get("size") or 0), str(etag) if etag else None, modified)
+
+
+def _filesystem(scheme: str, max_attempts: int, connect_timeout_s: float, read_timeout_s: float) -> Any:
+    """The fsspec filesystem for `scheme`: no listings cache (other runs change the bucket), the storage SDK's
+    own endpoint and credential chain, and its retries with the transfer settings' attempts and timeouts."""
+    import fsspec
+
+    try:
+        if scheme == "s3":
+            return fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True, config_kwargs={
+                "retries": {"max_attempts": max_attempts, "mode": "standard"},
+                "connect_timeout": connect_timeout_s, "read_timeout": read_timeout_s})
+        return fsspec.filesystem("gs", use_listings_cache=False, skip_instance_cache=True, retries=max_attempts)
+    except ImportError as exc:
+        raise ConfigurationError(f"a {scheme}:// data root needs the {'gcsfs' if scheme == 'gs' else 's3fs'} "
+                                 f"package ({exc})") from None

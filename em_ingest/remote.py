@@ -1,0 +1,223 @@
+"""What lives in the bucket and what a step works on locally, when the data root is object storage.
+
+The work folder mirrors the bucket's layout (`raw/…`, `zarr/…`), so a local path and an object name differ
+only by their root. The bucket holds everything durable: a step pulls what it reads, works locally exactly as
+on a local data root, and pushes what it made. Raw downloads are pushed in the order that keeps the bucket's
+copy consistent (an "uncommitted" mark, the changed files, then the manifest, then the mark's removal); an
+image is written once under its own version prefix and published by replacing one small pointer object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from em_ingest.objectstore import ObjectRoot, PreconditionFailed
+from em_ingest.raw import MANIFEST_NAME, UNCOMMITTED_MARKER, Manifest
+from em_ingest.storage import write_atomic
+
+POINTER_FORMAT = "em-ingest-pointer/1"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteImage:
+    """An image under a prefix of the bucket, as `integrity.ImageFiles`."""
+
+    root: ObjectRoot
+    name: str
+
+    @property
+    def where(self) -> str:
+        return self.root.url_of(self.name)
+
+    def sizes(self) -> dict[str, int] | None:
+        listing = self.root.listing(self.name)
+        return {relpath: info.size for relpath, info in listing.items()} or None
+
+    def read(self, relpath: str) -> bytes:
+        data = self.root.read(f"{self.name}/{relpath}")
+        if data is None:
+            raise FileNotFoundError(f"{self.where}/{relpath}")
+        return data
+
+
+# ---- trees ---------------------------------------------------------------------------------------------
+def pull_tree(root: ObjectRoot, name: str, local: Path, wanted: Callable[[str], bool]) -> set[str]:
+    """Download the objects under `name/` that `wanted` accepts into `local`; returns their relative paths."""
+    pulled = set()
+    for relpath in sorted(root.listing(name)):
+        if wanted(relpath):
+            root.download(f"{name}/{relpath}", local / relpath)
+            pulled.add(relpath)
+    return pulled
+
+
+def push_tree(root: ObjectRoot, local: Path, name: str, skip: Iterable[str] = ()) -> int:
+    """Upload every file under `local` (but those in `skip`) to `name/`; returns how many."""
+    skipped = set(skip)
+    count = 0
+    for folder, _, files in os.walk(local):
+        for file in sorted(files):
+            path = Path(folder) / file
+            relpath = path.relative_to(local).as_posix()
+            if relpath in skipped or path.is_symlink():
+                continue
+            root.upload(path, f"{name}/{relpath}")
+            count += 1
+    return count
+
+
+# ---- raw downloads -------------------------------------------------------------------------------------
+def pull_raw(root: ObjectRoot, raw_dir: Path, name: str) -> bytes | None:
+    """Make the local raw folder the bucket's committed raw download: its manifest, and every file it lists that
+    the local folder lacks or holds in another version. Returns the bucket's manifest bytes (None: none yet).
+
+    Cheap when the folder is current (one read and one listing), so every step calls it before reading raw."""
+    remote_manifest = root.read(f"{name}/{MANIFEST_NAME}")
+    mark = root.read(f"{name}/{UNCOMMITTED_MARKER}")
+    local_manifest = raw_dir / MANIFEST_NAME
+    if remote_manifest is None:
+        # Nothing committed in the bucket: a local manifest (of a bucket since emptied) must not vouch for files.
+        local_manifest.unlink(missing_ok=True)
+    else:
+        wanted = Manifest.from_json(remote_manifest.decode(), origin=root.url_of(f"{name}/{MANIFEST_NAME}"))
+        known = _entries(local_manifest)
+        listing = root.listing(name)
+        for entry in wanted.entries:
+            local = raw_dir / entry.path
+            same = known.get(entry.path) == entry.as_dict() and local.is_file() and not local.is_symlink()
+            if same and local.stat().st_size == entry.size:
+                continue
+            if entry.path in listing:  # a file missing from the bucket is fetched again from the archive
+                root.download(f"{name}/{entry.path}", local)
+        write_atomic(local_manifest, remote_manifest)
+    if mark is not None:  # the bucket's last push did not finish: its files may not match its manifest
+        write_atomic(raw_dir / UNCOMMITTED_MARKER, mark)
+    return remote_manifest
+
+
+def push_raw(root: ObjectRoot, raw_dir: Path, name: str, before: bytes | None) -> int:
+    """Bring the bucket's raw download to the local one just committed; `before` is the bucket's manifest as
+    pulled. Writes nothing when nothing changed; returns how many objects were written."""
+    now = (raw_dir / MANIFEST_NAME).read_bytes()
+    new = Manifest.from_json(now.decode(), origin=str(raw_dir / MANIFEST_NAME))
+    old = {e.path: e.as_dict() for e in Manifest.from_json(before.decode(), origin=root.url_of(name)).entries} \
+        if before else {}
+    listing = root.listing(name)
+    changed = [e.path for e in new.entries
+               if old.get(e.path) != e.as_dict() or e.path not in listing or listing[e.path].size != e.size]
+    listed_now = {e.path for e in new.entries}
+    removed = sorted(path for path in old if path not in listed_now and path in listing)  # only what it owned
+    if not changed and not removed and now == before and UNCOMMITTED_MARKER not in listing:
+        return 0
+    root.write(f"{name}/{UNCOMMITTED_MARKER}", b"")
+    for relpath in changed:
+        root.upload(raw_dir / relpath, f"{name}/{relpath}")
+    root.delete(*(f"{name}/{relpath}" for relpath in removed))
+    root.write(f"{name}/{MANIFEST_NAME}", now)
+    root.delete(f"{name}/{UNCOMMITTED_MARKER}")
+    return len(changed) + 1
+
+
+def _entries(manifest_path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        manifest = Manifest.read(manifest_path)
+    except (OSError, ValueError):
+        return {}
+    return {e.path: e.as_dict() for e in manifest.entries}
+
+
+# ---- published images ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pointer:
+    """The object at an image's final name: which version is current, and when earlier ones were replaced."""
+
+    version: str  # the version prefix's name, relative to the data root
+    inputs_digest: str
+    published: float
+    retired: dict[str, float] = field(default_factory=dict)  # version name -> when it stopped being current
+    etag: str | None = None
+
+    def to_bytes(self, root: ObjectRoot) -> bytes:
+        return json.dumps({"format": POINTER_FORMAT, "version": self.version, "url": root.url_of(self.version),
+                           "inputs_digest": self.inputs_digest, "published": self.published,
+                           "retired": self.retired}, indent=1).encode()
+
+
+def read_pointer(root: ObjectRoot, final: str) -> Pointer | None:
+    info = root.info(final)
+    data = root.read(final)
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+        if record.get("format") != POINTER_FORMAT:
+            raise ValueError(f"format {record.get('format')!r}")
+        return Pointer(str(record["version"]), str(record["inputs_digest"]), float(record["published"]),
+                       {str(k): float(v) for k, v in (record.get("retired") or {}).items()},
+                       info.etag if info else None)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("%s: not an em-ingest pointer (%s); treated as unpublished", root.url_of(final), exc)
+        return None
+
+
+def publish(root: ObjectRoot, final: str, version: str, inputs_digest: str, current: Pointer | None) -> Pointer:
+    """Make `version` current with one conditional write of the pointer: it succeeds only if the pointer is still
+    `current` (If-Match its ETag, or If-None-Match when there was none), so a publish that raced another one
+    fails with `PreconditionFailed` instead of losing track of a version."""
+    now = time.time()
+    retired = dict(current.retired) if current else {}
+    if current is not None and current.version != version:
+        retired[current.version] = now
+    pointer = Pointer(version, inputs_digest, now, retired)
+    data = pointer.to_bytes(root)
+    if current is None:
+        etag = root.write(final, data, if_absent=True)
+    else:
+        etag = root.write(final, data, if_match=current.etag)
+    return Pointer(version, inputs_digest, now, retired, etag)
+
+
+def collect(root: ObjectRoot, final: str, versions: str, pointer: Pointer, *, grace_s: float,
+            abandoned: Callable[[dict[str, Any] | None, float | None], bool], is_version: Callable[[str], bool]) -> None:
+    """Remove versions no reader needs: replaced ones once `grace_s` has passed since they were replaced (a reader
+    of an older catalog still opens them until then), and abandoned unpublished ones. Names that are not
+    version prefixes of this image are never touched."""
+    now = time.time()
+    kept_retired = {}
+    for name, when in pointer.retired.items():
+        if now - when >= grace_s and name.startswith(versions + "/") and is_version(name.rsplit("/", 1)[-1]):
+            discard(root, name)
+        else:
+            kept_retired[name] = when
+    for child in root.children(versions):
+        name = f"{versions}/{child}"
+        if not is_version(child) or name == pointer.version or name in pointer.retired:
+            continue
+        record_info = root.info(f"{name}.writer")
+        data = root.read(f"{name}.writer")
+        try:
+            record = json.loads(data) if data else None
+        except ValueError:
+            record = None
+        if abandoned(record if isinstance(record, dict) else None, record_info.modified if record_info else None):
+            discard(root, name)
+    if kept_retired != pointer.retired:
+        try:
+            root.write(final, Pointer(pointer.version, pointer.inputs_digest, pointer.published, kept_retired)
+                       .to_bytes(root), if_match=pointer.etag)
+        except PreconditionFailed:
+            pass  # another publish rewrote it meanwhile; the next one tidies up
+
+
+def discard(root: ObjectRoot, version: str) -> None:
+    """Remove a version prefix and its writer record."""
+    root.delete_tree(version)
+    root.delete(f"{version}.writer")

@@ -84,13 +84,18 @@ class ObjectRoot:
             yield
         except StorageError:
             raise
-        except FileExistsError as exc:  # s3fs's form of 412 Precondition Failed
-            raise PreconditionFailed(f"{self.url_of(name)}: {action}: changed by another writer ({exc})") from None
-        except PermissionError as exc:
-            raise StorageError(f"{self.url_of(name)}: {action} refused by the bucket ({exc}); check the "
-                               "credentials and the bucket policy") from None
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise StorageError(f"{self.url_of(name)}: {action} failed: {type(exc).__name__}: {exc}") from None
+        except OSError as exc:
+            if not _precondition_failed(exc):
+                raise self._failure(action, name, exc) from None
+            raise PreconditionFailed(f"{self.url_of(name)}: {action}: changed by another writer") from None
+        except (ValueError, RuntimeError) as exc:
+            raise self._failure(action, name, exc) from None
+
+    def _failure(self, action: str, name: str, exc: Exception) -> StorageError:
+        if isinstance(exc, PermissionError):
+            return StorageError(f"{self.url_of(name)}: {action} refused by the bucket ({exc}); check the credentials "
+                                "and the bucket policy")
+        return StorageError(f"{self.url_of(name)}: {action} failed: {type(exc).__name__}: {exc}")
 
     # ---- objects ----------------------------------------------------------------------------------
     def read(self, name: str) -> bytes | None:
@@ -187,7 +192,7 @@ class ObjectRoot:
         """Hold the object `name` as a lease: created only if absent (If-None-Match), renewed while held, deleted
         on release. A second holder waits; a lease its holder stopped renewing (a killed pod) is taken over
         with a write conditional on its ETag, so two waiters cannot both take it."""
-        record = {"host": socket.gethostname(), "pid": os.getpid(), **(holder or {})}
+        record = {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(), **(holder or {})}
         etag = self._acquire(name, record, ttl_s)
         state = {"etag": etag, "lost": False}
         stop = threading.Event()
@@ -211,10 +216,10 @@ class ObjectRoot:
             except PreconditionFailed:
                 pass
             current, etag = self._lease_record(name)
-            if current is not None and time.time() - current.get("renewed", 0.0) > ttl_s and etag:
+            if current is not None and etag and (_holder_exited(current) or time.time() - current.get("renewed", 0.0) > ttl_s):
                 try:
-                    log.warning("%s: lease of %s (pid %s) not renewed for %.0f s; taking it over", self.url_of(name),
-                                current.get("host"), current.get("pid"), ttl_s)
+                    log.warning("%s: the lease of %s pid %s is not held any more (its process exited or stopped "
+                                "renewing it); taking it over", self.url_of(name), current.get("host"), current.get("pid"))
                     return self.write(name, body, if_match=etag)
                 except PreconditionFailed:
                     continue
@@ -247,6 +252,44 @@ class ObjectRoot:
                 log.warning("%s: lease renewal failed: %s", self.url_of(name), exc)
 
 
+def _pid_namespace() -> int | None:
+    """This process's pid namespace (containers on one host each have their own): pids compare only within one."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _holder_exited(record: Mapping[str, Any]) -> bool:
+    """Whether a lease's holder ran on this host, in this pid namespace, and has exited (a killed run), so its lease
+    can be taken at once rather than after it times out."""
+    if record.get("host") != socket.gethostname() or record.get("pidns") != _pid_namespace() or _pid_namespace() is None:
+        return False
+    try:
+        os.kill(int(record["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return False
+    return False
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether a storage error is a conditional write's refusal: 412 Precondition Failed, or S3's 409 for two
+    conditional writes of one key at once (s3fs reports these as FileExistsError or as a plain OSError)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, FileExistsError):
+            return True
+        code = getattr(seen, "response", {}).get("Error", {}).get("Code")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return True
+        if "pre-conditions you specified did not hold" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _info(item: Mapping[str, Any]) -> ObjectInfo:
     stamp = item.get("LastModified") or item.get("updated") or item.get("mtime")
     modified: float | None = None
@@ -267,10 +310,16 @@ def _filesystem(scheme: str, max_attempts: int, connect_timeout_s: float, read_t
 
     try:
         if scheme == "s3":
-            return fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True, config_kwargs={
-                "retries": {"max_attempts": max_attempts, "mode": "standard"},
-                "connect_timeout": connect_timeout_s, "read_timeout": read_timeout_s})
-        return fsspec.filesystem("gs", use_listings_cache=False, skip_instance_cache=True, retries=max_attempts)
+            client_kwargs = {}
+            if "AWS_DEFAULT_REGION" in os.environ and not os.environ["AWS_DEFAULT_REGION"]:
+                # Blank, as Docker Compose passes a variable left empty in .env: botocore would take "" as the
+                # region and build an invalid endpoint. S3 answers for every bucket's region at us-east-1.
+                client_kwargs["region_name"] = os.environ.get("AWS_REGION") or "us-east-1"
+            return fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True,
+                                     client_kwargs=client_kwargs, config_kwargs={
+                                         "retries": {"max_attempts": max_attempts, "mode": "standard"},
+                                         "connect_timeout": connect_timeout_s, "read_timeout": read_timeout_s})
+        return fsspec.filesystem("gs", use_listings_cache=False, skip_instance_cache=True)
     except ImportError as exc:
         raise ConfigurationError(f"a {scheme}:// data root needs the {'gcsfs' if scheme == 'gs' else 's3fs'} "
                                  f"package ({exc})") from None

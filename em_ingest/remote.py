@@ -108,14 +108,16 @@ def push_raw(root: ObjectRoot, raw_dir: Path, name: str, before: bytes | None) -
     pulled. Writes nothing when nothing changed; returns how many objects were written."""
     now = (raw_dir / MANIFEST_NAME).read_bytes()
     new = Manifest.from_json(now.decode(), origin=str(raw_dir / MANIFEST_NAME))
-    old = {e.path: e.as_dict() for e in Manifest.from_json(before.decode(), origin=root.url_of(name)).entries} \
-        if before else {}
+    previous = Manifest.from_json(before.decode(), origin=root.url_of(name)) if before else None
+    old = {e.path: e.as_dict() for e in previous.entries} if previous else {}
     listing = root.listing(name)
     changed = [e.path for e in new.entries
                if old.get(e.path) != e.as_dict() or e.path not in listing or listing[e.path].size != e.size]
     listed_now = {e.path for e in new.entries}
     removed = sorted(path for path in old if path not in listed_now and path in listing)  # only what it owned
-    if not changed and not removed and now == before and UNCOMMITTED_MARKER not in listing:
+    # The same objects: the bucket's manifest stays (the new one differs only in this fetch's transfer counts).
+    if (previous is not None and previous.digest == new.digest and not changed and not removed
+            and UNCOMMITTED_MARKER not in listing):
         return 0
     root.write(f"{name}/{UNCOMMITTED_MARKER}", b"")
     for relpath in changed:

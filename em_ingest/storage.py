@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 def local_root(data_root: str) -> Path:
     """The data root as an absolute local folder: a path, or a file:// URL naming this machine.
 
-    The one place a data root is interpreted, so the CLI and the pipeline agree on what it means.
-    Other URL schemes (s3://, https://, ...) are refused: fsspec protocols are not supported yet.
+    The one place a local data root is interpreted, so the CLI and the pipeline agree on what it means.
+    Buckets (s3://, gs://) are `objectstore.ObjectRoot`s; other URL schemes (https://, ...) are refused.
     """
     if not data_root.strip():
         # An empty root would silently mean the current directory.
@@ -40,8 +40,8 @@ def local_root(data_root: str) -> Path:
     is_url = bool(sep) and scheme[:1].isalpha() and all(c.isalnum() or c in "+-." for c in scheme)
     if is_url and scheme.lower() != "file":
         raise ConfigurationError(
-            f"data root {data_root!r}: only local paths and file:// URLs are supported as the data root for now; "
-            "mount object storage (e.g. with a CSI driver or s3fs-fuse) to use it"
+            f"data root {data_root!r}: expected a local path, a file:// URL, or a bucket (s3://bucket/prefix, "
+            "gs://bucket/prefix)"
         )
     path = _file_url_path(data_root) if is_url else data_root
     if "\x00" in path:

@@ -33,6 +33,7 @@ class Workspace:
     env: dict[str, str]
     selection: dict[str, dict[str, Any]]
     instance: dg.DagsterInstance = field(default_factory=dg.DagsterInstance.ephemeral)
+    bucket_url: str | None = None  # the data root when it is a bucket (s3://...), else `data_root`
 
     @property
     def selection_file(self) -> Path:
@@ -51,8 +52,13 @@ class Workspace:
         self.selection_file.write_text(yaml.safe_dump(selection, sort_keys=False))
 
     @property
+    def root_setting(self) -> str:
+        """EM_INGEST_DATA_ROOT as this workspace sets it."""
+        return self.bucket_url or str(self.data_root)
+
+    @property
     def settings(self) -> Settings:
-        return Settings.from_env(self.env, data_root=str(self.data_root), datasets_file=str(self.selection_file),
+        return Settings.from_env(self.env, data_root=self.root_setting, datasets_file=str(self.selection_file),
                                  transfer=FAST_TRANSFER)
 
     @property
@@ -80,7 +86,7 @@ class Workspace:
     def cli_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EM_INGEST_")}
         env.update(self.env)
-        env.update(EM_INGEST_DATA_ROOT=str(self.data_root), EM_INGEST_DATASETS=str(self.selection_file),
+        env.update(EM_INGEST_DATA_ROOT=self.root_setting, EM_INGEST_DATASETS=str(self.selection_file),
                    DAGSTER_HOME=str(self.root / "dagster_home"))
         (self.root / "dagster_home").mkdir(exist_ok=True)
         (self.root / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")

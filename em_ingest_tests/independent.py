@@ -78,7 +78,7 @@ def check_published_labels(path: Path, expected: dict[str, tuple[np.ndarray, tup
                 raise IndependentReadError(f"{path}/labels/{name}/s{k}: values {invented[:5]} are not in s0")
 
 
-def read_with_ome_zarr_py(path: Path) -> Levels:
+def read_with_ome_zarr_py(path: Path | str) -> Levels:
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Reader
 

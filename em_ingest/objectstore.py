@@ -8,6 +8,7 @@ and pod roles), so nothing here reads a secret and no message ever holds one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -62,7 +63,8 @@ class ObjectRoot:
         self.scheme = "gs" if scheme == "gcs" else scheme
         self.base = f"{bucket}/{prefix}" if prefix else bucket
         self.url = f"{self.scheme}://{self.base}"
-        self.fs = _filesystem(self.scheme, max_attempts, connect_timeout_s, read_timeout_s)
+        aws = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+        self.fs = _filesystem(self.scheme, max_attempts, connect_timeout_s, read_timeout_s, aws)
 
     def __repr__(self) -> str:
         return f"ObjectRoot({self.url!r})"
@@ -303,9 +305,15 @@ def _info(item: Mapping[str, Any]) -> ObjectInfo:
     return ObjectInfo(int(item.get("size") or 0), str(etag) if etag else None, modified)
 
 
-def _filesystem(scheme: str, max_attempts: int, connect_timeout_s: float, read_timeout_s: float) -> Any:
+@functools.lru_cache(maxsize=8)
+def _filesystem(scheme: str, max_attempts: int, connect_timeout_s: float, read_timeout_s: float,
+                _environment: tuple[tuple[str, str], ...]) -> Any:
     """The fsspec filesystem for `scheme`: no listings cache (other runs change the bucket), the storage SDK's
-    own endpoint and credential chain, and its retries with the transfer settings' attempts and timeouts."""
+    own endpoint and credential chain, and its retries with the transfer settings' attempts and timeouts.
+
+    One per process and configuration (a client costs ~0.1 s to make), and em-ingest's own: other code's
+    fsspec instances (zarr-python's, a source's) are never shared with it. `_environment` keys the cache by the
+    AWS variables, so a changed endpoint or key gets a new client."""
     import fsspec
 
     try:

@@ -56,6 +56,7 @@ class ImageView:
     zarr_format: int = 3  # 3 for OME-NGFF 0.5, 2 for 0.4
     intensity_range: tuple[float, float] | None = None  # the default contrast window
     labels: tuple[str, ...] = ()  # label images under <image>/labels/<name>
+    version: str | None = None  # in a bucket: the published version's folder name (see `path`)
 
     @property
     def name(self) -> str:
@@ -63,7 +64,10 @@ class ImageView:
 
     @property
     def path(self) -> str:
-        """The image's folder relative to the data root (the storage layout's zarr/<source>/<key>.ome.zarr)."""
+        """The image's folder relative to the data root: the storage layout's zarr/<source>/<key>.ome.zarr, or in a
+        bucket (where that name is a pointer object) the version it points to."""
+        if self.version:
+            return f"zarr/{self.source}/.versions/{self.key}.ome.zarr/{self.version}"
         return f"zarr/{self.source}/{self.key}.ome.zarr"
 
     @property
@@ -90,7 +94,17 @@ class ImageView:
         return cls(str(row["source"]), str(row["dataset_key"]), (shape[0], shape[1], shape[2]),
                    (voxel[0], voxel[1], voxel[2]), (translation[0], translation[1], translation[2]),
                    zarr_format=_zarr_format(row.get("extra_json")), intensity_range=window,
-                   labels=tuple(labels))
+                   labels=tuple(labels), version=_bucket_version(row))
+
+
+def _bucket_version(row: Mapping[str, Any]) -> str | None:
+    """The version folder a row's zarr_path names when it is a bucket URL (…/zarr/<source>/.versions/<key>.ome.zarr/<v>)."""
+    url = str(row.get("zarr_path") or "")
+    parts = url.rstrip("/").split("/")
+    if "://" in url and len(parts) >= 5 and parts[-5:-1] == ["zarr", str(row.get("source")), ".versions",
+                                                              f"{row.get('dataset_key')}.ome.zarr"]:
+        return parts[-1]
+    return None
 
 
 def _zarr_format(extra_json: Any) -> int:

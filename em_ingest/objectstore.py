@@ -9,6 +9,7 @@ and pod roles), so nothing here reads a secret and no message ever holds one.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -63,8 +64,9 @@ class ObjectRoot:
         self.scheme = "gs" if scheme == "gcs" else scheme
         self.base = f"{bucket}/{prefix}" if prefix else bucket
         self.url = f"{self.scheme}://{self.base}"
-        aws = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
-        self.fs = _filesystem(self.scheme, max_attempts, connect_timeout_s, read_timeout_s, aws)
+        # The cache key holds a digest of the AWS variables, not the secrets themselves.
+        aws = hashlib.sha256(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))).encode())
+        self.fs = _filesystem(self.scheme, max_attempts, connect_timeout_s, read_timeout_s, aws.hexdigest())
 
     def __repr__(self) -> str:
         return f"ObjectRoot({self.url!r})"
@@ -307,7 +309,7 @@ def _info(item: Mapping[str, Any]) -> ObjectInfo:
 
 @functools.lru_cache(maxsize=8)
 def _filesystem(scheme: str, max_attempts: int, connect_timeout_s: float, read_timeout_s: float,
-                _environment: tuple[tuple[str, str], ...]) -> Any:
+                _environment: str) -> Any:
     """The fsspec filesystem for `scheme`: no listings cache (other runs change the bucket), the storage SDK's
     own endpoint and credential chain, and its retries with the transfer settings' attempts and timeouts.
 

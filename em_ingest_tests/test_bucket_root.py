@@ -334,3 +334,16 @@ def test_publishing_over_a_pointer_another_run_changed_fails(lake) -> None:
     current = remote.read_pointer(bucket, "zarr/x/k.ome.zarr")
     assert current is not None and current.version == second.version
     assert set(current.retired) == {"zarr/x/.versions/k.ome.zarr/a"}
+
+
+def test_a_neuroglancer_link_to_an_image_in_a_bucket_names_its_version() -> None:
+    from em_ingest import view
+
+    version = "zarr/epfl/.versions/k.ome.zarr/20261201T000000-0123abcd"
+    row = {"source": "epfl", "dataset_key": "k", "shape_z": 4, "shape_y": 8, "shape_x": 8, "voxel_size_z_nm": 5.0,
+           "voxel_size_y_nm": 5.0, "voxel_size_x_nm": 5.0, "zarr_path": f"s3://lake/em/{version}"}
+    state = view.viewer_state([view.ImageView.from_row(row)], "https://lake.example.org/em")
+    assert state["layers"][0]["source"] == f"zarr3://https://lake.example.org/em/{version}/"
+    local = {**row, "zarr_path": "/data/zarr/epfl/k.ome.zarr"}
+    assert view.viewer_state([view.ImageView.from_row(local)], "https://x.org")["layers"][0]["source"] == \
+        "zarr3://https://x.org/zarr/epfl/k.ome.zarr/"

@@ -39,7 +39,7 @@ from em_ingest.omezarr.writer import (
     write_levels,
 )
 from em_ingest.progress import Progress, Sink
-from em_ingest.raw import Manifest, RawStore, fetch_progress
+from em_ingest.raw import Manifest, RawBacking, RawStore, fetch_progress
 from em_ingest.selection import DatasetRequest, Selection, load_selection
 from em_ingest.settings import Settings, parse_bytes, parse_duration
 from em_ingest.sources import Description, Source, option_models, source_classes
@@ -266,12 +266,15 @@ class Pipeline:
             return remote.RemoteImage(self.remote, zarr_path[len(self.remote.url) + 1:])
         return integrity.LocalImage(Path(zarr_path))
 
-    def _pull_raw(self, request: DatasetRequest) -> bytes | None:
+    def _raw_dir(self, request: DatasetRequest) -> Path:
+        return storage.raw_dir(self.root, request.source, request.key)
+
+    def _pull_raw(self, request: DatasetRequest, *, files: bool = True) -> bytes | None:
         """With a bucket: bring the local copy of the raw download to the bucket's (see `remote.pull_raw`)."""
         if self.remote is None:
             return None
-        raw_dir = storage.raw_dir(self.root, request.source, request.key)
-        return remote.pull_raw(self.remote, raw_dir, self._name(raw_dir))
+        raw_dir = self._raw_dir(request)
+        return remote.pull_raw(self.remote, raw_dir, self._name(raw_dir), files=files)
 
     # ---- configuration ----------------------------------------------------------------------
     def selection(self) -> Selection:
@@ -301,9 +304,10 @@ class Pipeline:
         labels = view.label_names(zarr_dir) if isinstance(zarr_dir, Path) else tuple(row.get("labels") or ())
         return view.neuroglancer_link(row, base, labels)
 
-    def raw_store(self, request: DatasetRequest, source: Source, *, progress: Progress | None = None) -> RawStore:
+    def raw_store(self, request: DatasetRequest, source: Source, *, progress: Progress | None = None,
+                  backing: RawBacking | None = None) -> RawStore:
         return RawStore(self.root, request.source, request.key, source.transports,
-                        max_in_flight=self.settings.transfer.max_in_flight, progress=progress)
+                        max_in_flight=self.settings.transfer.max_in_flight, progress=progress, backing=backing)
 
     # ---- steps ------------------------------------------------------------------------------
     def fetch_raw(self, request: DatasetRequest, *, progress_sink: Sink | None = None) -> Manifest:
@@ -315,8 +319,10 @@ class Pipeline:
         source = self.source(request.source)
         with self.partition_lock(request.source, request.key), \
                 fetch_progress(request.source, request.key, progress_sink) as progress:
-            before = self._pull_raw(request)
-            raw = self.raw_store(request, source, progress=progress)
+            # With a bucket, what it holds unchanged stays there: only what changed comes down and goes up.
+            before = self._pull_raw(request, files=False)
+            backing = remote.BucketRaw(self.remote, self._name(self._raw_dir(request))) if self.remote else None
+            raw = self.raw_store(request, source, progress=progress, backing=backing)
             raw.begin()  # sources may also write into the folder directly; commit clears the mark
             manifest = source.fetch_raw(request, raw)
             if self.remote is not None:

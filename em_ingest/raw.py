@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from em_ingest.errors import SourceResponseError, TransferError, UnsafePathError
 from em_ingest.progress import Progress
@@ -392,6 +392,17 @@ def safe_relative_path(name: str) -> str:
     return "/".join(parts)
 
 
+class RawBacking(Protocol):
+    """Where the committed raw download is also kept (the data root's bucket, when this folder is a local work
+    copy): an unchanged object need not be here, and a missing copy is brought from there, not the archive."""
+
+    def size(self, relpath: str) -> int | None:
+        """The committed object's size there (None: it has none)."""
+
+    def bring(self, relpath: str, local: Path) -> None:
+        """Download the committed object to `local`."""
+
+
 class RawStore:
     """raw/<source>/<dataset_key>/: the one mirror. Every source brings its objects up to date through
     `mirror` (one skip rule, one interrupted-fetch rule, one bounded pool) and keeps its metadata
@@ -401,7 +412,7 @@ class RawStore:
 
     def __init__(self, root: Path, source: str, dataset_key: str,
                  transports: Transports | Transport | None = None, *, max_in_flight: int = 8,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, backing: RawBacking | None = None):
         for what, name in (("source", source), ("dataset key", dataset_key)):
             # One plain folder name each, so the store can only ever be raw/<source>/<key> itself.
             if not _FOLDER_NAME.fullmatch(name):
@@ -414,6 +425,7 @@ class RawStore:
             transports = HttpClient()
         self.transports = transports if isinstance(transports, Transports) else Transports(transports)
         self.max_in_flight = max_in_flight
+        self.backing = backing
         self.previous = self.load_manifest()
         # A fetch that died before its commit may have replaced files the old manifest describes.
         self.interrupted = self.marker_path.exists()
@@ -476,8 +488,14 @@ class RawStore:
             path.unlink()  # a symlink itself goes, never what it points to
 
     def path(self, relpath: str) -> Path:
-        """Local path of an object; `relpath` is checked so it stays inside this folder."""
-        return self.dir / safe_relative_path(relpath)
+        """Local path of an object; `relpath` is checked so it stays inside this folder. With a backing, a committed
+        object missing here is brought from it first."""
+        path = self.dir / safe_relative_path(relpath)
+        if self.backing is not None and not path.exists():
+            entry = self.previous_entry(safe_relative_path(relpath))
+            if entry is not None and self.backing.size(entry.path) == entry.size:
+                self.backing.bring(entry.path, path)
+        return path
 
     def previous_entry(self, relpath: str) -> ManifestEntry | None:
         if self.previous is None:
@@ -510,7 +528,9 @@ class RawStore:
         try:  # one stat: a regular file of the recorded size (a deleted or truncated copy is fetched again)
             status = os.stat(relpath, dir_fd=dir_fd) if dir_fd is not None else os.stat(self._dir_prefix + relpath)
         except (FileNotFoundError, NotADirectoryError):
-            return None
+            # Not here, but committed in the backing as recorded: unchanged, and nothing to fetch.
+            backed = self.backing is not None and not self.interrupted and self.backing.size(relpath) == entry.size
+            return entry if backed else None
         if not stat.S_ISREG(status.st_mode) or status.st_size != entry.size:
             return None
         # After an interrupted fetch the file may be a newer download than the manifest says: check it.
@@ -565,8 +585,11 @@ class RawStore:
         return results
 
     def fetch(self, url: str, relpath: str, *, optional: bool = False) -> ManifestEntry | None:
-        """`mirror` of one object."""
-        return self.mirror([Wanted(url, relpath, optional=optional)])[0]
+        """`mirror` of one object, with a local copy to read (sources fetch this way what they read next)."""
+        entry = self.mirror([Wanted(url, relpath, optional=optional)])[0]
+        if entry is not None:
+            self.path(entry.path)
+        return entry
 
     def _bring(self, item: Wanted) -> ManifestEntry | None:
         relpath = safe_relative_path(item.relpath)

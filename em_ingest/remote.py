@@ -75,9 +75,25 @@ def push_tree(root: ObjectRoot, local: Path, name: str, skip: Iterable[str] = ()
 
 
 # ---- raw downloads -------------------------------------------------------------------------------------
-def pull_raw(root: ObjectRoot, raw_dir: Path, name: str) -> bytes | None:
-    """Make the local raw folder the bucket's committed raw download: its manifest, and every file it lists that
-    the local folder lacks or holds in another version. Returns the bucket's manifest bytes (None: none yet).
+class BucketRaw:
+    """The committed raw download under `name/` in the bucket, as a `RawStore`'s backing (sizes from one listing)."""
+
+    def __init__(self, root: ObjectRoot, name: str) -> None:
+        self.root = root
+        self.name = name
+        self.sizes = {relpath: info.size for relpath, info in root.listing(name).items()}
+
+    def size(self, relpath: str) -> int | None:
+        return self.sizes.get(relpath)
+
+    def bring(self, relpath: str, local: Path) -> None:
+        self.root.download(f"{self.name}/{relpath}", local)
+
+
+def pull_raw(root: ObjectRoot, raw_dir: Path, name: str, *, files: bool = True) -> bytes | None:
+    """Make the local raw folder the bucket's committed raw download: its manifest, and (with `files`) every file it
+    lists that the local folder lacks or holds in another version; without `files` such copies are only removed
+    (a fetch then finds them in the bucket through `BucketRaw`). Returns the bucket's manifest bytes (None: none).
 
     Cheap when the folder is current (one read and one listing), so every step calls it before reading raw."""
     remote_manifest = root.read(f"{name}/{MANIFEST_NAME}")
@@ -95,7 +111,10 @@ def pull_raw(root: ObjectRoot, raw_dir: Path, name: str) -> bytes | None:
             same = known.get(entry.path) == entry.as_dict() and local.is_file() and not local.is_symlink()
             if same and local.stat().st_size == entry.size:
                 continue
-            if entry.path in listing:  # a file missing from the bucket is fetched again from the archive
+            if not files:
+                if not local.is_symlink() and local.is_file():
+                    local.unlink()  # another version than the bucket's: never to be taken for it
+            elif entry.path in listing:  # a file missing from the bucket is fetched again from the archive
                 root.download(f"{name}/{entry.path}", local)
         write_atomic(local_manifest, remote_manifest)
     if mark is not None:  # the bucket's last push did not finish: its files may not match its manifest

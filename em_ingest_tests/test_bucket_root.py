@@ -81,6 +81,14 @@ def local_files(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "em_ingest.json"}
 
 
+def _sizes(s3: S3Server, bucket: str, prefix: str) -> dict[str, tuple[int]]:
+    found = {}
+    for page in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            found[item["Key"]] = (item["Size"],)
+    return found
+
+
 def check_results(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
     return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
 
@@ -150,6 +158,17 @@ def test_every_source_into_a_bucket_then_a_rerun_rewrites_nothing(lake, s3, repl
     assert {k: v for k, v in after.items() if any(d in k for d in data)} == \
         {k: v for k, v in before.items() if any(d in k for d in data)}
     assert not [k for k in after if "/.runs/" in k or "/.locks/" in k]  # hand-offs and leases are gone
+    # So does a refresh from another machine, whose work folder is empty: it downloads only the documents it
+    # reads, neither the archives' data nor the bucket's copy of it.
+    ws.env["EM_INGEST_WORK_DIR"] = str(tmp_path / "other-machine")
+    for source, datasets in selection.items():
+        for key in datasets:
+            assert ws.materialize(source, key, steps=("raw",)).success
+    assert {k: v for k, v in s3.objects(bucket, prefix + "/").items() if any(d in k for d in data)} == \
+        {k: v for k, v in before.items() if any(d in k for d in data)}
+    brought = sum(p.stat().st_size for p in (tmp_path / "other-machine" / "raw").rglob("*") if p.is_file())
+    raw_bytes = sum(info[0] for info in _sizes(s3, bucket, prefix + "/raw/").values())
+    assert brought < raw_bytes / 10, (brought, raw_bytes)
     # The secret key is in no object (and so in no log, record or catalog written there).
     client = s3.client()
     assert not [k for k in after if s3.secret_key.encode() in client.get_object(Bucket=bucket, Key=k)["Body"].read()]

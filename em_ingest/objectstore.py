@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,16 +173,33 @@ class ObjectRoot:
         with self._errors("upload", name):
             self.fs.put_file(str(local), self._path(name))
 
+    def upload_many(self, pairs: Sequence[tuple[Path, str]]) -> None:
+        """`upload` of many files, several at a time (the transfer layer's concurrency): per-request latency, not
+        bandwidth, is what many small objects cost."""
+        if pairs:
+            with self._errors("upload", pairs[0][1]):
+                self.fs.put([str(local) for local, _ in pairs], [self._path(name) for _, name in pairs])
+
     def download(self, name: str, local: Path) -> None:
         """One object to a local file, streamed under a temporary name and renamed when whole."""
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
+        self.download_many([(name, local)])
+
+    def download_many(self, pairs: Sequence[tuple[str, Path]]) -> None:
+        """`download` of many objects, several at a time; each file appears under its name only when whole."""
+        if not pairs:
+            return
+        temporary = []
+        for _, local in pairs:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            temporary.append(local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part"))
         try:
-            with self._errors("download", name):
-                self.fs.get_file(self._path(name), str(tmp))
-            os.replace(tmp, local)
+            with self._errors("download", pairs[0][0]):
+                self.fs.get([self._path(name) for name, _ in pairs], [str(tmp) for tmp in temporary])
+            for tmp, (_, local) in zip(temporary, pairs, strict=True):
+                os.replace(tmp, local)
         finally:
-            tmp.unlink(missing_ok=True)
+            for tmp in temporary:
+                tmp.unlink(missing_ok=True)
 
     def check_writable(self) -> None:
         """Fail early, naming the URL, when the bucket cannot be written (a missing bucket, a read-only policy)."""

@@ -269,12 +269,16 @@ class Pipeline:
     def _raw_dir(self, request: DatasetRequest) -> Path:
         return storage.raw_dir(self.root, request.source, request.key)
 
-    def _pull_raw(self, request: DatasetRequest, *, files: bool = True) -> bytes | None:
-        """With a bucket: bring the local copy of the raw download to the bucket's (see `remote.pull_raw`)."""
+    def _raw(self, request: DatasetRequest, source: Source, *,
+             progress: Progress | None = None) -> tuple[RawStore, bytes | None]:
+        """The partition's raw store, and with a bucket the bucket's manifest as found: the local copy then holds the
+        bucket's manifest, and its files come down from the bucket as they are read (`remote.BucketRaw`)."""
         if self.remote is None:
-            return None
+            return self.raw_store(request, source, progress=progress), None
         raw_dir = self._raw_dir(request)
-        return remote.pull_raw(self.remote, raw_dir, self._name(raw_dir), files=files)
+        before = remote.pull_raw(self.remote, raw_dir, self._name(raw_dir))
+        backing = remote.BucketRaw(self.remote, self._name(raw_dir))
+        return self.raw_store(request, source, progress=progress, backing=backing), before
 
     # ---- configuration ----------------------------------------------------------------------
     def selection(self) -> Selection:
@@ -320,9 +324,7 @@ class Pipeline:
         with self.partition_lock(request.source, request.key), \
                 fetch_progress(request.source, request.key, progress_sink) as progress:
             # With a bucket, what it holds unchanged stays there: only what changed comes down and goes up.
-            before = self._pull_raw(request, files=False)
-            backing = remote.BucketRaw(self.remote, self._name(self._raw_dir(request))) if self.remote else None
-            raw = self.raw_store(request, source, progress=progress, backing=backing)
+            raw, before = self._raw(request, source, progress=progress)
             raw.begin()  # sources may also write into the folder directly; commit clears the mark
             manifest = source.fetch_raw(request, raw)
             if self.remote is not None:
@@ -359,8 +361,7 @@ class Pipeline:
     def _plan(self, request: DatasetRequest, final: Path, *, force: bool, run_id: str | None) -> ConversionPlan:
         """`plan_conversion`'s work, under the partition lock."""
         source = self.source(request.source)
-        self._pull_raw(request)
-        raw = self.raw_store(request, source)
+        raw, _ = self._raw(request, source)
         manifest = raw.previous
         if manifest is None:
             raise EmIngestError(f"{request.source}/{request.key}: no raw download yet; materialize "
@@ -442,8 +443,7 @@ class Pipeline:
             f" region {index + 1} of {plan.regions.count} (levels s0..s{plan.regions.top})"
             if plan.regions.count > 1 else "")
         try:
-            self._pull_raw(request)
-            with source.open_volume(request, self.raw_store(request, source)) as volume, \
+            with source.open_volume(request, self._raw(request, source)[0]) as volume, \
                     self._working_copy(staging) as (folder, pulled), \
                     Progress(what, unit="blocks", sink=progress_sink,
                              total_units=blocks_in(boxes, self.layout.block_for(levels[0].shape)),
@@ -583,8 +583,7 @@ class Pipeline:
                 staging: Path, final: Path, progress_sink: Sink | None) -> Conversion:
         assert plan.regions is not None
         source = self.source(request.source)
-        self._pull_raw(request)
-        raw = self.raw_store(request, source)
+        raw, _ = self._raw(request, source)
         manifest = raw.previous
         if manifest is None or self.inputs_digest(request, manifest) != plan.inputs_digest:
             raise EmIngestError(f"{request.source}/{request.key}: the raw download changed while it was converted; "
@@ -685,7 +684,7 @@ class Pipeline:
         except ValidationError as exc:
             return Verification(ngff_version=None, levels=0, problem=str(exc), expected={}, found={}, mismatched=())
         source = self.source(request.source)
-        with source.open_volume(request, self.raw_store(request, source)) as volume:
+        with source.open_volume(request, self._raw(request, source)[0]) as volume:
             geometry = resolve_geometry(volume, request)
             expected = {"shape": list(volume.shape), "dtype": str(np.dtype(volume.dtype).newbyteorder("=")),
                         "voxel_size_nm": [float(v) for v in geometry.voxel_size_nm],

@@ -399,8 +399,8 @@ class RawBacking(Protocol):
     def size(self, relpath: str) -> int | None:
         """The committed object's size there (None: it has none)."""
 
-    def bring(self, relpath: str, local: Path) -> None:
-        """Download the committed object to `local`."""
+    def bring(self, relpaths: Sequence[str], folder: Path) -> None:
+        """Download the committed objects to `folder`/relpath, each whole under its name."""
 
 
 class RawStore:
@@ -488,14 +488,29 @@ class RawStore:
             path.unlink()  # a symlink itself goes, never what it points to
 
     def path(self, relpath: str) -> Path:
-        """Local path of an object; `relpath` is checked so it stays inside this folder. With a backing, a committed
-        object missing here is brought from it first."""
-        path = self.dir / safe_relative_path(relpath)
-        if self.backing is not None and not path.exists():
-            entry = self.previous_entry(safe_relative_path(relpath))
-            if entry is not None and self.backing.size(entry.path) == entry.size:
-                self.backing.bring(entry.path, path)
+        """Local path of an object, or of a folder of objects; `relpath` is checked so it stays inside this folder.
+        With a backing, the committed objects it names that are missing here are brought from there first, so a
+        step reads only the raw files it opens (a region's chunks, not the whole dataset)."""
+        relpath = safe_relative_path(relpath)
+        path = self.dir / relpath
+        if self.backing is not None and self.previous is not None:
+            entry = self.previous._by_path.get(relpath)
+            under = [entry] if entry is not None else self._entries_under(relpath)
+            missing = [e.path for e in under if self.backing.size(e.path) == e.size and not (self.dir / e.path).exists()]
+            if missing:
+                self.backing.bring(missing, self.dir)
         return path
+
+    def _entries_under(self, folder: str) -> list[ManifestEntry]:
+        """The previous manifest's entries inside `folder` (its entries are sorted by path)."""
+        assert self.previous is not None
+        entries = self.previous.entries
+        if not self.previous._in_path_order():
+            entries = tuple(sorted(entries, key=_BY_PATH))
+        prefix = folder.rstrip("/") + "/"
+        start = bisect.bisect_left(entries, prefix, key=_BY_PATH)
+        end = bisect.bisect_left(entries, prefix[:-1] + "0", key=_BY_PATH)  # "0" sorts right after "/"
+        return list(entries[start:end])
 
     def previous_entry(self, relpath: str) -> ManifestEntry | None:
         if self.previous is None:
@@ -588,7 +603,7 @@ class RawStore:
         """`mirror` of one object, with a local copy to read (sources fetch this way what they read next)."""
         entry = self.mirror([Wanted(url, relpath, optional=optional)])[0]
         if entry is not None:
-            self.path(entry.path)
+            self.path(entry.path)  # an object current in the backing comes down: the source reads it next
         return entry
 
     def _bring(self, item: Wanted) -> ManifestEntry | None:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,27 +51,23 @@ class RemoteImage:
 # ---- trees ---------------------------------------------------------------------------------------------
 def pull_tree(root: ObjectRoot, name: str, local: Path, wanted: Callable[[str], bool]) -> set[str]:
     """Download the objects under `name/` that `wanted` accepts into `local`; returns their relative paths."""
-    pulled = set()
-    for relpath in sorted(root.listing(name)):
-        if wanted(relpath):
-            root.download(f"{name}/{relpath}", local / relpath)
-            pulled.add(relpath)
+    pulled = {relpath for relpath in root.listing(name) if wanted(relpath)}
+    root.download_many([(f"{name}/{relpath}", local / relpath) for relpath in sorted(pulled)])
     return pulled
 
 
 def push_tree(root: ObjectRoot, local: Path, name: str, skip: Iterable[str] = ()) -> int:
     """Upload every file under `local` (but those in `skip`) to `name/`; returns how many."""
     skipped = set(skip)
-    count = 0
+    pairs = []
     for folder, _, files in os.walk(local):
         for file in sorted(files):
             path = Path(folder) / file
             relpath = path.relative_to(local).as_posix()
-            if relpath in skipped or path.is_symlink():
-                continue
-            root.upload(path, f"{name}/{relpath}")
-            count += 1
-    return count
+            if relpath not in skipped and not path.is_symlink():
+                pairs.append((path, f"{name}/{relpath}"))
+    root.upload_many(pairs)
+    return len(pairs)
 
 
 # ---- raw downloads -------------------------------------------------------------------------------------
@@ -86,16 +82,16 @@ class BucketRaw:
     def size(self, relpath: str) -> int | None:
         return self.sizes.get(relpath)
 
-    def bring(self, relpath: str, local: Path) -> None:
-        self.root.download(f"{self.name}/{relpath}", local)
+    def bring(self, relpaths: Sequence[str], folder: Path) -> None:
+        self.root.download_many([(f"{self.name}/{relpath}", folder / relpath) for relpath in relpaths])
 
 
-def pull_raw(root: ObjectRoot, raw_dir: Path, name: str, *, files: bool = True) -> bytes | None:
-    """Make the local raw folder the bucket's committed raw download: its manifest, and (with `files`) every file it
-    lists that the local folder lacks or holds in another version; without `files` such copies are only removed
-    (a fetch then finds them in the bucket through `BucketRaw`). Returns the bucket's manifest bytes (None: none).
+def pull_raw(root: ObjectRoot, raw_dir: Path, name: str) -> bytes | None:
+    """Make the local raw folder a copy of the bucket's committed raw download: its manifest and its mark, with
+    local files of another version than the manifest's removed. The files themselves come down when a step reads
+    them (`BucketRaw`, through `RawStore.path`). Returns the bucket's manifest bytes (None: none yet).
 
-    Cheap when the folder is current (one read and one listing), so every step calls it before reading raw."""
+    Cheap (two reads), so every step calls it before it reads raw."""
     remote_manifest = root.read(f"{name}/{MANIFEST_NAME}")
     mark = root.read(f"{name}/{UNCOMMITTED_MARKER}")
     local_manifest = raw_dir / MANIFEST_NAME
@@ -105,17 +101,10 @@ def pull_raw(root: ObjectRoot, raw_dir: Path, name: str, *, files: bool = True) 
     else:
         wanted = Manifest.from_json(remote_manifest.decode(), origin=root.url_of(f"{name}/{MANIFEST_NAME}"))
         known = _entries(local_manifest)
-        listing = root.listing(name)
         for entry in wanted.entries:
             local = raw_dir / entry.path
-            same = known.get(entry.path) == entry.as_dict() and local.is_file() and not local.is_symlink()
-            if same and local.stat().st_size == entry.size:
-                continue
-            if not files:
-                if not local.is_symlink() and local.is_file():
-                    local.unlink()  # another version than the bucket's: never to be taken for it
-            elif entry.path in listing:  # a file missing from the bucket is fetched again from the archive
-                root.download(f"{name}/{entry.path}", local)
+            if known.get(entry.path) != entry.as_dict() and local.is_file() and not local.is_symlink():
+                local.unlink()  # another version than the bucket's: never to be taken for it
         write_atomic(local_manifest, remote_manifest)
     if mark is not None:  # the bucket's last push did not finish: its files may not match its manifest
         write_atomic(raw_dir / UNCOMMITTED_MARKER, mark)
@@ -139,8 +128,7 @@ def push_raw(root: ObjectRoot, raw_dir: Path, name: str, before: bytes | None) -
             and UNCOMMITTED_MARKER not in listing):
         return 0
     root.write(f"{name}/{UNCOMMITTED_MARKER}", b"")
-    for relpath in changed:
-        root.upload(raw_dir / relpath, f"{name}/{relpath}")
+    root.upload_many([(raw_dir / relpath, f"{name}/{relpath}") for relpath in changed])
     root.delete(*(f"{name}/{relpath}" for relpath in removed))
     root.write(f"{name}/{MANIFEST_NAME}", now)
     root.delete(f"{name}/{UNCOMMITTED_MARKER}")
@@ -214,7 +202,8 @@ def collect(root: ObjectRoot, final: str, versions: str, pointer: Pointer, *, gr
     now = time.time()
     kept_retired = {}
     for name, when in pointer.retired.items():
-        if now - when >= grace_s and name.startswith(versions + "/") and is_version(name.rsplit("/", 1)[-1]):
+        folder, _, version = name.rpartition("/")
+        if now - when >= grace_s and folder == versions and is_version(version):
             discard(root, name)
         else:
             kept_retired[name] = when

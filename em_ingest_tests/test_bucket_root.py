@@ -27,6 +27,8 @@ from em_ingest_tests.buckets import S3Server
 from em_ingest_tests.harness import REPO_ROOT, Workspace, failure_text, workspace_for
 from em_ingest_tests.independent import read_with_ome_zarr_py
 from em_ingest_tests.test_crashes import DRIVER, kill_when
+from em_ingest_tests.test_regions import EPFL_KEY as REGIONS_KEY
+from em_ingest_tests.test_regions import large_epfl  # noqa: F401  (a fixture)
 
 SOURCES = ("openorganelle", "flyem", "idr", "empiar", "epfl")
 KEY = "hippocampus-training"
@@ -366,3 +368,21 @@ def test_a_neuroglancer_link_to_an_image_in_a_bucket_names_its_version() -> None
     local = {**row, "zarr_path": "/data/zarr/epfl/k.ome.zarr"}
     assert view.viewer_state([view.ImageView.from_row(local)], "https://x.org")["layers"][0]["source"] == \
         "zarr3://https://x.org/zarr/epfl/k.ome.zarr/"
+
+
+def test_region_steps_into_a_bucket_write_the_one_process_image(large_epfl, lake, s3, tmp_path) -> None:  # noqa: F811
+    """Eight region steps, each in a private work folder of its own, then the publish step reading level s0 back
+    from the bucket: the same files as one step on a local disk."""
+    volume, (one, split) = large_epfl
+    in_bucket(split, lake, tmp_path / "work")
+    assert one.materialize("epfl", REGIONS_KEY).success
+    result = split.materialize("epfl", REGIONS_KEY)
+    assert result.asset_materializations_for_node("epfl_ome_zarr")[0].metadata["region_steps"].value == 8
+    assert all(check_results(result).values())
+    url = remote.read_pointer(ObjectRoot(lake), f"zarr/epfl/{REGIONS_KEY}.ome.zarr")
+    assert url is not None
+    image_url = ObjectRoot(lake).url_of(url.version)
+    assert image_objects(s3, image_url) == local_files(storage.zarr_path(one.data_root, "epfl",
+                                                                                  REGIONS_KEY).resolve())
+    np.testing.assert_array_equal(zarr.open_group(image_url, mode="r")["s0"][...], volume)
+    assert not list((tmp_path / "work" / ".scratch").iterdir())  # every step's private folder is gone

@@ -269,16 +269,20 @@ class Pipeline:
     def _raw_dir(self, request: DatasetRequest) -> Path:
         return storage.raw_dir(self.root, request.source, request.key)
 
-    def _raw(self, request: DatasetRequest, source: Source, *,
-             progress: Progress | None = None) -> tuple[RawStore, bytes | None]:
+    def _raw(self, request: DatasetRequest, source: Source, *, progress: Progress | None = None,
+             to_read: bool = True) -> tuple[RawStore, bytes | None]:
         """The partition's raw store, and with a bucket the bucket's manifest as found: the local copy then holds the
-        bucket's manifest, and its files come down from the bucket as they are read (`remote.BucketRaw`)."""
+        bucket's manifest, and (`to_read`, for a conversion) every file it lists; a fetch brings down only the files a
+        source reads while fetching (`remote.BucketRaw`), and what the bucket holds unchanged stays there."""
         if self.remote is None:
             return self.raw_store(request, source, progress=progress), None
         raw_dir = self._raw_dir(request)
         before = remote.pull_raw(self.remote, raw_dir, self._name(raw_dir))
         backing = remote.BucketRaw(self.remote, self._name(raw_dir))
-        return self.raw_store(request, source, progress=progress, backing=backing), before
+        raw = self.raw_store(request, source, progress=progress, backing=backing)
+        if to_read:  # some readers open the folder as a whole (a mirrored Zarr or N5), not file by file
+            raw.bring_all()
+        return raw, before
 
     # ---- configuration ----------------------------------------------------------------------
     def selection(self) -> Selection:
@@ -324,7 +328,7 @@ class Pipeline:
         with self.partition_lock(request.source, request.key), \
                 fetch_progress(request.source, request.key, progress_sink) as progress:
             # With a bucket, what it holds unchanged stays there: only what changed comes down and goes up.
-            raw, before = self._raw(request, source, progress=progress)
+            raw, before = self._raw(request, source, progress=progress, to_read=False)
             raw.begin()  # sources may also write into the folder directly; commit clears the mark
             manifest = source.fetch_raw(request, raw)
             if self.remote is not None:
@@ -361,7 +365,7 @@ class Pipeline:
     def _plan(self, request: DatasetRequest, final: Path, *, force: bool, run_id: str | None) -> ConversionPlan:
         """`plan_conversion`'s work, under the partition lock."""
         source = self.source(request.source)
-        raw, _ = self._raw(request, source)
+        raw, _ = self._raw(request, source, to_read=False)  # the files only once there is something to convert
         manifest = raw.previous
         if manifest is None:
             raise EmIngestError(f"{request.source}/{request.key}: no raw download yet; materialize "
@@ -374,6 +378,7 @@ class Pipeline:
             raise EmIngestError(f"{raw.dir}: the last fetch of {request.source}/{request.key} did not finish, so "
                                 f"its files may not match {raw.manifest_path.name}; materialize {request.source}/raw "
                                 "for this partition again before converting")
+        raw.bring_all()
         with source.open_volume(request, raw) as volume:
             limits.check_volume(volume.shape, np.dtype(volume.dtype).itemsize, self.settings.limits,
                                 f"{request.source}/{request.key} ({volume.name})", raw_bytes=manifest.total_bytes)

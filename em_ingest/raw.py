@@ -501,6 +501,15 @@ class RawStore:
                 self.backing.bring(missing, self.dir)
         return path
 
+    def bring_all(self) -> None:
+        """With a backing: every committed object missing here, brought from it (for readers that open the folder
+        itself rather than through `path`)."""
+        if self.backing is not None and self.previous is not None:
+            missing = [e.path for e in self.previous.entries
+                       if self.backing.size(e.path) == e.size and not (self.dir / e.path).exists()]
+            if missing:
+                self.backing.bring(missing, self.dir)
+
     def _entries_under(self, folder: str) -> list[ManifestEntry]:
         """The previous manifest's entries inside `folder` (its entries are sorted by path)."""
         assert self.previous is not None

@@ -22,6 +22,7 @@ import zarr
 from em_ingest import remote, storage
 from em_ingest.errors import StorageError
 from em_ingest.objectstore import ObjectRoot, PreconditionFailed
+from em_ingest.pipeline import Pipeline
 from em_ingest.replicas.volumes import synthetic_em
 from em_ingest_tests.buckets import S3Server
 from em_ingest_tests.harness import REPO_ROOT, Workspace, failure_text, workspace_for
@@ -183,6 +184,16 @@ def test_every_source_into_a_bucket_then_a_rerun_rewrites_nothing(lake, s3, repl
     epfl_key = next(iter(selection["epfl"]))
     assert ws.materialize("epfl", epfl_key).success
     assert all(check_results(ws.materialize_catalog()).values())
+
+    # A conversion on a machine that never fetched (an empty work folder) reads the raw download from the bucket:
+    # sources whose readers open a mirrored Zarr or N5 folder as a whole included.
+    elsewhere = Pipeline(ws.settings.with_overrides(work_dir=str(tmp_path / "converter")))
+    for source in ("openorganelle", "idr", "flyem"):
+        key = next(iter(selection[source]))
+        converted = elsewhere.convert(elsewhere.request(source, key), force=True)
+        np.testing.assert_array_equal(zarr.open_group(str(converted.zarr_path), mode="r")["s0"][...],
+                                      zarr.open_group(str(storage.zarr_path(local.data_root, source, key)),
+                                                      mode="r")["s0"][...])
 
 
 def test_demo_into_a_bucket(s3: S3Server, tmp_path) -> None:

@@ -1,7 +1,7 @@
-"""A real S3 API server for tests of a data root in a bucket: moto's server mode in its own process on loopback,
-with request authentication on, so only a user's signed requests read or write and anonymous ones are refused
-(as on a lab's own bucket). Its own process, because moto's authentication setting is process-wide and the
-OpenOrganelle replica in the test process serves anonymous readers."""
+"""A real S3 API server for tests of a data root in a bucket: moto's server mode in its own process (on loopback
+unless told another address), with request authentication on, so only a user's signed requests read or write and
+anonymous ones are refused (as on a lab's own bucket). Its own process, because moto's authentication setting is
+process-wide and the OpenOrganelle replica in the test process serves anonymous readers."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from em_ingest_tests.services import free_port
 
 # Requests moto serves before it starts checking signatures: creating the user, its key and its policy.
 _SETUP_REQUESTS = 3
-_SERVE = "from moto.server import ThreadedMotoServer as S; import time; S(ip_address='127.0.0.1', port={port}).start(); " \
+_SERVE = "from moto.server import ThreadedMotoServer as S; import time; S(ip_address={host!r}, port={port}).start(); " \
          "time.sleep(1e9)"
 
 
 @dataclass
 class S3Server:
-    """An S3 endpoint on 127.0.0.1, one IAM user allowed s3:*, and the AWS SDK environment with its key."""
+    """An S3 endpoint, one IAM user allowed s3:*, and the AWS SDK environment with its key."""
 
     process: subprocess.Popen
     endpoint: str
@@ -32,30 +32,37 @@ class S3Server:
     secret_key: str
 
     @classmethod
-    def start(cls) -> S3Server:
+    def start(cls, host: str = "127.0.0.1") -> S3Server:
+        """Serves on `host` (an address of this machine): loopback by default; containers reach the host at their
+        network's gateway address, which is one of the host's own."""
         import boto3
 
         port = free_port()
-        process = subprocess.Popen([sys.executable, "-c", _SERVE.format(port=port)],
+        process = subprocess.Popen([sys.executable, "-c", _SERVE.format(host=host, port=port)],
                                    env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_SETUP_REQUESTS)},
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while True:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                socket.create_connection((host, port), timeout=0.5).close()
                 break
             except OSError:
                 if time.monotonic() > deadline or process.poll() is not None:
                     process.kill()
                     raise RuntimeError("the S3 server did not start") from None
                 time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{port}"
-        iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="setup", aws_secret_access_key="setup",
-                           region_name="us-east-1")
-        iam.create_user(UserName="lab")
-        key = iam.create_access_key(UserName="lab")["AccessKey"]
-        iam.put_user_policy(UserName="lab", PolicyName="lake", PolicyDocument=json.dumps({
-            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        endpoint = f"http://{host}:{port}"
+        try:
+            iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="setup", aws_secret_access_key="setup",
+                               region_name="us-east-1")
+            iam.create_user(UserName="lab")
+            key = iam.create_access_key(UserName="lab")["AccessKey"]
+            iam.put_user_policy(UserName="lab", PolicyName="lake", PolicyDocument=json.dumps({
+                "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
         return cls(process, endpoint, key["AccessKeyId"], key["SecretAccessKey"])
 
     def stop(self) -> None:

@@ -6,7 +6,9 @@ Materialize does) for every demo partition and then the catalog, reads the outpu
 with independent readers (zarr-python, tensorstore, pyarrow) against the replicas' ground truth, checks
 that every run had a container of its own, injects faults (a run container killed mid-conversion, the
 daemon restarted with runs queued, Postgres restarted, pool limits under load, a backfill of every
-partition), runs steps in containers of their own, tears everything down and prints the timings.
+partition), runs steps in containers of their own, points the deployment at a data root in an S3 bucket
+(an S3 API server with authentication on, on the host, reached by the run containers), tears everything
+down and prints the timings.
 
 Run by `deploy/e2e` (which installs and starts the engine and provides the base images) as root:
     .venv/bin/python -m em_ingest_tests.docker_e2e --python-image IMAGE --postgres-image IMAGE
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -246,7 +249,7 @@ class Stack:
         self.compose_cli = compose
         # Compose reads only the env file: nothing of this shell's configuration leaks into the stack.
         self.compose_env = {k: v for k, v in os.environ.items()
-                            if not k.startswith(("EM_INGEST_", "DAGSTER_", "COMPOSE_", "NEUPRINT_"))}
+                            if not k.startswith(("EM_INGEST_", "DAGSTER_", "COMPOSE_", "NEUPRINT_", "AWS_"))}
         self.repository = "__repository__"
         self.asset_job = "__ASSET_JOB"
         self.checks: dict[tuple[str, ...], list[str]] = {}
@@ -437,8 +440,9 @@ class Stack:
 
 # ---- independent readers -----------------------------------------------------------------------------
 
-def read_image(path: Path) -> tuple[dict[str, Any], np.ndarray]:
-    """The OME-Zarr's multiscales metadata and its s0, read with zarr-python (not em-ingest's code)."""
+def read_image(path: Path | str) -> tuple[dict[str, Any], np.ndarray]:
+    """The OME-Zarr's multiscales metadata and its s0, read with zarr-python (not em-ingest's code), from a folder or
+    a URL (an s3:// one with the endpoint and credentials of the AWS SDK's environment)."""
     import zarr
 
     group = zarr.open_group(store=str(path), mode="r")
@@ -455,8 +459,9 @@ def read_s0_tensorstore(path: Path, s0: str) -> np.ndarray:
     return np.asarray(store.read().result())
 
 
-def check_image(path: Path, expected: Any, label: str) -> str:
-    """s0 equals the replica's ground truth (within a lossy source's tolerance), with its voxel size."""
+def check_image(path: Path | str, expected: Any, label: str) -> str:
+    """s0 equals the replica's ground truth (within a lossy source's tolerance), with its voxel size; a local image
+    is read by tensorstore too."""
     multiscales, s0 = read_image(path)
     axes = [a["name"] for a in multiscales["axes"]]
     if axes != ["z", "y", "x"] or {a.get("unit") for a in multiscales["axes"]} != {"nanometer"}:
@@ -469,9 +474,10 @@ def check_image(path: Path, expected: Any, label: str) -> str:
     transforms = {t["type"]: t for t in multiscales["datasets"][0]["coordinateTransformations"]}
     if not np.allclose(transforms["scale"]["scale"], expected.voxel_size_nm, rtol=1e-6):
         raise E2EFailure(f"{label}: scale {transforms['scale']['scale']}, expected {expected.voxel_size_nm}")
-    second = read_s0_tensorstore(path, multiscales["datasets"][0]["path"])
-    if not np.array_equal(second, s0):
-        raise E2EFailure(f"{label}: tensorstore and zarr-python read different s0 arrays")
+    if isinstance(path, Path):
+        second = read_s0_tensorstore(path, multiscales["datasets"][0]["path"])
+        if not np.array_equal(second, s0):
+            raise E2EFailure(f"{label}: tensorstore and zarr-python read different s0 arrays")
     return f"{s0.shape} {s0.dtype}, {len(multiscales['datasets'])} levels"
 
 
@@ -507,6 +513,8 @@ class EndToEnd:
         self.selection: dict[str, dict[str, Any]] = yaml.safe_load(DEMO_SELECTION.read_text())
         self.batch: list[Run] = []
         self.replicas: Any = None
+        self.s3: Any = None  # the bucket stage's S3 server (em_ingest_tests.buckets.S3Server)
+        self.bucket: str | None = None
 
     @property
     def data(self) -> Path:
@@ -790,9 +798,98 @@ class EndToEnd:
         self.timings.fact("per-step containers", f"run container + {len(steps)} step containers "
                           f"({', '.join(steps)}); only the run container has the socket")
 
+    def bucket_data_root(self) -> None:
+        """EM_INGEST_DOCKER_DATA_ROOT=s3://bucket/em with the AWS_* variables in .env: the services that read them
+        recreated, one partition and the catalog launched as the UI does, each run in its own container writing
+        to a private bucket (an S3 API server on the host with authentication on, reached at the compose network's
+        gateway), and what it wrote read back from the host with the same credentials."""
+        from em_ingest_tests.buckets import S3Server
+
+        source, key = TINY_PARTITION
+        prefix = "em"
+        with self.timings.phase("data root in an S3 bucket"):
+            started = time.monotonic()
+            gateway = docker("network", "inspect", "em_ingest", "-f", "{{range .IPAM.Config}}{{.Gateway}} {{end}}").split()
+            if not gateway:
+                raise E2EFailure("the em_ingest network has no gateway address for the containers to reach the host by")
+            self.s3 = S3Server.start(host=gateway[0])
+            self.bucket = self.s3.bucket("em-ingest-e2e")
+            url = f"s3://{self.bucket}/{prefix}"
+            with self.stack.env_file.open("a") as env:
+                env.write(f"EM_INGEST_DOCKER_DATA_ROOT={url}\n" + "".join(f"{k}={v}\n" for k, v in self.s3.env.items()))
+            volume_catalog = (self.data / "catalog" / "metadata_catalog.parquet").read_bytes()
+            # Only user_code and the daemon read the pipeline variables (the daemon hands them to run containers);
+            # compose recreates the two whose environment changed. Back to the stack's own files: runs in_process.
+            self.stack.compose("up", "-d", "--no-build", "--no-deps", "user_code", "daemon", timeout_s=300)
+            wait_for("user_code and daemon back", lambda: self.stack.service_state("user_code") == "running/healthy"
+                     and self.stack.service_state("daemon").startswith("running"), 300, 1)
+            reloaded = self.stack.graphql(RELOAD, name=LOCATION)["reloadRepositoryLocation"]
+            if reloaded["__typename"] != "WorkspaceLocationEntry":
+                raise E2EFailure(f"reloading the code location: {reloaded}")
+            wait_for("the code location reloaded", self.stack.location_loaded, 180, 1)
+            ready = time.monotonic() - started
+            run_id = self.stack.materialize_partition(source, key, f"{source}/{key} (bucket)")
+            image_run = self.stack.wait_runs([run_id], timeout_s=600, what="a run into the bucket")[0]
+            run_id = self.stack.materialize([("catalog", "metadata_catalog")], None, "catalog (bucket)")
+            catalog_run = self.stack.wait_runs([run_id], timeout_s=600, what="the catalog run into the bucket")[0]
+            self.check_bucket(source, key, prefix)
+            if (self.data / "catalog" / "metadata_catalog.parquet").read_bytes() != volume_catalog:
+                raise E2EFailure("runs with a bucket data root rewrote the catalog on the data volume")
+        self.check_own_containers([image_run, catalog_run])
+        self.batch += [image_run, catalog_run]
+        objects = self.s3.objects(self.bucket)
+        took = lambda record: (record.end or 0) - record.creation
+        self.timings.fact("bucket data root", (
+            f"{ready:.0f} s to recreate user_code and daemon with the bucket's .env; {source}/{key} run {took(image_run):.0f} s, "
+            f"catalog run {took(catalog_run):.0f} s from launchRun to success; {len(objects)} objects in "
+            f"s3://{self.bucket}/{prefix}/"))
+
+    def check_bucket(self, source: str, key: str, prefix: str) -> None:
+        """The image's pointer object and the catalog in the bucket; the catalog names the image by an s3:// URL,
+        the pointer's version, which zarr-python opens from the host with the same credentials."""
+        import pyarrow.parquet as pq
+
+        assert self.s3 is not None and self.bucket is not None
+        objects = self.s3.objects(self.bucket, prefix + "/")
+        client = self.s3.client()
+        pointer_key, catalog_key = f"{prefix}/zarr/{source}/{key}.ome.zarr", f"{prefix}/catalog/metadata_catalog.parquet"
+        missing = [k for k in (pointer_key, catalog_key) if k not in objects]
+        if missing:
+            raise E2EFailure(f"the bucket lacks {missing}; it holds {sorted(objects)[:40]}")
+        pointer = json.loads(client.get_object(Bucket=self.bucket, Key=pointer_key)["Body"].read())
+        table = pq.read_table(io.BytesIO(client.get_object(Bucket=self.bucket, Key=catalog_key)["Body"].read()))
+        rows = {(r["source"], r["dataset_key"]): r for r in table.to_pylist()}
+        if set(rows) != {(source, key)} or rows[(source, key)]["status"] != "ok":
+            found = [(k, r["status"]) for k, r in rows.items()]
+            raise E2EFailure(f"the bucket's catalog rows {found}, expected {source}/{key} ok")
+        zarr_path = rows[(source, key)]["zarr_path"]
+        version_prefix = f"s3://{self.bucket}/{prefix}/zarr/{source}/.versions/{key}.ome.zarr/"
+        if not zarr_path.startswith(version_prefix) or zarr_path != pointer.get("url"):
+            raise E2EFailure(f"catalog zarr_path {zarr_path!r}: expected the pointer's version URL {pointer.get('url')!r} "
+                             f"under {version_prefix}")
+        # zarr-python (through fsspec's s3fs) with the endpoint and credentials as a user sets them.
+        saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        try:
+            for name in saved:
+                del os.environ[name]
+            os.environ.update(self.s3.env)
+            summary = check_image(zarr_path, self.expected(source, key), f"{source}/{key} in the bucket")
+        finally:
+            for name in [k for k in os.environ if k.startswith("AWS_")]:
+                del os.environ[name]
+            os.environ.update(saved)
+        log(f"  s3://{self.bucket}/{pointer_key} -> {zarr_path}: {summary}, as the replica serves it")
+
     def secrets_stay_out(self, secrets: list[str]) -> None:
-        """Neither the database password nor the token in the data, the compute logs, container logs or events."""
+        """No secret (the database password, the token, the bucket's secret key) in the data on the volume or in the
+        bucket, the compute logs, container logs or events."""
         haystacks = 0
+        if self.s3 is not None and self.bucket is not None:
+            client = self.s3.client()
+            for name in self.s3.objects(self.bucket):
+                haystacks += 1
+                if any(s.encode() in client.get_object(Bucket=self.bucket, Key=name)["Body"].read() for s in secrets):
+                    raise E2EFailure(f"a secret appears in s3://{self.bucket}/{name}")
         for root in (self.data, self.stack.volume_path(LOGS_VOLUME)):
             for path in root.rglob("*"):
                 if path.is_file() and not path.is_symlink():
@@ -815,7 +912,7 @@ class EndToEnd:
             haystacks += 1
             if count.strip() != "0":
                 raise E2EFailure(f"a secret appears in {count.strip()} rows of Postgres table {table}")
-        self.timings.fact("secrets", f"neither the token nor the password in {haystacks} files, logs and tables")
+        self.timings.fact("secrets", f"none of {len(secrets)} secrets in {haystacks} files, objects, logs and tables")
 
 
 def peak_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -900,12 +997,15 @@ def main(argv: list[str] | None = None) -> int:
             stage.backfill_across_daemon_restart()
             stage.postgres_restart()
             stage.step_containers()
+            stage.bucket_data_root()
             stage.check_own_containers(stack.runs(list(stack.launched)))
-            stage.secrets_stay_out(secrets)
+            stage.secrets_stay_out([*secrets, stage.s3.secret_key])
     except BaseException as error:
         stack.diagnose(error)
         raise
     finally:
+        if stage.s3 is not None:
+            stage.s3.stop()  # the S3 server on the host: stopped with --keep too (the kept stack's bucket is gone)
         if args.keep:
             log(f"left up: {' '.join(stack.compose_cli)} -p {PROJECT} --env-file {env_file} --profile demo ...")
         else:

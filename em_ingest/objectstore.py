@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -29,6 +30,12 @@ OBJECT_SCHEMES = ("s3", "gs", "gcs")
 # A lease not renewed for this long belongs to a holder that died (renewed every quarter of it).
 LEASE_TTL_S = 120.0
 LEASE_POLL_S = 1.0
+# Objects above this go up and come down a part at a time; smaller ones BATCH at a time. Memory stays bounded by
+# these, never by an object's size. S3 allows at most MAX_PARTS parts, so a huge file gets larger parts.
+STREAM_ABOVE = 16 << 20
+PART_BYTES = 16 << 20
+MAX_PARTS = 9_000
+BATCH = 8
 log = logging.getLogger(__name__)
 
 
@@ -168,24 +175,48 @@ class ObjectRoot:
         return sorted({str(p).rstrip("/").rsplit("/", 1)[-1] for p in paths})
 
     def upload(self, local: Path, name: str) -> None:
-        """A local file as one object; large files go up in parts, and the object appears only when the
+        """A local file as one object, read a part at a time; a large one goes up in parts and appears only when the
         last part is in (an interrupted upload leaves nothing under `name`)."""
-        with self._errors("upload", name):
-            self.fs.put_file(str(local), self._path(name))
+        self.upload_many([(local, name)])
 
     def upload_many(self, pairs: Sequence[tuple[Path, str]]) -> None:
-        """`upload` of many files, several at a time (the transfer layer's concurrency): per-request latency, not
-        bandwidth, is what many small objects cost."""
-        if pairs:
-            with self._errors("upload", pairs[0][1]):
-                self.fs.put([str(local) for local, _ in pairs], [self._path(name) for _, name in pairs])
+        """`upload` of many files: small ones several at a time (per-request latency, not bandwidth, is what many
+        small objects cost), large ones streamed in parts. Memory: at most `BATCH` small files or one part each."""
+        small = [(local, name) for local, name in pairs if local.stat().st_size <= STREAM_ABOVE]
+        for local, name in pairs:
+            if local.stat().st_size > STREAM_ABOVE:
+                self._upload_streamed(local, name)
+        if small:
+            with self._errors("upload", small[0][1]):
+                self.fs.put([str(local) for local, _ in small], [self._path(name) for _, name in small],
+                            batch_size=BATCH)
+
+    def _upload_streamed(self, local: Path, name: str) -> None:
+        # s3fs's put_file holds a large file's parts in memory at once; its buffered writer holds one.
+        size = local.stat().st_size
+        part = max(PART_BYTES, -(-size // MAX_PARTS))
+        with self._errors("upload", name):
+            target = self.fs.open(self._path(name), "wb", block_size=part)
+            try:
+                with open(local, "rb") as source:
+                    while chunk := source.read(part):
+                        target.write(chunk)
+            except BaseException:
+                target.discard()  # abort the multipart upload: no object appears
+                target.closed = True  # and closing it at collection must not complete it
+                raise
+            target.close()
 
     def download(self, name: str, local: Path) -> None:
         """One object to a local file, streamed under a temporary name and renamed when whole."""
-        self.download_many([(name, local)])
+        info = self.info(name)
+        if info is None:
+            raise StorageError(f"{self.url_of(name)}: no such object")
+        self.download_many([(name, local)], {name: info.size})
 
-    def download_many(self, pairs: Sequence[tuple[str, Path]]) -> None:
-        """`download` of many objects, several at a time; each file appears under its name only when whole."""
+    def download_many(self, pairs: Sequence[tuple[str, Path]], sizes: Mapping[str, int]) -> None:
+        """`download` of many objects whose sizes the caller knows (from a listing): small ones several at a time,
+        large ones streamed a part at a time; each file appears under its name only when whole and of its size."""
         if not pairs:
             return
         temporary = []
@@ -193,9 +224,22 @@ class ObjectRoot:
             local.parent.mkdir(parents=True, exist_ok=True)
             temporary.append(local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part"))
         try:
-            with self._errors("download", pairs[0][0]):
-                self.fs.get([self._path(name) for name, _ in pairs], [str(tmp) for tmp in temporary])
-            for tmp, (_, local) in zip(temporary, pairs, strict=True):
+            small = [(name, tmp) for (name, _), tmp in zip(pairs, temporary, strict=True)
+                     if sizes.get(name, 0) <= STREAM_ABOVE]
+            if small:
+                with self._errors("download", small[0][0]):
+                    self.fs.get([self._path(name) for name, _ in small], [str(tmp) for _, tmp in small],
+                                batch_size=BATCH)
+            for (name, _), tmp in zip(pairs, temporary, strict=True):
+                if sizes.get(name, 0) > STREAM_ABOVE:
+                    with self._errors("download", name), self.fs.open(self._path(name), "rb",
+                                                                      block_size=PART_BYTES) as source, \
+                            open(tmp, "wb") as target:
+                        shutil.copyfileobj(source, target, PART_BYTES)
+            for (name, local), tmp in zip(pairs, temporary, strict=True):
+                if name in sizes and tmp.stat().st_size != sizes[name]:
+                    raise StorageError(f"{self.url_of(name)}: {tmp.stat().st_size} bytes arrived, the listing said "
+                                       f"{sizes[name]}")
                 os.replace(tmp, local)
         finally:
             for tmp in temporary:

@@ -51,8 +51,10 @@ class RemoteImage:
 # ---- trees ---------------------------------------------------------------------------------------------
 def pull_tree(root: ObjectRoot, name: str, local: Path, wanted: Callable[[str], bool]) -> set[str]:
     """Download the objects under `name/` that `wanted` accepts into `local`; returns their relative paths."""
-    pulled = {relpath for relpath in root.listing(name) if wanted(relpath)}
-    root.download_many([(f"{name}/{relpath}", local / relpath) for relpath in sorted(pulled)])
+    listing = root.listing(name)
+    pulled = {relpath for relpath in listing if wanted(relpath)}
+    root.download_many([(f"{name}/{relpath}", local / relpath) for relpath in sorted(pulled)],
+                       {f"{name}/{relpath}": listing[relpath].size for relpath in pulled})
     return pulled
 
 
@@ -83,7 +85,8 @@ class BucketRaw:
         return self.sizes.get(relpath)
 
     def bring(self, relpaths: Sequence[str], folder: Path) -> None:
-        self.root.download_many([(f"{self.name}/{relpath}", folder / relpath) for relpath in relpaths])
+        self.root.download_many([(f"{self.name}/{relpath}", folder / relpath) for relpath in relpaths],
+                                {f"{self.name}/{relpath}": self.sizes[relpath] for relpath in relpaths})
 
 
 def pull_raw(root: ObjectRoot, raw_dir: Path, name: str) -> bytes | None:

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bucket_root.py [--size 1GiB] [--size 256MiB ...] [--repeats 3] [--workdir DIR]
     .venv/bin/python benchmarks/bucket_root.py --size 64MiB --repeats 1     # smoke run, well under a minute
+    .venv/bin/python benchmarks/bucket_root.py --transfer-size 128MiB --transfer-size 2GiB   # one file up and down
 
 An EM-like uint8 TIFF of each `--size` (256 planes, so every size has the same blocks, only more of them) is
 served by the EPFL replica. The S3 API server of the tests (`em_ingest_tests.buckets.S3Server`: moto in its own
@@ -18,6 +19,8 @@ own. The process counts its S3 requests by operation and times its transfers to 
 server's CPU seconds are read from /proc around each step. After each conversion into the bucket the image's
 objects are listed (count, bytes), then every image is removed again so the next repeat converts anew. A probe
 measures the server's cost per request (small objects) and its throughput (8 MiB objects, a shard's size).
+`--transfer-size` moves one file of that size up (`ObjectRoot.upload`, as the raw push does) and down
+(`ObjectRoot.download`, as the raw pull does), each in a fresh process, for the peak RSS of the bucket's client.
 Prints a Markdown table and writes JSON (default benchmarks/results/bucket_root.json).
 """
 
@@ -129,6 +132,45 @@ def _probe(url: str) -> dict[str, float]:
     return out
 
 
+def _transfer(url: str, step: str, local: Path) -> dict[str, float]:
+    """One large file up to the bucket (`ObjectRoot.upload`, as the raw push does) or down from it
+    (`ObjectRoot.download`, as the raw pull does): seconds, and how far the peak RSS rose meanwhile."""
+    from benchmarks.convert_once import peak_rss_mib
+    from em_ingest.objectstore import ObjectRoot
+
+    root = ObjectRoot(url)
+    root.fs.pipe_file(f"{root.base}/.transfer/warm", b"x")  # the client's session and connection
+    peak, started = peak_rss_mib(), time.perf_counter()
+    if step == "upload":
+        root.upload(local, ".transfer/object")
+    else:
+        root.download(".transfer/object", local.with_name(local.name + ".back"))
+    return {"transfer_seconds": time.perf_counter() - started, "transfer_peak_rss_rise_mib": peak_rss_mib() - peak}
+
+
+def bench_transfers(s3: Any, sizes: list[int], workdir: Path) -> list[dict[str, Any]]:
+    """For each size, one file of random bytes through `_transfer`, up and then down, each in a fresh process."""
+    bucket = s3.bucket("bench-transfers")
+    env = {**os.environ, **s3.env, "EM_INGEST_DATA_ROOT": f"s3://{bucket}/{PREFIX}"}
+    rows = []
+    for nbytes in sizes:
+        local = workdir / "transfer.bin"
+        with open(local, "wb") as fh:
+            for start in range(0, nbytes, 64 * 2**20):
+                fh.write(os.urandom(min(64 * 2**20, nbytes - start)))
+        row: dict[str, Any] = {"bytes": nbytes, "label": size_label(nbytes)}
+        for step in ("upload", "download"):
+            run = run_child(step, str(local), env, s3.process.pid)
+            row[step] = {k: run[k] for k in ("transfer_seconds", "transfer_peak_rss_rise_mib", "peak_rss_mib",
+                                             "server_cpu_seconds", "requests")}
+        local.unlink()
+        local.with_name(local.name + ".back").unlink(missing_ok=True)
+        _delete_prefix(s3.client(), bucket, f"{PREFIX}/.transfer/")
+        rows.append(row)
+        print(f"transfer of {row['label']} done", flush=True)
+    return rows
+
+
 def child(step: str, key: str) -> int:
     """One step in this fresh process, configured by the environment (EM_INGEST_*, AWS_*); prints JSON."""
     # What the steps import where they use them, imported before the clock starts (as convert_once.py does),
@@ -151,6 +193,8 @@ def child(step: str, key: str) -> int:
     result: dict[str, Any] = {}
     if step == "probe":
         result["probe"] = _probe(os.environ["EM_INGEST_DATA_ROOT"])
+    elif step in ("upload", "download"):
+        result.update(_transfer(os.environ["EM_INGEST_DATA_ROOT"], step, Path(key)))
     else:
         pipeline = Pipeline(Settings.from_env())
         request = pipeline.request("epfl", key)
@@ -384,6 +428,14 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"| conversion, S3 requests | | {requests(cb)} | | {requests(cn)} | |")
         print(f"| conversion, MiB sent / received | | {cb['sent_bytes'] / 2**20:.0f} / {cb['received_bytes'] / 2**20:.0f}"
               f" | | {cn['sent_bytes'] / 2**20:.0f} / {cn['received_bytes'] / 2**20:.0f} | |")
+    if results.get("transfers"):
+        print("\none file through the bucket's client, each way in a fresh process:")
+        print("| file | upload s | peak RSS rise MiB | download s | peak RSS rise MiB |")
+        print("|---|---|---|---|---|")
+        for row in results["transfers"]:
+            up, down = row["upload"], row["download"]
+            print(f"| {row['label']} | {up['transfer_seconds']:.1f} | {up['transfer_peak_rss_rise_mib']:.0f} | "
+                  f"{down['transfer_seconds']:.1f} | {down['transfer_peak_rss_rise_mib']:.0f} |")
     if len(results["sizes"]) > 1:
         print("\npeak RSS (max of the repeats, MiB) by size:")
         print("| step | " + " | ".join(size["label"] for size in results["sizes"]) + " |")
@@ -412,13 +464,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None, help="where the volumes, the data roots and the work "
                         "folders go (a temporary directory inside it, deleted afterwards; needs ~5 × the size)")
+    parser.add_argument("--transfer-size", action="append", type=parse_size, default=None,
+                        help="also move one file of this size up to the bucket and down again (peak RSS rise, "
+                        "seconds); repeatable; given without --size, only these transfers run")
     parser.add_argument("--wait-load", type=float, default=None, metavar="LOAD",
                         help="first wait (up to 10 minutes) until the 1-minute load average is below LOAD")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bucket_root.json")
     args = parser.parse_args(argv)
     from em_ingest_tests.buckets import S3Server
 
-    sizes = sorted(args.size or [2**30])
+    sizes = sorted(args.size or ([] if args.transfer_size else [2**30]))
     if args.wait_load is not None:
         wait_for_quiet(args.wait_load, 600)
     results: dict[str, Any] = {"cores": os.cpu_count(), "repeats": args.repeats,
@@ -432,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
             probe = run_child("probe", "-", {**os.environ, **s3.env,
                                              "EM_INGEST_DATA_ROOT": f"s3://{probe_bucket}/{PREFIX}"}, s3.process.pid)
             results["probe"] = {**probe["probe"], "server_cpu_seconds": probe["server_cpu_seconds"]}
+            if args.transfer_size:
+                results["transfers"] = bench_transfers(s3, sorted(args.transfer_size), Path(tmp))
             for nbytes in sizes:
                 results["sizes"].append(bench_size(s3, nbytes, args.repeats, Path(tmp)))
     finally:

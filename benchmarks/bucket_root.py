@@ -50,7 +50,8 @@ CONFIGS = {"fetch": ("local", "bucket"), "convert": ("local", "bucket", "bucket_
 KINDS = {"put_object": "PUT", "upload_part": "PUT", "create_multipart_upload": "PUT",
          "complete_multipart_upload": "PUT", "copy_object": "PUT", "get_object": "GET", "head_object": "HEAD",
          "list_objects_v2": "LIST", "list_objects": "LIST", "delete_object": "DELETE", "delete_objects": "DELETE"}
-TRANSFERS = ("pull_raw", "push_raw", "pull_tree", "push_tree")  # em_ingest.remote's, timed in each step
+# em_ingest.remote's, timed in each step ("BucketRaw.bring": raw files brought down as a step reads them)
+TRANSFERS = ("pull_raw", "push_raw", "pull_tree", "push_tree", "BucketRaw.bring")
 
 
 # ---- the measured step, in its own process ----------------------------------------------------------------
@@ -96,7 +97,9 @@ def _instrument() -> dict[str, Any]:
         return wrapper
 
     for name in TRANSFERS:
-        setattr(remote, name, timed(name, getattr(remote, name)))
+        owner_name, _, attribute = name.rpartition(".")
+        owner = getattr(remote, owner_name) if owner_name else remote
+        setattr(owner, attribute, timed(name, getattr(owner, attribute)))
     return stats
 
 

@@ -129,7 +129,8 @@ class ObjectRoot:
         """Put one object whole (readers see the old bytes or the new, never a part); returns its ETag.
 
         `if_absent` and `if_match` make it conditional (S3's If-None-Match / If-Match): the write then fails
-        with `PreconditionFailed` when another writer created or replaced the object first."""
+        with `PreconditionFailed` when another writer created or replaced the object first. The ETag is returned
+        for conditional writes only (the next conditional write needs it)."""
         with self._errors("write", name):
             if (if_absent or if_match) and self.scheme == "s3":
                 bucket, _, key = self._path(name).partition("/")
@@ -139,6 +140,8 @@ class ObjectRoot:
             if if_absent and self.fs.exists(self._path(name)):  # other stores: checked, not atomic (README)
                 raise FileExistsError(name)
             self.fs.pipe_file(self._path(name), data)
+        if not (if_absent or if_match):
+            return None  # nobody asked: no request for it
         found = self.info(name)
         return found.etag if found else None
 

@@ -193,6 +193,8 @@ def publish(root: ObjectRoot, final: str, version: str, inputs_digest: str, curr
     if current is None:
         etag = root.write(final, data, if_absent=True)
     else:
+        if current.etag is None:  # without it the write would not be conditional
+            raise PreconditionFailed(f"{root.url_of(final)}: no ETag to publish over; read the pointer again")
         etag = root.write(final, data, if_match=current.etag)
     return Pointer(version, inputs_digest, now, retired, etag)
 

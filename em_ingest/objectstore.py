@@ -78,6 +78,11 @@ class ObjectRoot:
     def __repr__(self) -> str:
         return f"ObjectRoot({self.url!r})"
 
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for other readers of this root's URLs (zarr-python), made as em-ingest's own client is."""
+        return _s3_options() if self.scheme == "s3" else {}
+
     # ---- names ------------------------------------------------------------------------------------
     def url_of(self, name: str) -> str:
         return f"{self.url}/{name}" if name else self.url
@@ -117,6 +122,30 @@ class ObjectRoot:
             except FileNotFoundError:
                 return None
         return data
+
+    def read_tagged(self, name: str) -> tuple[bytes, str | None] | None:
+        """The object's bytes and the ETag of exactly those bytes (one request on S3), or None when there is none:
+        what a conditional write over it needs."""
+        if self.scheme != "s3":
+            info, data = self.info(name), self.read(name)
+            return (data, info.etag if info else None) if data is not None else None
+        import fsspec.asyn
+
+        bucket, _, key = self._path(name).partition("/")
+
+        async def get() -> tuple[bytes, str | None]:
+            answer = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await answer["Body"].read(), answer.get("ETag")
+            finally:
+                answer["Body"].close()
+
+        with self._errors("read", name):
+            try:
+                result: tuple[bytes, str | None] = fsspec.asyn.sync(self.fs.loop, get)
+            except FileNotFoundError:
+                return None
+        return result
 
     def info(self, name: str) -> ObjectInfo | None:
         with self._errors("stat", name):
@@ -298,13 +327,15 @@ class ObjectRoot:
             time.sleep(LEASE_POLL_S)
 
     def _lease_record(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
-        info = self.info(name)
-        data = self.read(name)
+        found = self.read_tagged(name)
+        if found is None:
+            return None, None
+        data, etag = found
         try:
             record = json.loads(data) if data else None
         except ValueError:
             record = {"renewed": 0.0}  # unreadable: treat as stale
-        return (record if isinstance(record, dict) else None), (info.etag if info else None)
+        return (record if isinstance(record, dict) else None), etag
 
     def _renew(self, name: str, record: dict[str, Any], ttl_s: float, state: dict[str, Any],
                stop: threading.Event) -> None:
@@ -371,6 +402,18 @@ def _info(item: Mapping[str, Any]) -> ObjectInfo:
     return ObjectInfo(int(item.get("size") or 0), str(etag) if etag else None, modified)
 
 
+def _s3_options() -> dict[str, Any]:
+    """What every S3 client of em-ingest's is made with, beyond the SDK's own chain."""
+    client_kwargs = {}
+    if "AWS_DEFAULT_REGION" in os.environ and not os.environ["AWS_DEFAULT_REGION"]:
+        # Blank, as Docker Compose passes a variable left empty in .env: botocore would take "" as the
+        # region and build an invalid endpoint. S3 answers for every bucket's region at us-east-1.
+        client_kwargs["region_name"] = os.environ.get("AWS_REGION") or "us-east-1"
+    # max_concurrency=1: s3fs would otherwise HEAD every object before reading it, to decide whether to split it
+    # into ranges; em-ingest streams its large objects itself.
+    return {"client_kwargs": client_kwargs, "max_concurrency": 1}
+
+
 @functools.lru_cache(maxsize=8)
 def _filesystem(scheme: str, max_attempts: int, connect_timeout_s: float, read_timeout_s: float,
                 _environment: str) -> Any:
@@ -384,13 +427,8 @@ def _filesystem(scheme: str, max_attempts: int, connect_timeout_s: float, read_t
 
     try:
         if scheme == "s3":
-            client_kwargs = {}
-            if "AWS_DEFAULT_REGION" in os.environ and not os.environ["AWS_DEFAULT_REGION"]:
-                # Blank, as Docker Compose passes a variable left empty in .env: botocore would take "" as the
-                # region and build an invalid endpoint. S3 answers for every bucket's region at us-east-1.
-                client_kwargs["region_name"] = os.environ.get("AWS_REGION") or "us-east-1"
-            return fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True,
-                                     client_kwargs=client_kwargs, config_kwargs={
+            return fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True, **_s3_options(),
+                                     config_kwargs={
                                          "retries": {"max_attempts": max_attempts, "mode": "standard"},
                                          "connect_timeout": connect_timeout_s, "read_timeout": read_timeout_s})
         return fsspec.filesystem("gs", use_listings_cache=False, skip_instance_cache=True)

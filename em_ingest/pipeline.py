@@ -685,7 +685,7 @@ class Pipeline:
         """Re-read the published image independently of the writer (OME-NGFF spec models) and compare
         s0 with the source volume as the raw store presents it: shape, dtype, voxel size."""
         try:
-            summary = validate_ome_zarr(conversion.zarr_path)
+            summary = validate_ome_zarr(conversion.zarr_path, self.remote.storage_options if self.remote else None)
         except ValidationError as exc:
             return Verification(ngff_version=None, levels=0, problem=str(exc), expected={}, found={}, mismatched=())
         source = self.source(request.source)

@@ -164,17 +164,16 @@ class Pointer:
 
 
 def read_pointer(root: ObjectRoot, final: str) -> Pointer | None:
-    info = root.info(final)
-    data = root.read(final)
-    if data is None:
+    found = root.read_tagged(final)
+    if found is None:
         return None
+    data, etag = found
     try:
         record = json.loads(data)
         if record.get("format") != POINTER_FORMAT:
             raise ValueError(f"format {record.get('format')!r}")
         return Pointer(str(record["version"]), str(record["inputs_digest"]), float(record["published"]),
-                       {str(k): float(v) for k, v in (record.get("retired") or {}).items()},
-                       info.etag if info else None)
+                       {str(k): float(v) for k, v in (record.get("retired") or {}).items()}, etag)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("%s: not an em-ingest pointer (%s); treated as unpublished", root.url_of(final), exc)
         return None

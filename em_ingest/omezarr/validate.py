@@ -29,12 +29,13 @@ class ImageSummary:
     labels: tuple[str, ...] = ()  # label images under labels/, each valid as an image-label (integer ids)
 
 
-def validate_ome_zarr(path: Path | str) -> ImageSummary:
-    """Parse the image at `path` with the spec models of its NGFF version; raise ValidationError if invalid."""
+def validate_ome_zarr(path: Path | str, storage_options: dict[str, Any] | None = None) -> ImageSummary:
+    """Parse the image at `path` (a folder, or a URL opened with fsspec's `storage_options`) with the spec models of
+    its NGFF version; raise ValidationError if invalid."""
     import zarr
     import zarr.errors
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(str(path), mode="r", storage_options=storage_options)
     except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError) as exc:
         raise ValidationError(f"{path}: not a Zarr group ({exc})") from None
     attrs = group.attrs.asdict()
@@ -85,11 +86,12 @@ def validate_ome_zarr(path: Path | str) -> ImageSummary:
     for p, shape, array in zip(paths, shapes, arrays):
         if len(shape) != 3 or str(array.dtype) != dtype:
             raise ValidationError(f"{path}/{p}: expected a 3-D {dtype} array, got {shape} {array.dtype}")
-    labels = _validate_labels(group, path, len(paths))
+    labels = _validate_labels(group, path, len(paths), storage_options)
     return ImageSummary(version, tuple(paths), tuple(shapes), tuple(scales), tuple(translations), dtype, labels)
 
 
-def _validate_labels(group: zarr.Group, path: Path | str, levels: int) -> tuple[str, ...]:
+def _validate_labels(group: zarr.Group, path: Path | str, levels: int,
+                     storage_options: dict[str, Any] | None) -> tuple[str, ...]:
     """The names the `labels` group lists, each checked as an image of its own (axes, inline transforms) with
     integer values and as many levels as the image; the spec models already checked the image-label metadata."""
     if "labels" not in group:
@@ -100,7 +102,7 @@ def _validate_labels(group: zarr.Group, path: Path | str, levels: int) -> tuple[
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValidationError(f"{path}/labels: expected a list of label names, got {names!r}")
     for name in names:
-        label = validate_ome_zarr(f"{path}/labels/{name}")
+        label = validate_ome_zarr(f"{path}/labels/{name}", storage_options)
         if label.labels or len(label.paths) != levels or not label.dtype.startswith(("int", "uint")):
             raise ValidationError(f"{path}/labels/{name}: expected {levels} levels of integer values, got "
                                   f"{len(label.paths)} of {label.dtype}")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from em_ingest import catalog, limits, objectstore, remote, storage, view
-from em_ingest.errors import EmIngestError, SelectionError, ValidationError
+from em_ingest.errors import EmIngestError, SelectionError, StorageError, ValidationError
 from em_ingest.formats.volume import Geometry, Volume, triple
 from em_ingest.omezarr import integrity
 from em_ingest.omezarr.labels import WrittenLabel, write_labels
@@ -561,17 +561,22 @@ class Pipeline:
 
     def _publish_remote(self, final: Path, staging: Path, plan: ConversionPlan, pointer: remote.Pointer | None,
                         finished_run: Callable[[str], bool] | None) -> None:
-        """Make the version current by rewriting the image's pointer object, then remove versions no one needs."""
+        """Make the version current by rewriting the image's pointer object, then remove versions no one needs.
+        Raises only before the pointer is written: after that the version is published and must not be discarded."""
         assert self.remote is not None
         version = self._name(staging)
-        new = remote.publish(self.remote, self._name(final), version, plan.inputs_digest, pointer)
-        self.remote.delete(f"{version}{storage.WRITER_SUFFIX}")
-        storage.discard_version(staging)  # the local copy of its metadata
         grace = parse_duration(self.settings.replaced_grace, "EM_INGEST_REPLACED_GRACE / replaced_grace")
-        remote.collect(self.remote, self._name(final), self._name(final.parent / storage.VERSIONS_DIR / final.name),
-                       new, grace_s=grace, is_version=storage.is_version_folder_name,
-                       abandoned=lambda record, modified: storage.record_abandoned(
-                           storage.checked_record(record), modified, finished_run))
+        new = remote.publish(self.remote, self._name(final), version, plan.inputs_digest, pointer)
+        storage.discard_version(staging)  # the local copy of its metadata
+        try:
+            self.remote.delete(f"{version}{storage.WRITER_SUFFIX}")
+            remote.collect(self.remote, self._name(final),
+                           self._name(final.parent / storage.VERSIONS_DIR / final.name), new, grace_s=grace,
+                           is_version=storage.is_version_folder_name,
+                           abandoned=lambda record, modified: storage.record_abandoned(
+                               storage.checked_record(record), modified, finished_run))
+        except StorageError as exc:  # published; tidying up is retried by the next publish of this image
+            log.warning("%s: published, but removing versions no one needs failed: %s", self.location(final), exc)
 
     def _published_conversion(self, final: Path, inputs_digest: str) -> Conversion:
         """The image already published as `final`, as a conversion that wrote nothing."""

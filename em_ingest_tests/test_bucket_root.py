@@ -401,3 +401,30 @@ def test_region_steps_into_a_bucket_write_the_one_process_image(large_epfl, lake
                                                                                   REGIONS_KEY).resolve())
     np.testing.assert_array_equal(zarr.open_group(image_url, mode="r")["s0"][...], volume)
     assert not list((tmp_path / "work" / ".scratch").iterdir())  # every step's private folder is gone
+
+
+UPLOADER = r'''
+import sys
+from pathlib import Path
+from em_ingest.objectstore import ObjectRoot
+ObjectRoot(sys.argv[1]).upload(Path(sys.argv[2]), "raw/x/big.tif")
+'''
+
+
+def test_an_upload_killed_midway_leaves_nothing_under_its_name(lake, s3, tmp_path) -> None:
+    """A large file goes up in parts; a process killed between them leaves an unfinished multipart upload, which
+    no reader sees (the bucket's lifecycle rule removes it), and no object under the name."""
+    big = tmp_path / "big.tif"
+    with big.open("wb") as out:
+        for _ in range(12):
+            out.write(os.urandom(8 << 20))  # 96 MiB: six 16 MiB parts
+    child = subprocess.Popen([sys.executable, "-c", UPLOADER, lake, str(big)], cwd=REPO_ROOT,
+                             env={**os.environ, **s3.env}, stderr=subprocess.PIPE, text=True)
+    bucket, prefix = bucket_and_key(lake)
+    kill_when(child, lambda: bool(s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")))
+    root = ObjectRoot(lake)
+    assert root.info("raw/x/big.tif") is None
+    assert not [k for k in s3.objects(bucket, prefix + "/") if k.endswith("big.tif")]
+    root.upload(big, "raw/x/big.tif")  # the next attempt puts it up whole
+    info = root.info("raw/x/big.tif")
+    assert info is not None and info.size == 96 << 20

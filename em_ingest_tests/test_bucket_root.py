@@ -84,12 +84,10 @@ def local_files(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "em_ingest.json"}
 
 
-def _sizes(s3: S3Server, bucket: str, prefix: str) -> dict[str, tuple[int]]:
-    found = {}
-    for page in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            found[item["Key"]] = (item["Size"],)
-    return found
+def object_bytes(s3: S3Server, bucket: str, prefix: str) -> int:
+    """The total size of the objects under `prefix`."""
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sum(item["Size"] for page in pages for item in page.get("Contents", []))
 
 
 def check_results(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
@@ -109,7 +107,7 @@ def test_anonymous_requests_are_refused(lake: str, s3: S3Server) -> None:
         anonymous.pipe_file(f"{bucket}/em/other", b"x")
     with pytest.raises(OSError):
         anonymous.ls(bucket)
-    assert [k for k in s3.objects(bucket)] == ["em/probe"]
+    assert list(s3.objects(bucket)) == ["em/probe"]
 
 
 def test_every_source_into_a_bucket_then_a_rerun_rewrites_nothing(lake, s3, replicas, tmp_path) -> None:
@@ -170,7 +168,7 @@ def test_every_source_into_a_bucket_then_a_rerun_rewrites_nothing(lake, s3, repl
     assert {k: v for k, v in s3.objects(bucket, prefix + "/").items() if any(d in k for d in data)} == \
         {k: v for k, v in before.items() if any(d in k for d in data)}
     brought = sum(p.stat().st_size for p in (tmp_path / "other-machine" / "raw").rglob("*") if p.is_file())
-    raw_bytes = sum(info[0] for info in _sizes(s3, bucket, prefix + "/raw/").values())
+    raw_bytes = object_bytes(s3, bucket, prefix + "/raw/")
     assert brought < raw_bytes / 10, (brought, raw_bytes)
     # The secret key is in no object (and so in no log, record or catalog written there).
     client = s3.client()

@@ -817,7 +817,6 @@ class EndToEnd:
             url = f"s3://{self.bucket}/{prefix}"
             with self.stack.env_file.open("a") as env:
                 env.write(f"EM_INGEST_DOCKER_DATA_ROOT={url}\n" + "".join(f"{k}={v}\n" for k, v in self.s3.env.items()))
-            volume_catalog = (self.data / "catalog" / "metadata_catalog.parquet").read_bytes()
             # Only user_code and the daemon read the pipeline variables (the daemon hands them to run containers);
             # compose recreates the two whose environment changed. Back to the stack's own files: runs in_process.
             self.stack.compose("up", "-d", "--no-build", "--no-deps", "user_code", "daemon", timeout_s=300)
@@ -827,6 +826,11 @@ class EndToEnd:
             if reloaded["__typename"] != "WorkspaceLocationEntry":
                 raise E2EFailure(f"reloading the code location: {reloaded}")
             wait_for("the code location reloaded", self.stack.location_loaded, 180, 1)
+            # A run the previous daemon launched (the catalog's automation after the last stage's partitions) may
+            # still write the volume's catalog: the volume is compared from when every earlier run has finished.
+            wait_for("every earlier run to finish", lambda: all(r.status in FINISHED for r in self.stack.runs()) or None,
+                     300, 2)
+            volume_catalog = (self.data / "catalog" / "metadata_catalog.parquet").read_bytes()
             ready = time.monotonic() - started
             run_id = self.stack.materialize_partition(source, key, f"{source}/{key} (bucket)")
             image_run = self.stack.wait_runs([run_id], timeout_s=600, what="a run into the bucket")[0]

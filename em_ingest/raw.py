@@ -392,6 +392,21 @@ def safe_relative_path(name: str) -> str:
     return "/".join(parts)
 
 
+def path_inside(folder: Path, relpath: str) -> Path | None:
+    """`folder/relpath` when `relpath` is a safe relative path whose folder resolves inside `folder` (no symlinked
+    folder leads out), else None with a warning: every path a manifest names is checked so before a file there is
+    written or removed, since a manifest may come from storage that someone else can write."""
+    try:
+        path = folder / safe_relative_path(relpath)
+    except UnsafePathError:
+        log.warning("%s: ignoring %r: not a safe relative path", folder, relpath)
+        return None
+    if not path.parent.resolve().is_relative_to(folder.resolve()):
+        log.warning("%s: ignoring %s: its folder resolves outside", folder, path)
+        return None
+    return path
+
+
 class RawBacking(Protocol):
     """Where the committed raw download is also kept (the data root's bucket, when this folder is a local work
     copy): an unchanged object need not be here, and a missing copy is brought from there, not the archive."""
@@ -475,16 +490,8 @@ class RawStore:
 
     def _remove_owned(self, relpath: str) -> None:
         """Delete one file of this store, after proving it lies inside the store's own folder."""
-        try:
-            path = self.dir / safe_relative_path(relpath)
-        except UnsafePathError:
-            log.warning("%s: not removing %r: not a safe relative path", self.dir, relpath)
-            return
-        # The folder holding it must resolve inside the store (no symlinked folder leads out).
-        if not path.parent.resolve().is_relative_to(self.dir.resolve()):
-            log.warning("%s: not removing %s: its folder resolves outside the raw store", self.dir, path)
-            return
-        if path.is_symlink() or path.is_file():
+        path = path_inside(self.dir, relpath)
+        if path is not None and (path.is_symlink() or path.is_file()):
             path.unlink()  # a symlink itself goes, never what it points to
 
     def path(self, relpath: str) -> Path:
@@ -495,20 +502,22 @@ class RawStore:
         path = self.dir / relpath
         if self.backing is not None and self.previous is not None:
             entry = self.previous._by_path.get(relpath)
-            under = [entry] if entry is not None else self._entries_under(relpath)
-            missing = [e.path for e in under if self.backing.size(e.path) == e.size and not (self.dir / e.path).exists()]
-            if missing:
-                self.backing.bring(missing, self.dir)
+            self._bring_missing([entry] if entry is not None else self._entries_under(relpath))
         return path
+
+    def _bring_missing(self, entries: Iterable[ManifestEntry]) -> None:
+        """The entries the backing holds as recorded and this folder lacks, brought from it (only into this folder)."""
+        assert self.backing is not None
+        missing = [e.path for e in entries if self.backing.size(e.path) == e.size
+                   and (local := path_inside(self.dir, e.path)) is not None and not local.exists()]
+        if missing:
+            self.backing.bring(missing, self.dir)
 
     def bring_all(self) -> None:
         """With a backing: every committed object missing here, brought from it (for readers that open the folder
         itself rather than through `path`)."""
         if self.backing is not None and self.previous is not None:
-            missing = [e.path for e in self.previous.entries
-                       if self.backing.size(e.path) == e.size and not (self.dir / e.path).exists()]
-            if missing:
-                self.backing.bring(missing, self.dir)
+            self._bring_missing(self.previous.entries)
 
     def _entries_under(self, folder: str) -> list[ManifestEntry]:
         """The previous manifest's entries inside `folder` (its entries are sorted by path)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from em_ingest.objectstore import ObjectRoot, PreconditionFailed
-from em_ingest.raw import MANIFEST_NAME, UNCOMMITTED_MARKER, Manifest
+from em_ingest.raw import MANIFEST_NAME, UNCOMMITTED_MARKER, Manifest, path_inside
 from em_ingest.storage import write_atomic
 
 POINTER_FORMAT = "em-ingest-pointer/1"
@@ -101,12 +101,12 @@ def pull_raw(root: ObjectRoot, raw_dir: Path, name: str) -> bytes | None:
     if remote_manifest is None:
         # Nothing committed in the bucket: a local manifest (of a bucket since emptied) must not vouch for files.
         local_manifest.unlink(missing_ok=True)
-    else:
+    elif not _same_bytes(local_manifest, remote_manifest):  # the same manifest: nothing to compare, nothing to parse
         wanted = Manifest.from_json(remote_manifest.decode(), origin=root.url_of(f"{name}/{MANIFEST_NAME}"))
         known = _entries(local_manifest)
         for entry in wanted.entries:
-            local = raw_dir / entry.path
-            if known.get(entry.path) != entry.as_dict() and local.is_file() and not local.is_symlink():
+            local = path_inside(raw_dir, entry.path) if known.get(entry.path) != entry.as_dict() else None
+            if local is not None and local.is_file() and not local.is_symlink():
                 local.unlink()  # another version than the bucket's: never to be taken for it
         write_atomic(local_manifest, remote_manifest)
     if mark is not None:  # the bucket's last push did not finish: its files may not match its manifest
@@ -125,7 +125,9 @@ def push_raw(root: ObjectRoot, raw_dir: Path, name: str, before: bytes | None) -
     changed = [e.path for e in new.entries
                if old.get(e.path) != e.as_dict() or e.path not in listing or listing[e.path].size != e.size]
     listed_now = {e.path for e in new.entries}
-    removed = sorted(path for path in old if path not in listed_now and path in listing)  # only what it owned
+    # Only what the previous manifest listed goes, and only names that stay inside this dataset's folder.
+    removed = sorted(path for path in old if path not in listed_now and path in listing
+                     and path_inside(raw_dir, path) is not None)
     # The same objects: the bucket's manifest stays (the new one differs only in this fetch's transfer counts).
     if (previous is not None and previous.digest == new.digest and not changed and not removed
             and UNCOMMITTED_MARKER not in listing):
@@ -136,6 +138,13 @@ def push_raw(root: ObjectRoot, raw_dir: Path, name: str, before: bytes | None) -
     root.write(f"{name}/{MANIFEST_NAME}", now)
     root.delete(f"{name}/{UNCOMMITTED_MARKER}")
     return len(changed) + 1
+
+
+def _same_bytes(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _entries(manifest_path: Path) -> dict[str, dict[str, Any]]:

@@ -761,13 +761,7 @@ class EndToEnd:
         source, key = "epfl", self.stack.partitions["epfl"][0]
         files = ["docker-compose.yml", "deploy/step-containers.yml"]
         with self.timings.phase("per-step containers (EM_INGEST_EXECUTOR=docker)"):
-            self.stack.compose("up", "-d", "--no-build", "--no-deps", "user_code", "daemon", files=files, timeout_s=300)
-            wait_for("user_code and daemon back", lambda: self.stack.service_state("user_code") == "running/healthy"
-                     and self.stack.service_state("daemon").startswith("running"), 300, 2)
-            reloaded = self.stack.graphql(RELOAD, name=LOCATION)["reloadRepositoryLocation"]
-            if reloaded["__typename"] != "WorkspaceLocationEntry":
-                raise E2EFailure(f"reloading the code location: {reloaded}")
-            wait_for("the code location reloaded", self.stack.location_loaded, 180, 2)
+            self.recreate_pipeline_services(files)
             # Unpublished, so the image is converted again: plan, region and publish steps then pass their records
             # to each other through the data volume, from container to container.
             (self.data / "zarr" / source / f"{key}.ome.zarr").unlink()
@@ -798,6 +792,17 @@ class EndToEnd:
         self.timings.fact("per-step containers", f"run container + {len(steps)} step containers "
                           f"({', '.join(steps)}); only the run container has the socket")
 
+    def recreate_pipeline_services(self, files: list[str] | None = None) -> None:
+        """Recreate the two services that read the pipeline's variables (user_code, and the daemon, which hands them
+        to run containers) with the compose `files` and the current .env, then reload the code location."""
+        self.stack.compose("up", "-d", "--no-build", "--no-deps", "user_code", "daemon", files=files, timeout_s=300)
+        wait_for("user_code and daemon back", lambda: self.stack.service_state("user_code") == "running/healthy"
+                 and self.stack.service_state("daemon").startswith("running"), 300, 1)
+        reloaded = self.stack.graphql(RELOAD, name=LOCATION)["reloadRepositoryLocation"]
+        if reloaded["__typename"] != "WorkspaceLocationEntry":
+            raise E2EFailure(f"reloading the code location: {reloaded}")
+        wait_for("the code location reloaded", self.stack.location_loaded, 180, 1)
+
     def bucket_data_root(self) -> None:
         """EM_INGEST_DOCKER_DATA_ROOT=s3://bucket/em with the AWS_* variables in .env: the services that read them
         recreated, one partition and the catalog launched as the UI does, each run in its own container writing
@@ -819,13 +824,7 @@ class EndToEnd:
                 env.write(f"EM_INGEST_DOCKER_DATA_ROOT={url}\n" + "".join(f"{k}={v}\n" for k, v in self.s3.env.items()))
             # Only user_code and the daemon read the pipeline variables (the daemon hands them to run containers);
             # compose recreates the two whose environment changed. Back to the stack's own files: runs in_process.
-            self.stack.compose("up", "-d", "--no-build", "--no-deps", "user_code", "daemon", timeout_s=300)
-            wait_for("user_code and daemon back", lambda: self.stack.service_state("user_code") == "running/healthy"
-                     and self.stack.service_state("daemon").startswith("running"), 300, 1)
-            reloaded = self.stack.graphql(RELOAD, name=LOCATION)["reloadRepositoryLocation"]
-            if reloaded["__typename"] != "WorkspaceLocationEntry":
-                raise E2EFailure(f"reloading the code location: {reloaded}")
-            wait_for("the code location reloaded", self.stack.location_loaded, 180, 1)
+            self.recreate_pipeline_services()
             # A run the previous daemon launched (the catalog's automation after the last stage's partitions) may
             # still write the volume's catalog: the volume is compared from when every earlier run has finished.
             wait_for("every earlier run to finish", lambda: all(r.status in FINISHED for r in self.stack.runs()) or None,

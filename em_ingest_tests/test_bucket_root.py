@@ -426,3 +426,25 @@ def test_an_upload_killed_midway_leaves_nothing_under_its_name(lake, s3, tmp_pat
     root.upload(big, "raw/x/big.tif")  # the next attempt puts it up whole
     info = root.info("raw/x/big.tif")
     assert info is not None and info.size == 96 << 20
+
+
+def test_a_manifest_in_the_bucket_cannot_point_outside_the_raw_folder(lake, tmp_path) -> None:
+    """Whoever can write the bucket can edit a manifest: its paths are checked before a local file is removed as
+    stale or brought down, so `../` names neither delete nor write anything outside the dataset's folder."""
+    from em_ingest.raw import Manifest, ManifestEntry, RawStore
+
+    bucket = ObjectRoot(lake)
+    raw_dir = tmp_path / "work" / "raw" / "epfl" / KEY
+    raw_dir.mkdir(parents=True)
+    victim = tmp_path / "work" / "raw" / "victim.txt"
+    victim.write_text("not em-ingest's")
+    hostile = ManifestEntry("../../victim.txt", "https://example.org/x", 1, "0" * 64)
+    document = Manifest("epfl", KEY, {}, (hostile,), None).to_json().encode()
+    bucket.write(f"raw/epfl/{KEY}/manifest.json", document)
+    bucket.write(f"raw/epfl/{KEY}/../../victim.txt", b"x")  # an object of that literal name, size 1
+    assert remote.pull_raw(bucket, raw_dir, f"raw/epfl/{KEY}") == document
+    store = RawStore(tmp_path / "work", "epfl", KEY, backing=remote.BucketRaw(bucket, f"raw/epfl/{KEY}"))
+    assert store.backing is not None and store.backing.size("../../victim.txt") == 1
+    store.bring_all()
+    assert victim.read_text() == "not em-ingest's"
+    assert sorted(p.name for p in raw_dir.iterdir()) == ["manifest.json"]

@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import host_memory  # noqa: E402
 import openorganelle_latency as oo_latency  # noqa: E402  (the OpenOrganelle benchmark's fetch and RSS helpers)
 from synthetic import write_synthetic_tiff  # noqa: E402
 
@@ -84,6 +85,7 @@ def median_of(runs: list[dict[str, float]], key: str) -> float:
 # ---- 1 + 2: conversion vs copy, peak RSS ----------------------------------------------------------
 def time_copy(source: Path, dest: Path) -> dict[str, float]:
     """`cp` of the file, then fsync of the copy (as the conversion fsyncs what it writes)."""
+    host_memory.settle()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(["cp", str(source), str(dest)], check=True)
@@ -101,6 +103,7 @@ def time_copy(source: Path, dest: Path) -> dict[str, float]:
 def convert_in_child(source: Path, dest: Path, ngff_version: str = "0.5") -> dict[str, float]:
     """One conversion in a fresh process (so its peak RSS is its own); the output is deleted after."""
     shutil.rmtree(dest, ignore_errors=True)
+    host_memory.settle()
     done = subprocess.run([PYTHON, str(REPO / "benchmarks" / "convert_once.py"), str(source), str(dest),
                            ngff_version], check=True, capture_output=True, text=True)
     shutil.rmtree(dest, ignore_errors=True)
@@ -283,6 +286,7 @@ def _dagster_materialize(ws: Any, select: str, key: str) -> tuple[float, float]:
     """`dagster asset materialize` of `select` for partition `key`, as a user types it: seconds, peak RSS (MiB)."""
     command = [str(Path(PYTHON).with_name("dagster")), "asset", "materialize", "-m", "em_ingest.definitions",
                "--select", select, "--partition", key]
+    host_memory.settle()
     seconds, peak_mib, done = run_measured(command, env=ws.cli_env(), cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"dagster asset materialize {select} {key} failed:\n{done.stderr[-3000:]}")
@@ -470,6 +474,7 @@ def bench_anchor(workdir: Path, shape: tuple[int, int, int], repeats: int, venv:
         for _ in range(repeats):  # interleaved
             copies.append(time_copy(source, workdir / "copy.tif"))
             shutil.rmtree(dest, ignore_errors=True)
+            host_memory.settle()
             done = subprocess.run([str(python), str(REPO / "benchmarks" / "anchor_ome_zarr_py.py"), str(source),
                                    str(dest)], check=True, capture_output=True, text=True)
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -572,6 +577,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anchor-venv", type=Path, default=REPO / "benchmarks" / ".anchor-venv",
                         help="the ome-zarr-py virtualenv (made on first use; git-ignored)")
     parser.add_argument("--anchor-repeats", type=int, default=1, help="ome-zarr-py runs (each about a minute per GiB)")
+    parser.add_argument("--freed-pages", choices=("hold", "settle", "leave"), default=None,
+                        help="on a virtual machine that gives freed pages back to its host: hold them in the guest "
+                        "while measuring (where the kernel allows it), or wait before each timed command until they "
+                        "are given back, so both sides of a ratio start alike; leave: neither. Default hold, or "
+                        "leave with --quick (see host_memory.py)")
     args = parser.parse_args(argv)
     only = [m.strip() for m in args.only.split(",") if m.strip()]
     unknown = set(only) - set(MEASUREMENTS)
@@ -582,8 +592,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"mode": "quick" if args.quick else "full", "repeats": repeats, "machine": machine()}
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="em-ingest-bench-", dir=args.workdir) as tmp:
+    freed_pages_mode = args.freed_pages or ("leave" if args.quick else "hold")
+    input_bytes = int(np.prod(size["small"]))
+    with tempfile.TemporaryDirectory(prefix="em-ingest-bench-", dir=args.workdir) as tmp, \
+            host_memory.freed_pages(freed_pages_mode, Path(tmp), warm_bytes=3 * input_bytes,
+                                    probe_bytes=min(512 << 20, input_bytes)) as pages:
         workdir = Path(tmp)
+        results["machine"]["freed_pages"] = pages
         if "conversion" in only:
             results["conversion"] = bench_conversion(workdir, size["small"], repeats)
             print(f"conversion done: {results['conversion']['conversion_over_copy']:.2f} x copy", flush=True)

@@ -41,7 +41,7 @@ from em_ingest.omezarr.writer import (
 from em_ingest.progress import Progress, Sink
 from em_ingest.raw import Manifest, RawBacking, RawStore, fetch_progress
 from em_ingest.selection import DatasetRequest, Selection, load_selection
-from em_ingest.settings import Settings, parse_bytes, parse_duration
+from em_ingest.settings import Settings, parse_bytes, parse_duration, parse_zstd_level
 from em_ingest.sources import Description, Source, option_models, source_classes
 
 if TYPE_CHECKING:
@@ -182,7 +182,8 @@ class Pipeline:
             self.root = work_folder(settings.work_dir, self.remote.url)
         else:
             self.root = storage.local_root(settings.data_root)
-        self.layout = ZarrLayout(ngff_version=settings.ngff_version)
+        self.layout = ZarrLayout(ngff_version=settings.ngff_version, zstd_level=parse_zstd_level(
+            settings.zstd_level, "EM_INGEST_ZSTD_LEVEL / zstd_level"))
 
     # ---- the data root: local, or a bucket with a local work folder -----------------------------------------
     @property

@@ -38,6 +38,10 @@ CORE_SETTINGS = (
     Setting("region_bytes", "EM_INGEST_REGION_BYTES", "16GiB",
             "an image whose s0 is larger is converted by several region steps of about this size, which the "
             "run's executor can spread over processes, containers or pods (bytes, or with KiB/MiB/GiB/TiB)"),
+    Setting("zstd_level", "EM_INGEST_ZSTD_LEVEL", "1",
+            "zstd level of the images' chunks: 1 (the default), or a negative level (zstd's fast mode), which "
+            "stores EM noise about a tenth larger and converts it up to twice as fast, or up to 22 for smaller "
+            "and slower; a changed level converts each image again on its next run"),
     Setting("public_url", "EM_INGEST_PUBLIC_URL", None,
             "where browsers reach the data root (https://, http://, s3:// or gs://); when set, each image's "
             "materialization and catalog row carry a Neuroglancer link"),
@@ -69,6 +73,24 @@ def parse_bytes(text: str, what: str) -> int:
     if match is None or unit not in _BYTE_UNITS or int(float(match[1]) * _BYTE_UNITS[unit]) < 1:
         raise ConfigurationError(f"{what}={text!r}: expected a positive number of bytes, e.g. 17179869184 or 16GiB")
     return int(float(match[1]) * _BYTE_UNITS[unit])
+
+
+# zstd's own range: ZSTD_minCLevel() (-2^17) .. ZSTD_maxCLevel(); 0 means zstd's default (3), so it is refused.
+ZSTD_LEVELS = range(-(1 << 17), 23)
+
+
+def parse_zstd_level(text: str, what: str) -> int:
+    """A zstd compression level: a non-zero integer from -131072 to 22."""
+    from em_ingest.errors import ConfigurationError
+
+    try:
+        level = int(str(text).strip())
+    except ValueError:
+        level = 0
+    if level == 0 or level not in ZSTD_LEVELS:
+        raise ConfigurationError(f"{what}={text!r}: expected a zstd level, a non-zero integer from "
+                                 f"{ZSTD_LEVELS.start} to {ZSTD_LEVELS.stop - 1} (1 is the default; negative is faster)")
+    return level
 
 
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

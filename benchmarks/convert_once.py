@@ -1,6 +1,6 @@
 """Child process of the benchmark: convert one TIFF to OME-Zarr exactly as the EPFL source does; print JSON.
 
-    .venv/bin/python benchmarks/convert_once.py INPUT.tif OUTPUT.ome.zarr
+    .venv/bin/python benchmarks/convert_once.py INPUT.tif OUTPUT.ome.zarr [NGFF_VERSION [ZSTD_LEVEL]]
 
 CPU seconds (user, system) are reported beside the wall time: on a shared machine they are the
 part that does not depend on what else runs. The time includes an fsync of every file written, as
@@ -62,12 +62,13 @@ def peak_rss_mib() -> float:
 def main(argv: list[str]) -> int:
     source, dest = Path(argv[0]), Path(argv[1])
     ngff_version = argv[2] if len(argv) > 2 else "0.5"
+    zstd_level = int(argv[3]) if len(argv) > 3 else ZarrLayout.zstd_level
     rss_before = current_rss_mib()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     with TiffStack(source, Geometry((5.0, 5.0, 5.0), "documented-default")) as volume:
         result = write_ome_zarr(volume, volume.geometry, dest, name="benchmark",  # type: ignore[arg-type]
-                                layout=ZarrLayout(ngff_version=ngff_version))
+                                layout=ZarrLayout(ngff_version=ngff_version, zstd_level=zstd_level))
     fsync_tree(dest)
     seconds = time.perf_counter() - started
     cpu = resource.getrusage(resource.RUSAGE_SELF)

@@ -100,41 +100,52 @@ def time_copy(source: Path, dest: Path) -> dict[str, float]:
     return {"seconds": seconds, "cpu_seconds": (cpu.ru_utime - cpu_before.ru_utime) + (cpu.ru_stime - cpu_before.ru_stime)}
 
 
-def convert_in_child(source: Path, dest: Path, ngff_version: str = "0.5") -> dict[str, float]:
+def convert_in_child(source: Path, dest: Path, ngff_version: str = "0.5", zstd_level: int = 1) -> dict[str, float]:
     """One conversion in a fresh process (so its peak RSS is its own); the output is deleted after."""
     shutil.rmtree(dest, ignore_errors=True)
     host_memory.settle()
     done = subprocess.run([PYTHON, str(REPO / "benchmarks" / "convert_once.py"), str(source), str(dest),
-                           ngff_version], check=True, capture_output=True, text=True)
+                           ngff_version, str(zstd_level)], check=True, capture_output=True, text=True)
     shutil.rmtree(dest, ignore_errors=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_conversion(workdir: Path, shape: tuple[int, int, int], repeats: int) -> dict[str, Any]:
+def bench_conversion(workdir: Path, shape: tuple[int, int, int], repeats: int,
+                     fast_levels: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The default layout against `cp`; beside it, the same conversion at each of `fast_levels` (zstd levels a
+    user may choose with EM_INGEST_ZSTD_LEVEL), all interleaved."""
     source = write_synthetic_tiff(workdir / "conversion-input.tif", shape)
+    gib = int(np.prod(shape)) / GIB
     try:
         time_copy(source, workdir / "warm-copy.tif")  # the input is in the page cache for both
-        copies, conversions = [], []
+        copies: list[dict[str, float]] = []
+        conversions: dict[int, list[dict[str, float]]] = {level: [] for level in (1, *fast_levels)}
         for _ in range(repeats):  # interleaved, so a burst of load elsewhere hits both
             copies.append(time_copy(source, workdir / "copy.tif"))
-            conversions.append(convert_in_child(source, workdir / "conversion.ome.zarr"))
+            for level, runs in conversions.items():
+                runs.append(convert_in_child(source, workdir / "conversion.ome.zarr", zstd_level=level))
     finally:
         source.unlink(missing_ok=True)
-    copy_s, convert_s = median_of(copies, "seconds"), median_of(conversions, "seconds")
-    cpu_s = float(statistics.median(r["user_seconds"] + r["system_seconds"] for r in conversions))
-    return {"input_shape_zyx": shape, "input_mib": int(np.prod(shape)) / 2**20, "copy_seconds": copy_s,
-            "conversion_seconds": convert_s, "conversion_over_copy": convert_s / copy_s,
-            "copy_mib_per_s": int(np.prod(shape)) / 2**20 / copy_s,
-            "conversion_mib_per_s": int(np.prod(shape)) / 2**20 / convert_s,
-            "copy_cpu_seconds": median_of(copies, "cpu_seconds"),
-            "conversion_cpu_seconds": cpu_s, "conversion_cpu_seconds_per_gib": cpu_s / (int(np.prod(shape)) / GIB),
-            "conversion_user_seconds": median_of(conversions, "user_seconds"),
-            "conversion_system_seconds": median_of(conversions, "system_seconds"),
-            "conversion_cores_busy": cpu_s / convert_s,
-            "stored_mib": conversions[0]["stored_bytes"] / 2**20, "levels": conversions[0]["levels"],
-            "peak_rss_mib": max(r["peak_rss_mib"] for r in conversions),
-            "rss_after_imports_mib": conversions[0]["rss_after_imports_mib"],
-            "copy_runs": copies, "conversion_runs": conversions}
+    copy_s = median_of(copies, "seconds")
+
+    def summary(runs: list[dict[str, float]]) -> dict[str, Any]:
+        seconds = median_of(runs, "seconds")
+        cpu_s = float(statistics.median(r["user_seconds"] + r["system_seconds"] for r in runs))
+        return {"conversion_seconds": seconds, "conversion_over_copy": seconds / copy_s,
+                "conversion_mib_per_s": gib * 1024 / seconds, "conversion_cpu_seconds": cpu_s,
+                "conversion_cpu_seconds_per_gib": cpu_s / gib,
+                "conversion_user_seconds": median_of(runs, "user_seconds"),
+                "conversion_system_seconds": median_of(runs, "system_seconds"),
+                "conversion_cores_busy": cpu_s / seconds, "stored_mib": runs[0]["stored_bytes"] / 2**20,
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+
+    default = conversions.pop(1)
+    return {"input_shape_zyx": shape, "input_mib": gib * 1024, "copy_seconds": copy_s,
+            "copy_mib_per_s": gib * 1024 / copy_s, "copy_cpu_seconds": median_of(copies, "cpu_seconds"),
+            **summary(default), "levels": default[0]["levels"],
+            "rss_after_imports_mib": default[0]["rss_after_imports_mib"],
+            "fast_levels": {str(level): summary(runs) for level, runs in conversions.items()},
+            "copy_runs": copies, "conversion_runs": default}
 
 
 def bench_memory(workdir: Path, small_peak_mib: float | None, small: tuple[int, int, int],
@@ -521,6 +532,10 @@ def print_table(results: dict[str, Any]) -> None:
               f"({c['conversion_cpu_seconds_per_gib']:.1f} s/GiB: user {c['conversion_user_seconds']:.1f}, system "
               f"{c['conversion_system_seconds']:.1f}; {c['conversion_cores_busy']:.1f} cores busy) vs "
               f"{c['copy_cpu_seconds']:.1f} s")
+        for level, fast in c["fast_levels"].items():
+            print(f"  at EM_INGEST_ZSTD_LEVEL={level}: {fast['conversion_seconds']:.2f} s, "
+                  f"{fast['conversion_over_copy']:.2f} x copy; CPU {fast['conversion_cpu_seconds_per_gib']:.1f} s/GiB; "
+                  f"{fast['stored_mib']:.0f} MiB stored")
     if r := results.get("memory"):
         print(f"memory      peak RSS {r['peak_rss_small_mib']:.0f} MiB at {r['small_mib']:.0f} MiB input, "
               f"{r['peak_rss_large_mib']:.0f} MiB at {r['large_mib']:.0f} MiB input "
@@ -577,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anchor-venv", type=Path, default=REPO / "benchmarks" / ".anchor-venv",
                         help="the ome-zarr-py virtualenv (made on first use; git-ignored)")
     parser.add_argument("--anchor-repeats", type=int, default=1, help="ome-zarr-py runs (each about a minute per GiB)")
+    parser.add_argument("--fast-levels", type=int, nargs="*", default=[-3, -7],
+                        help="zstd levels (EM_INGEST_ZSTD_LEVEL) whose conversion is measured beside the default's")
     parser.add_argument("--freed-pages", choices=("hold", "settle", "leave"), default=None,
                         help="on a virtual machine that gives freed pages back to its host: hold them in the guest "
                         "while measuring (where the kernel allows it), or wait before each timed command until they "
@@ -600,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         results["machine"]["freed_pages"] = pages
         if "conversion" in only:
-            results["conversion"] = bench_conversion(workdir, size["small"], repeats)
+            results["conversion"] = bench_conversion(workdir, size["small"], repeats, tuple(args.fast_levels))
             print(f"conversion done: {results['conversion']['conversion_over_copy']:.2f} x copy", flush=True)
         if "memory" in only:
             small_peak = results.get("conversion", {}).get("peak_rss_mib")

@@ -7,10 +7,11 @@ measured, writing 1 GiB into pages given back cost ~6 s of system time, into pag
 of two commands started right after a deletion wrote into warm pages: `cp`, run right after the previous
 conversion's output was deleted, did; the conversion, a second later, mostly did not.
 
-`probe` measures the effect. `freed_pages("hold")` then keeps freed pages in the guest while the harness measures, where the
-kernel has a knob for how long a page must be free before it is given back (`min_free_ms`; restored afterwards),
-so both sides of a ratio write into warm pages, as on a machine without reporting. Where it cannot hold them,
-`settle` waits before each timed command until what was freed has been given back, so both sides start cold.
+`probe` measures the effect. `freed_pages("hold")` then keeps freed pages in the guest while the harness
+measures, where the kernel has knobs for how long a page must be free before it is given back and how much may
+wait that long (`min_free_ms`, `max_waiting_mib`; restored afterwards), so both sides of a ratio write into warm
+pages, as on a machine without reporting. Where it cannot hold them, `settle` waits before each timed command
+until what was freed has been given back, so both sides start cold.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-DELAY_KNOB = Path("/sys/module/page_reporting/parameters/min_free_ms")
+KNOBS = Path("/sys/module/page_reporting/parameters")
+DELAY_KNOB = KNOBS / "min_free_ms"  # how long a page stays free before it is given back
+WAITING_KNOB = KNOBS / "max_waiting_mib"  # how much freed memory may wait; beyond it, pages go back at once
+WAITING_MIB = 1 << 16
 # How long a freed page is kept before it is given back, longest first: the kernel caps the knob (at 5 minutes
 # where this was written), and a page freed and used again within that time stays warm.
 HOLD_MS = (300_000, 120_000, 60_000)
@@ -84,9 +88,11 @@ def freed_pages(mode: str, workdir: Path, warm_bytes: int, probe_bytes: int) -> 
     if not (mode == "hold" and found["freed_pages_given_back"] and os.access(DELAY_KNOB, os.W_OK)):
         yield found
         return
-    before = DELAY_KNOB.read_text().strip()
+    before = {knob: knob.read_text().strip() for knob in (DELAY_KNOB, WAITING_KNOB) if knob.exists()}
     previous = signal.signal(signal.SIGTERM, _exit)
     try:
+        if WAITING_KNOB in before:
+            WAITING_KNOB.write_text(str(WAITING_MIB))
         for hold_ms in HOLD_MS:
             try:
                 DELAY_KNOB.write_text(str(hold_ms))
@@ -100,7 +106,8 @@ def freed_pages(mode: str, workdir: Path, warm_bytes: int, probe_bytes: int) -> 
         warm.unlink()
         yield found
     finally:
-        DELAY_KNOB.write_text(before)
+        for knob, value in before.items():
+            knob.write_text(value)
         _state.update(held=False, returned=False)
         signal.signal(signal.SIGTERM, previous)
 

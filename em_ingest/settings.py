@@ -40,8 +40,8 @@ CORE_SETTINGS = (
             "run's executor can spread over processes, containers or pods (bytes, or with KiB/MiB/GiB/TiB)"),
     Setting("zstd_level", "EM_INGEST_ZSTD_LEVEL", "1",
             "zstd level of the images' chunks: 1 (the default), or a negative level (zstd's fast mode), which "
-            "stores EM noise about a tenth larger and converts it up to twice as fast, or up to 22 for smaller "
-            "and slower; a changed level converts each image again on its next run"),
+            "stores EM noise about a tenth larger and compresses it about five times faster, or up to 22 for "
+            "smaller and slower; a changed level converts each image again on its next run"),
     Setting("public_url", "EM_INGEST_PUBLIC_URL", None,
             "where browsers reach the data root (https://, http://, s3:// or gs://); when set, each image's "
             "materialization and catalog row carry a Neuroglancer link"),

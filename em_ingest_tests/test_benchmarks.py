@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def test_quick_harness_reports_conversion_memory_and_refresh(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "run.py"), "--quick", "--only", "conversion,memory,refresh",
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "run.py"), "--quick", "--only", "conversion,memory,refresh", "--fast-levels", "-3",
          "--workdir", str(tmp_path / "work"), "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -30,7 +30,7 @@ def test_quick_harness_reports_conversion_memory_and_refresh(tmp_path):
     conversion = results["conversion"]
     assert conversion["levels"] >= 4 and conversion["stored_mib"] > 0
     # zstd's fast levels leave literals uncompressed: EM noise takes more room than at the default level.
-    assert set(conversion["fast_levels"]) == {"-3", "-7"}
+    assert set(conversion["fast_levels"]) == {"-3"}
     assert all(fast["stored_mib"] > conversion["stored_mib"] for fast in conversion["fast_levels"].values())
     assert results["machine"]["freed_pages"] == {"mode": "leave"}  # --quick neither holds nor waits
     assert results["machine"]["cores"] >= 1

@@ -14,8 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def test_quick_harness_reports_conversion_memory_and_refresh(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "run.py"), "--quick", "--only", "conversion,memory,refresh", "--fast-levels", "-3",
-         "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "run.py"), "--quick", "--only", "conversion,memory,refresh",
+         "--fast-levels", "-3", "--workdir", str(tmp_path / "work"), "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())

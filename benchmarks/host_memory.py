@@ -3,7 +3,7 @@ a ratio.
 
 A guest kernel with free page reporting (virtio-balloon) gives pages back to the host once they have been free for
 a moment, and the next write into such a page faults it in again through the host. Where the benchmarks were
-measured, writing 1 GiB into pages given back cost ~6 s of system time, into pages just freed ~0.3 s. So whichever
+measured, writing 1 GiB into pages given back cost 2–6 s of system time, into pages just freed ~0.3 s. So whichever
 of two commands started right after a deletion wrote into warm pages: `cp`, run right after the previous
 conversion's output was deleted, did; the conversion, a second later, mostly did not.
 
@@ -85,9 +85,19 @@ def freed_pages(mode: str, workdir: Path, warm_bytes: int, probe_bytes: int) -> 
         yield {"mode": mode}
         return
     found = {"mode": mode, **probe(workdir, probe_bytes), "held": False}
-    if not (mode == "hold" and found["freed_pages_given_back"] and os.access(DELAY_KNOB, os.W_OK)):
-        yield found
-        return
+    try:
+        if mode == "hold" and found["freed_pages_given_back"] and os.access(DELAY_KNOB, os.W_OK):
+            with _held(found, workdir, warm_bytes):
+                yield found
+        else:
+            yield found
+    finally:
+        _state.update(held=False, returned=False)
+
+
+@contextmanager
+def _held(found: dict[str, Any], workdir: Path, warm_bytes: int) -> Iterator[None]:
+    """Raise the kernel's knobs so freed pages stay in the guest; put them back afterwards, even on SIGTERM."""
     before = {knob: knob.read_text().strip() for knob in (DELAY_KNOB, WAITING_KNOB) if knob.exists()}
     previous = signal.signal(signal.SIGTERM, _exit)
     try:
@@ -104,11 +114,10 @@ def freed_pages(mode: str, workdir: Path, warm_bytes: int, probe_bytes: int) -> 
         warm = workdir / "page-warm.bin"
         _write_seconds(warm, warm_bytes)
         warm.unlink()
-        yield found
+        yield
     finally:
         for knob, value in before.items():
             knob.write_text(value)
-        _state.update(held=False, returned=False)
         signal.signal(signal.SIGTERM, previous)
 
 

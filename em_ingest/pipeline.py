@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,8 +183,6 @@ class Pipeline:
             self.root = work_folder(settings.work_dir, self.remote.url)
         else:
             self.root = storage.local_root(settings.data_root)
-        self.layout = ZarrLayout(ngff_version=settings.ngff_version, zstd_level=parse_zstd_level(
-            settings.zstd_level, "EM_INGEST_ZSTD_LEVEL / zstd_level"))
 
     # ---- the data root: local, or a bucket with a local work folder -----------------------------------------
     @property
@@ -407,6 +406,13 @@ class Pipeline:
             replaces = str(published) if published else None
         return ConversionPlan(request.source, request.key, digest, self._name(staging), regions, tuple(levels),
                               replaces, geometry, np.dtype(volume.dtype).str)
+
+    @cached_property
+    def layout(self) -> ZarrLayout:
+        """How images are written; its zstd level is checked when first needed (a conversion), so a bad one
+        fails the conversion naming the variable, never a command that only reads."""
+        return ZarrLayout(ngff_version=self.settings.ngff_version,
+                          zstd_level=parse_zstd_level(self.settings.zstd_level, "EM_INGEST_ZSTD_LEVEL / zstd_level"))
 
     @property
     def region_bytes(self) -> int:

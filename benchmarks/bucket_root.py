@@ -282,8 +282,8 @@ def _files(folder: Path) -> tuple[int, int]:
 
 def bench_size(s3: Any, nbytes: int, repeats: int, workdir: Path) -> dict[str, Any]:
     from benchmarks.run import _epfl_workspace, _unpublish
-    from benchmarks.synthetic import write_synthetic_tiff
-    from em_ingest.replicas.epfl import FOLDER, EpflReplica
+    from benchmarks.synthetic import serve_synthetic_tiff
+    from em_ingest.replicas.epfl import EpflReplica
 
     shape = shape_for(nbytes)
     label = size_label(math.prod(shape))
@@ -294,10 +294,8 @@ def bench_size(s3: Any, nbytes: int, repeats: int, workdir: Path) -> dict[str, A
     versions = f"{PREFIX}/zarr/epfl/.versions/{key}.ome.zarr/"
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {step: {c: [] for c in configs} for step, configs in CONFIGS.items()}
     try:
-        source = write_synthetic_tiff(folder / "input.tif", shape)
         with EpflReplica() as replica:
-            replica.http.add_file(f"{FOLDER}/{key}.tif", source.read_bytes(), content_type="image/tiff")
-            source.unlink()
+            serve_synthetic_tiff(replica, folder, f"{key}.tif", shape)
             local = _epfl_workspace(folder, "local", replica)
             remote = _epfl_workspace(folder, "bucket", replica)
             for ws in (local, remote):

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.run import _dagster_materialize, _epfl_workspace, _unpublish, median_of  # noqa: E402
-from benchmarks.synthetic import write_synthetic_tiff  # noqa: E402
+from benchmarks.synthetic import serve_synthetic_tiff  # noqa: E402
 
 KEY = "benchmark-volume"
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
-    from em_ingest.replicas.epfl import FOLDER, EpflReplica
+    from em_ingest.replicas.epfl import EpflReplica
 
     shape = shape_for(args.gib)
     nbytes = math.prod(shape)
@@ -97,10 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in settings}
     pinned: dict[str, list[dict[str, float]]] = {name: [] for name in settings}
     try:
-        source = write_synthetic_tiff(workdir / "input.tif", shape)
         with EpflReplica() as replica:
-            replica.http.add_file(f"{FOLDER}/benchmark.tif", source.read_bytes(), content_type="image/tiff")
-            source.unlink()
+            serve_synthetic_tiff(replica, workdir, "benchmark.tif", shape)
             ws = _epfl_workspace(workdir, "ws", replica)
             ws.write_selection({"epfl": {KEY: {"file": "benchmark.tif"}}})
             ws.materialize("epfl", KEY, steps=("raw",))  # the download is not what is measured

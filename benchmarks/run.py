@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import host_memory  # noqa: E402
 import openorganelle_latency as oo_latency  # noqa: E402  (the OpenOrganelle benchmark's fetch and RSS helpers)
-from synthetic import write_synthetic_tiff  # noqa: E402
+from synthetic import serve_synthetic_tiff, write_synthetic_tiff  # noqa: E402
 
 PYTHON = sys.executable
 GIB = 2**30
@@ -422,34 +422,29 @@ def _unpublish(ws: Any, key: str) -> None:
 
 
 def bench_cli_conversion(workdir: Path, shape: tuple[int, int, int], repeats: int) -> dict[str, Any]:
-    from em_ingest.replicas.epfl import FOLDER, EpflReplica
+    from em_ingest.replicas.epfl import EpflReplica
 
-    source = write_synthetic_tiff(workdir / "cli-input.tif", shape)
     tiny, big = "hippocampus-training", "benchmark-volume"
     rows = []
-    try:
-        with EpflReplica() as replica:
-            replica.http.add_file(f"{FOLDER}/benchmark.tif", source.read_bytes(), content_type="image/tiff")
-            source.unlink()
-            ws = _epfl_workspace(workdir, "cli-conversion", replica)
-            ws.write_selection({"epfl": {tiny: {"file": "training.tif"}, big: {"file": "benchmark.tif"}}})
-            for key in (tiny, big):  # the downloads are not what is measured
-                ws.materialize("epfl", key, steps=("raw",))
-            raw_file = next((ws.data_root / "raw" / "epfl" / big).rglob("benchmark.tif"))
-            _dagster_materialize(ws, "epfl/ome_zarr", tiny)  # the instance's SQLite files, made once
-            _unpublish(ws, tiny)
-            time_copy(raw_file, workdir / "warm-copy.tif")
-            for _ in range(repeats):  # interleaved
-                copy = time_copy(raw_file, workdir / "copy.tif")
-                tiny_s, _ = _dagster_materialize(ws, "epfl/ome_zarr", tiny)
-                big_s, big_peak = _dagster_materialize(ws, "epfl/ome_zarr", big)
-                for key in (tiny, big):
-                    _unpublish(ws, key)
-                rows.append({"copy_seconds": copy["seconds"], "tiny_seconds": tiny_s, "big_seconds": big_s,
-                             "big_peak_rss_mib": big_peak})
-            shutil.rmtree(ws.root, ignore_errors=True)
-    finally:
-        source.unlink(missing_ok=True)
+    with EpflReplica() as replica:
+        serve_synthetic_tiff(replica, workdir, "benchmark.tif", shape)
+        ws = _epfl_workspace(workdir, "cli-conversion", replica)
+        ws.write_selection({"epfl": {tiny: {"file": "training.tif"}, big: {"file": "benchmark.tif"}}})
+        for key in (tiny, big):  # the downloads are not what is measured
+            ws.materialize("epfl", key, steps=("raw",))
+        raw_file = next((ws.data_root / "raw" / "epfl" / big).rglob("benchmark.tif"))
+        _dagster_materialize(ws, "epfl/ome_zarr", tiny)  # the instance's SQLite files, made once
+        _unpublish(ws, tiny)
+        time_copy(raw_file, workdir / "warm-copy.tif")
+        for _ in range(repeats):  # interleaved
+            copy = time_copy(raw_file, workdir / "copy.tif")
+            tiny_s, _ = _dagster_materialize(ws, "epfl/ome_zarr", tiny)
+            big_s, big_peak = _dagster_materialize(ws, "epfl/ome_zarr", big)
+            for key in (tiny, big):
+                _unpublish(ws, key)
+            rows.append({"copy_seconds": copy["seconds"], "tiny_seconds": tiny_s, "big_seconds": big_s,
+                         "big_peak_rss_mib": big_peak})
+        shutil.rmtree(ws.root, ignore_errors=True)
     copy_s, tiny_s, big_s = (median_of(rows, k) for k in ("copy_seconds", "tiny_seconds", "big_seconds"))
     return {"input_shape_zyx": shape, "input_mib": int(np.prod(shape)) / 2**20, "copy_seconds": copy_s,
             "cli_seconds": big_s, "cli_tiny_seconds": tiny_s, "cli_net_seconds": big_s - tiny_s,

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from synthetic import _planes  # noqa: E402  (the planes the conversion benchmark's TIFF is made of)
+from synthetic import synthetic_planes  # noqa: E402  (the planes the conversion benchmark's TIFF is made of)
 
 SHAPE = (128, 1024, 1024)
 CHUNK = 64
@@ -28,7 +28,7 @@ PYRAMID = 8 / 7  # s0 plus its coarser levels (each an eighth of the one below)
 
 
 def chunks() -> list[np.ndarray]:
-    volume = np.stack(list(_planes(SHAPE, seed=0)))
+    volume = np.stack(list(synthetic_planes(SHAPE, seed=0)))
     return [np.ascontiguousarray(volume[z:z + CHUNK, y:y + CHUNK, x:x + CHUNK])
             for z in range(0, SHAPE[0], CHUNK) for y in range(0, SHAPE[1], CHUNK) for x in range(0, SHAPE[2], CHUNK)]
 

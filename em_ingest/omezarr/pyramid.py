@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from em_ingest.formats.volume import triple
+
+try:  # the compiled kernel (setup.py); without it, numpy computes the same values
+    from em_ingest.omezarr import _windows
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _windows = None  # type: ignore[assignment]
 
 Shape = tuple[int, int, int]
 Vec = tuple[float, float, float]
@@ -106,12 +112,26 @@ def downsample(block: np.ndarray, factors: Shape) -> np.ndarray:
     return (total / n).astype(block.dtype)
 
 
+class BlockSummary(NamedTuple):
+    """A block's exact sum, minimum and maximum (what the image's intensity statistics need of it)."""
+
+    total: int
+    min: int
+    max: int
+
+
+# The kernel's types: an 8-voxel sum fits twice their width, as `_accumulator` has it.
+_NATIVE_TYPES = frozenset(np.dtype(t) for t in ("uint8", "int8", "uint16", "int16"))
+
+
 class WindowMean:
     """`downsample` written into a given array, with its intermediate sums kept between calls.
 
     The values are exactly `downsample`'s (the same additions in the same order). A streaming writer
-    calls it once per block: reusing the scratch arrays spares the fresh pages every block would
-    otherwise fault in, and writing into `out` (e.g. a view into the next level's block) spares a copy.
+    calls it once per block: writing into `out` (e.g. a view into the next level's block) spares a copy.
+    8- and 16-bit integer blocks go to the compiled kernel (`_windows.c`), which also takes the block's
+    minimum and maximum in the same pass and runs without the GIL; anything else, or a build without the
+    kernel, goes through numpy, reusing scratch arrays so that no block faults in fresh pages.
     Not thread-safe: one instance per thread.
     """
 
@@ -125,17 +145,21 @@ class WindowMean:
             flat = self._scratch[(step, dtype.str)] = np.empty(size, dtype)
         return flat[:size].reshape(shape)
 
-    def into(self, block: np.ndarray, factors: Shape, out: np.ndarray) -> int | None:
+    def into(self, block: np.ndarray, factors: Shape, out: np.ndarray) -> BlockSummary | None:
         """Write the window means of `block` into `out` (shape ceil(block / factors)).
 
-        Returns the exact sum of `block`'s voxels when it falls out of the window sums: integer types of
-        up to 32 bits whose block needed no edge padding (None otherwise, and for factors (1, 1, 1)).
+        Returns the block's exact sum, minimum and maximum when the sum falls out of the window sums:
+        integer types of up to 32 bits whose block needed no edge padding (None otherwise, and for
+        factors (1, 1, 1)).
         """
         if factors == (1, 1, 1):
             np.copyto(out, block)
             return None
         pad = [(0, (-n) % f) for n, f in zip(block.shape, factors)]
         padded = any(p for _, p in pad)
+        if (_windows is not None and not padded and block.size and block.dtype in _NATIVE_TYPES
+                and block.dtype.isnative and out.dtype == block.dtype):
+            return BlockSummary(*_windows.mean_into(block, out, factors))
         if padded:
             block = np.pad(block, pad, mode="edge")
         acc = _accumulator(block.dtype)
@@ -149,11 +173,12 @@ class WindowMean:
             target = self._buffer(step, tuple(halved), acc)
             np.add(total[tuple(even)], total[tuple(odd)], out=target, dtype=acc)
             total = target
-        exact = None
+        summary = None
         kind = block.dtype.kind
         if kind in "iu" and block.dtype.itemsize <= 4 and not padded:
             # Every voxel is in exactly one window: the window sums add up to the block's sum.
             exact = int(total.sum(dtype=np.int64 if kind == "i" else np.uint64))
+            summary = BlockSummary(exact, int(block.min()), int(block.max()))
         n = factors[0] * factors[1] * factors[2]
         if kind in "iub":
             total += n // 2
@@ -161,7 +186,7 @@ class WindowMean:
         else:
             np.divide(total, n, out=total)
             np.copyto(out, total, casting="unsafe")
-        return exact
+        return summary
 
 
 def downsample_labels(block: np.ndarray, factors: Shape) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 
 from em_ingest.errors import EmIngestError, FormatError
 from em_ingest.formats.volume import Geometry, Region, Volume, triple
-from em_ingest.omezarr.pyramid import Level, WindowMean, WindowMode, plan_pyramid
+from em_ingest.omezarr.pyramid import BlockSummary, Level, WindowMean, WindowMode, plan_pyramid
 from em_ingest.omezarr.thumbnail import thumbnail_level, write_thumbnail_plane
 from em_ingest.storage import fsync_path
 
@@ -119,14 +119,15 @@ class Intensity:
         self.total: float | int = 0
         self.count = 0
 
-    def add(self, block: np.ndarray, exact_sum: int | None = None) -> None:
-        """Count `block`; `exact_sum`, when given, is its integer sum already known (from the window sums)."""
+    def add(self, block: np.ndarray, known: BlockSummary | None = None) -> None:
+        """Count `block`; `known`, when given, is its exact sum, min and max already taken (with the window sums)."""
         if block.size == 0:
             return
-        lo, hi = float(block.min()), float(block.max())
-        if exact_sum is not None:
-            total: float | int = exact_sum
+        total: float | int
+        if known is not None:
+            total, lo, hi = known.total, float(known.min), float(known.max)
         else:
+            lo, hi = float(block.min()), float(block.max())
             # Integers are summed exactly in 64-bit integers (numpy's widening sum is fast; a float sum is not).
             wide = np.int64 if block.dtype.kind in "ib" else np.uint64 if block.dtype.kind == "u" else np.float64
             total = block.sum(dtype=wide).item()
@@ -436,7 +437,7 @@ def write_levels(volume: Volume, dest: Path, levels: Sequence[Level], *, layout:
     assemblers = [_LevelAssembler(level.shape, block, pool) for level, block in zip(levels, blocks)]
     stats = Intensity()
     # How a level's voxels become the next level's, written into the next level's block: the window mean
-    # (returning s0's exact sum when it has it), or for a label image the window's mode.
+    # (returning the block's exact sum, min and max when it has them), or for a label image the window's mode.
     reduce_into = (WindowMode() if labels else WindowMean()).into
     syncer = _Syncer(threads=layout.workers)
     paths = [dest / level.path for level in levels]
@@ -449,24 +450,24 @@ def write_levels(volume: Volume, dest: Path, levels: Sequence[Level], *, layout:
     def emit(k: int, region: Region, data: np.ndarray, pooled: bool) -> None:
         """A whole block of level k is ready: write it and push its downsampled voxels up the pyramid."""
         copied = None if (k == 0 and stored) else writer.submit(paths[k], region, data).copy
-        exact_sum = None
+        summary = None
         if k + 1 < len(levels):
             factors = levels[k + 1].factors
             coarse = triple(slice(r.start // f, -(-r.stop // f)) for r, f in zip(region, factors))
             target = assemblers[k + 1].view(coarse)
             if target is not None:  # the usual case: straight into the next level's open block
-                exact_sum = reduce_into(data, factors, target)
+                summary = reduce_into(data, factors, target)
                 done = assemblers[k + 1].filled(coarse)
             else:  # the piece straddles blocks of the next level (block sides that do not nest)
                 piece = pool.take(tuple(s.stop - s.start for s in coarse))
-                exact_sum = reduce_into(data, factors, piece)
+                summary = reduce_into(data, factors, piece)
                 done = assemblers[k + 1].add(coarse, piece)
                 if all(block is not piece for _, block in done):
                     pool.give(piece)
             for block_region, block in done:  # open blocks, or the piece itself when it was a whole block
                 emit(k + 1, block_region, block, pooled=True)
         if k == 0:
-            stats.add(data, exact_sum)
+            stats.add(data, summary)
             if on_block is not None:
                 on_block(data.nbytes)
         if pooled:

@@ -4,6 +4,22 @@
 # PYTHON_IMAGE is the official image unless a machine without a registry builds a local stand-in
 # (deploy/stand-ins/build); compose passes EM_INGEST_PYTHON_IMAGE here.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# The package as a wheel, with its compiled window kernel (setup.py): the compiler stays in this stage,
+# out of the image. EM_INGEST_REQUIRE_NATIVE makes a failed compile fail the build, never a slower image.
+FROM ${PYTHON_IMAGE} AS wheel
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+    && { python -c 'import pathlib, sys, sysconfig; sys.exit(not pathlib.Path(sysconfig.get_paths()["include"], "Python.h").exists())' \
+         || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libpython3-dev; } \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /build
+COPY pyproject.toml setup.py README.md ./
+COPY em_ingest ./em_ingest
+RUN EM_INGEST_REQUIRE_NATIVE=1 PIP_NO_CACHE_DIR=1 pip wheel --no-deps --wheel-dir /wheels . \
+    && python -c 'import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); \
+sys.exit(not any(n.startswith("em_ingest/omezarr/_windows.") and n.endswith(".so") for n in names))' /wheels/*.whl
+
 FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -29,9 +45,10 @@ RUN if [ -n "$EM_INGEST_EXTRAS" ]; then \
         && pip uninstall -y em-ingest && rm -rf em_ingest build README.md; \
     fi
 
-COPY README.md ./
-COPY em_ingest ./em_ingest
-RUN pip install --no-deps . && rm -rf build
+# Installed from the wheel alone: no source tree beside it, so `python -m` in this folder imports the
+# installed package, kernel included.
+COPY --from=wheel /wheels /tmp/wheels
+RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 
 # An unprivileged user owns the data and log mount points, so named volumes start out writable by it.
 RUN useradd --system --uid 10001 --home-dir /opt/em-ingest em-ingest \

@@ -529,6 +529,15 @@ class EndToEnd:
         for image in (CODE_IMAGE, REPLICAS_IMAGE):
             size = int(docker("image", "inspect", "-f", "{{.Size}}", image))
             self.timings.fact(f"image size {image}", f"{size / 1e6:.0f} MB")
+            # The image's conversions use the compiled window kernel, imported from the installed package
+            # (no compiler is left in the image, and no source tree beside it shadows the package).
+            found = docker("run", "--rm", "--entrypoint", "python", image, "-c",
+                           "from em_ingest.omezarr import pyramid; import shutil; "
+                           "print(pyramid._windows.__file__ if pyramid._windows else None, shutil.which('gcc'))")
+            kernel, compiler = found.split()
+            if not kernel.startswith("/") or "site-packages" not in kernel or compiler != "None":
+                raise E2EFailure(f"{image}: the window kernel is {kernel}, gcc is {compiler} "
+                                 "(expected the installed kernel and no compiler)")
 
     def up(self) -> None:
         with self.timings.phase("up -> healthy"):

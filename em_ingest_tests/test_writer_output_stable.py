@@ -56,6 +56,12 @@ CASES = {
     "float32-v3-small": ((19, 70, 91), "float32", "0.5", (16, 16, 16), (2, 2, 2)),
     "uint8-v2": ((45, 200, 150), "uint8", "0.4", (64, 64, 64), (2, 4, 4)),
     "uint16-v2-small-chunks": ((23, 90, 77), "uint16", "0.4", (16, 16, 16), (2, 2, 2)),
+    # Whole interior shards of whole chunks beside partial ones at the edges, as in a large volume (the cases
+    # above have none in s0): chunk rows of 64 bytes (uint8, float32), 128 (uint16) and 256 (int16).
+    "uint8-v3-whole-shards": ((40, 70, 300), "uint8", "0.5", (16, 16, 64), (2, 2, 2)),
+    "uint16-v3-whole-shards": ((40, 70, 300), "uint16", "0.5", (16, 16, 64), (2, 2, 2)),
+    "int16-v3-whole-shards": ((20, 40, 520), "int16", "0.5", (8, 8, 128), (2, 2, 2)),
+    "float32-v3-whole-shards": ((32, 64, 96), "float32", "0.5", (16, 16, 16), (2, 2, 2)),
 }
 
 # sha256 of the voxels of every level, then of every file's bytes (relative path + content) but the
@@ -73,6 +79,15 @@ EXPECTED = {
                 "f94ff1a0017847bae389303e71e7ddb22021fac08fae7d7d5dc09794642c757e"),
     "uint16-v2-small-chunks": ("0793cf13913e329203667450982e1464bc2fc2879317c295015e683312f65eea",
                               "a06ce165eb16df7298aee9c53e1c3b7ee2a7cd5bb92bead02a066c5b35bf3a87"),
+    # The four below: computed with the writer of commit b34dbc0 (which reproduces every digest above).
+    "uint8-v3-whole-shards": ("2a2a28b5708a591960f6fb571f7f34b48177a27c899187212f42685fc0fb5d24",
+                             "f718f3326706f78e3f7c2976d7c75411c703325b9017c74f38134a76f2e6e352"),
+    "uint16-v3-whole-shards": ("a30cfcb83e45257a690b18fd59ae655987863574f3cfc0dda7e1d5162937a7c4",
+                              "b8b3ca4b0efcd688277f95a03a393bd926d45fab6bf3bd9318b81cc401b3800f"),
+    "int16-v3-whole-shards": ("3746c0252e72e01a44b2f91c30f2664e3647b0f46814da1c5be7d7c6edb646b4",
+                             "45836c1d957c507c697cd656ca757873a5d86ba86ae507a063bd21520267eb04"),
+    "float32-v3-whole-shards": ("e5e3c8326bcfa3ba3f83b688bbe78fe970a2c635e39b17243df9d14fc1bf86de",
+                               "1ba67241784b8126f3838e227c7c9b11db4e7c59ca168a851c75fd977d333490"),
 }
 
 METADATA_NAMES = {"zarr.json", ".zarray", ".zattrs", ".zgroup"}

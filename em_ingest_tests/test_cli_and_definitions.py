@@ -59,3 +59,32 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     assert re.search(r"^    fetch epfl/hippocampus-training: done in [\d.]+ s, 2/2 objects, ", result.stderr, re.M)
     assert "fetch epfl/" not in result.stdout
     assert (tmp_path / "demo" / "catalog" / "metadata_catalog.parquet").exists()
+
+
+def test_the_code_location_is_built_again_only_when_its_inputs_change(workspace, monkeypatch):
+    # Dagster loads the code location several times in one process; every load must see the selection file and
+    # the environment as they are now, and the loads in between reuse one build.
+    from em_ingest import definitions
+
+    ws = workspace("epfl")
+    for name, value in ws.cli_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(definitions, "_built", None)
+
+    def partitions(defs: dg.Definitions) -> list[str]:
+        job = defs.resolve_job_def("epfl_ingest")
+        assert job.partitions_def is not None
+        return sorted(job.partitions_def.get_partition_keys())
+
+    first = definitions.defs.load_fn()
+    assert definitions.defs.load_fn() is first, "a second load with nothing changed builds nothing"
+    assert partitions(first) == sorted(ws.selection["epfl"])
+
+    ws.write_selection({"epfl": {**ws.selection["epfl"], "added-later": {"file": "training.tif"}}})
+    changed = definitions.defs.load_fn()
+    assert changed is not first and "added-later" in partitions(changed)
+
+    monkeypatch.setenv("EM_INGEST_EXECUTOR", "multiprocess")
+    rebuilt = definitions.defs.load_fn()
+    assert rebuilt is not changed
+    assert rebuilt.resolve_job_def("epfl_ingest").executor_def.name == "multi_or_in_process_executor"

@@ -1,6 +1,9 @@
 """Child process of the benchmark: convert one TIFF to OME-Zarr exactly as the EPFL source does; print JSON.
 
-    .venv/bin/python benchmarks/convert_once.py INPUT.tif OUTPUT.ome.zarr [NGFF_VERSION [ZSTD_LEVEL]]
+    .venv/bin/python benchmarks/convert_once.py INPUT.tif OUTPUT.ome.zarr [NGFF_VERSION [ZSTD_LEVEL [WINDOWS]]]
+
+WINDOWS: `compiled` (default) or `numpy`, which converts without the compiled window kernel, as an install
+without a C compiler does (the same bytes).
 
 CPU seconds (user, system) are reported beside the wall time: on a shared machine they are the
 part that does not depend on what else runs. The time includes an fsync of every file written, as
@@ -31,6 +34,7 @@ import zarr  # noqa: E402, F401
 
 from em_ingest.formats.tiff import TiffStack  # noqa: E402
 from em_ingest.formats.volume import Geometry  # noqa: E402
+from em_ingest.omezarr import pyramid  # noqa: E402
 from em_ingest.omezarr.writer import ZarrLayout, write_ome_zarr  # noqa: E402
 
 
@@ -63,6 +67,11 @@ def main(argv: list[str]) -> int:
     source, dest = Path(argv[0]), Path(argv[1])
     ngff_version = argv[2] if len(argv) > 2 else "0.5"
     zstd_level = int(argv[3]) if len(argv) > 3 else ZarrLayout.zstd_level
+    windows = argv[4] if len(argv) > 4 else "compiled"
+    if windows == "numpy":
+        pyramid._windows = None
+    elif windows != "compiled" or pyramid._windows is None:
+        raise SystemExit(f"WINDOWS must be compiled (and the kernel built) or numpy, got {windows!r}")
     rss_before = current_rss_mib()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()

@@ -100,30 +100,36 @@ def time_copy(source: Path, dest: Path) -> dict[str, float]:
     return {"seconds": seconds, "cpu_seconds": (cpu.ru_utime - cpu_before.ru_utime) + (cpu.ru_stime - cpu_before.ru_stime)}
 
 
-def convert_in_child(source: Path, dest: Path, ngff_version: str = "0.5", zstd_level: int = 1) -> dict[str, float]:
-    """One conversion in a fresh process (so its peak RSS is its own); the output is deleted after."""
+def convert_in_child(source: Path, dest: Path, ngff_version: str = "0.5", zstd_level: int = 1,
+                     windows: str = "compiled") -> dict[str, float]:
+    """One conversion in a fresh process (so its peak RSS is its own); the output is deleted after. `windows`:
+    "numpy" converts without the compiled window kernel, as an install without a C compiler does."""
     shutil.rmtree(dest, ignore_errors=True)
     host_memory.settle()
     done = subprocess.run([PYTHON, str(REPO / "benchmarks" / "convert_once.py"), str(source), str(dest),
-                           ngff_version, str(zstd_level)], check=True, capture_output=True, text=True)
+                           ngff_version, str(zstd_level), windows], check=True, capture_output=True, text=True)
     shutil.rmtree(dest, ignore_errors=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def bench_conversion(workdir: Path, shape: tuple[int, int, int], repeats: int,
-                     fast_levels: tuple[int, ...] = ()) -> dict[str, Any]:
+                     fast_levels: tuple[int, ...] = (), numpy_windows: bool = False) -> dict[str, Any]:
     """The default layout against `cp`; beside it, the same conversion at each of `fast_levels` (zstd levels a
-    user may choose with EM_INGEST_ZSTD_LEVEL), all interleaved."""
+    user may choose with EM_INGEST_ZSTD_LEVEL) and, with `numpy_windows`, without the compiled window kernel;
+    all interleaved."""
     source = write_synthetic_tiff(workdir / "conversion-input.tif", shape)
     gib = int(np.prod(shape)) / GIB
     try:
         time_copy(source, workdir / "warm-copy.tif")  # the input is in the page cache for both
         copies: list[dict[str, float]] = []
         conversions: dict[int, list[dict[str, float]]] = {level: [] for level in (1, *fast_levels)}
+        numpy_runs: list[dict[str, float]] = []
         for _ in range(repeats):  # interleaved, so a burst of load elsewhere hits both
             copies.append(time_copy(source, workdir / "copy.tif"))
             for level, runs in conversions.items():
                 runs.append(convert_in_child(source, workdir / "conversion.ome.zarr", zstd_level=level))
+            if numpy_windows:
+                numpy_runs.append(convert_in_child(source, workdir / "conversion.ome.zarr", windows="numpy"))
     finally:
         source.unlink(missing_ok=True)
     copy_s = median_of(copies, "seconds")
@@ -145,6 +151,7 @@ def bench_conversion(workdir: Path, shape: tuple[int, int, int], repeats: int,
             **summary(default), "levels": default[0]["levels"],
             "rss_after_imports_mib": default[0]["rss_after_imports_mib"],
             "fast_levels": {str(level): summary(runs) for level, runs in conversions.items()},
+            **({"numpy_windows": summary(numpy_runs)} if numpy_runs else {}),
             "copy_runs": copies, "conversion_runs": default}
 
 
@@ -497,10 +504,21 @@ def bench_anchor(workdir: Path, shape: tuple[int, int, int], repeats: int, venv:
 
 
 # ---- report ---------------------------------------------------------------------------------------
+def cpu_counters() -> dict[str, int]:
+    """The machine's CPU time so far, in clock ticks: all of it, and the part stolen by the hypervisor for
+    other guests (/proc/stat; a virtual machine's share of a busy host shows there)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(v) for v in fields[:8]]
+    return {"total": sum(ticks), "steal": ticks[7] if len(ticks) > 7 else 0}
+
+
 def machine() -> dict[str, Any]:
+    from em_ingest.omezarr import pyramid
+
     load = os.getloadavg()
     return {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_1_5_15": [round(v, 2) for v in load]}
+            "load_average_1_5_15": [round(v, 2) for v in load], "cpu_ticks": cpu_counters(),
+            "window_kernel": "numpy" if pyramid._windows is None else "compiled"}
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -518,7 +536,8 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def print_table(results: dict[str, Any]) -> None:
     m = results["machine"]
     print(f"\nmachine: {m['cores']} cores, load {m['load_average_1_5_15']} at start, "
-          f"{results['machine_end']['load_average_1_5_15']} at end; mode {results['mode']}")
+          f"{results['machine_end']['load_average_1_5_15']} at end; CPU time stolen by the host during the run "
+          f"{results['steal_fraction']:.1%}; window kernel {m['window_kernel']}; mode {results['mode']}")
     if c := results.get("conversion"):
         print(f"conversion  {c['input_mib']:.0f} MiB uint8 TIFF -> OME-Zarr ({c['levels']} levels, "
               f"{c['stored_mib']:.0f} MiB): {c['conversion_seconds']:.2f} s ({c['conversion_mib_per_s']:.0f} MiB/s)"
@@ -531,6 +550,9 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"  at EM_INGEST_ZSTD_LEVEL={level}: {fast['conversion_seconds']:.2f} s, "
                   f"{fast['conversion_over_copy']:.2f} x copy; CPU {fast['conversion_cpu_seconds_per_gib']:.1f} s/GiB; "
                   f"{fast['stored_mib']:.0f} MiB stored")
+        if n := c.get("numpy_windows"):
+            print(f"  without the compiled window kernel (numpy): {n['conversion_seconds']:.2f} s, "
+                  f"{n['conversion_over_copy']:.2f} x copy; CPU {n['conversion_cpu_seconds_per_gib']:.1f} s/GiB")
     if r := results.get("memory"):
         print(f"memory      peak RSS {r['peak_rss_small_mib']:.0f} MiB at {r['small_mib']:.0f} MiB input, "
               f"{r['peak_rss_large_mib']:.0f} MiB at {r['large_mib']:.0f} MiB input "
@@ -589,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anchor-repeats", type=int, default=1, help="ome-zarr-py runs (each about a minute per GiB)")
     parser.add_argument("--fast-levels", type=int, nargs="*", default=[-3, -7],
                         help="zstd levels (EM_INGEST_ZSTD_LEVEL) whose conversion is measured beside the default's")
+    parser.add_argument("--numpy-windows", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure the conversion without the compiled window kernel (as an install without "
+                        "a C compiler runs it); default on, off with --quick")
     parser.add_argument("--freed-pages", choices=("hold", "settle", "leave"), default=None,
                         help="on a virtual machine that gives freed pages back to its host: hold them in the guest "
                         "while measuring (where the kernel allows it), or wait before each timed command until they "
@@ -612,7 +637,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         results["machine"]["freed_pages"] = pages
         if "conversion" in only:
-            results["conversion"] = bench_conversion(workdir, size["small"], repeats, tuple(args.fast_levels))
+            numpy_windows = not args.quick if args.numpy_windows is None else args.numpy_windows
+            results["conversion"] = bench_conversion(workdir, size["small"], repeats, tuple(args.fast_levels),
+                                                     numpy_windows)
             print(f"conversion done: {results['conversion']['conversion_over_copy']:.2f} x copy", flush=True)
         if "memory" in only:
             small_peak = results.get("conversion", {}).get("peak_rss_mib")
@@ -634,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         if "anchor" in only:
             results["anchor"] = bench_anchor(workdir, size["small"], args.anchor_repeats, args.anchor_venv)
     results["machine_end"] = machine()
+    start, end = results["machine"]["cpu_ticks"], results["machine_end"]["cpu_ticks"]
+    results["steal_fraction"] = (end["steal"] - start["steal"]) / max(1, end["total"] - start["total"])
     results["goals"] = verdicts(results)
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)

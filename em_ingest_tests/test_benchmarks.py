@@ -15,7 +15,7 @@ def test_quick_harness_reports_conversion_memory_and_refresh(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "run.py"), "--quick", "--only", "conversion,memory,refresh",
-         "--fast-levels", "-3", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+         "--fast-levels", "-3", "--numpy-windows", "--workdir", str(tmp_path / "work"), "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -32,6 +32,10 @@ def test_quick_harness_reports_conversion_memory_and_refresh(tmp_path):
     # zstd's fast levels leave literals uncompressed: EM noise takes more room than at the default level.
     assert set(conversion["fast_levels"]) == {"-3"}
     assert all(fast["stored_mib"] > conversion["stored_mib"] for fast in conversion["fast_levels"].values())
+    # Without the compiled window kernel: the same conversion, the same bytes (so the same size).
+    assert conversion["numpy_windows"]["stored_mib"] == conversion["stored_mib"]
+    assert results["machine"]["window_kernel"] == "compiled"
+    assert 0 <= results["steal_fraction"] <= 1
     assert results["machine"]["freed_pages"] == {"mode": "leave"}  # --quick neither holds nor waits
     assert results["machine"]["cores"] >= 1
     assert "conversion_over_copy" in done.stdout and "goals:" in done.stdout

@@ -71,6 +71,20 @@ def test_window_mean_is_downsample_and_knows_the_sum(kernel, shape, factors, dty
         assert summary is not None, "the sum comes with the window sums whenever no edge was padded"
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16"])
+def test_window_mean_of_a_block_that_is_a_view(kernel, dtype):
+    # A block cut out of a larger array (outer strides of its own) and starting at an odd byte: its x pairs are not
+    # aligned as the compiled kernel reads them fastest, so it takes the voxels one by one, with the same values.
+    info = np.iinfo(dtype)
+    larger = np.random.default_rng(3).integers(info.min, info.max, size=(6, 10, 70), endpoint=True, dtype=dtype)
+    unaligned = np.frombuffer(b"\0" + larger.tobytes(), dtype=dtype, count=larger.size, offset=1).reshape(larger.shape)
+    for block in (larger[1:5, 2:8, 2:66], unaligned[1:5, 2:8, 2:66], unaligned[:, :, 1:67]):
+        out = np.empty(tuple(n // 2 for n in block.shape), block.dtype)
+        summary = WindowMean().into(block, (2, 2, 2), out)
+        np.testing.assert_array_equal(out, downsample(np.ascontiguousarray(block), (2, 2, 2)))
+        assert summary == (int(block.sum(dtype=np.int64)), block.min(), block.max())
+
+
 def test_window_mean_writes_into_a_view_of_a_larger_block():
     block = np.arange(4 * 6 * 8, dtype=np.uint16).reshape(4, 6, 8)
     target = np.zeros((5, 5, 5), np.uint16)

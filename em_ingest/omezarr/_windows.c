@@ -21,12 +21,13 @@
 
 /* The kernels, one set per voxel type T: ACC holds the sum of 8 voxels, WORD two voxels side by side, TOTAL
  * the block's sum. Each step is its own loop over one row, with `restrict` pointers, so that the compiler
- * vectorizes it. The x pairs are read as WORDs and split with a mask and a shift (little-endian machines):
- * gathering the even and the odd voxels of a row instead costs shuffles that cut the vector speed in half. */
+ * vectorizes it. The x pairs are read as WORDs and split with a mask and a shift, where that is exact (a
+ * little-endian machine, rows aligned to a WORD): gathering the even and the odd voxels of a row instead costs
+ * shuffles that cut the vector speed in half. (setup.py compiles with -fno-strict-aliasing for the WORD reads.) */
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define PAIRS_AS_WORDS 1
+#define LITTLE_ENDIAN_MACHINE 1
 #else
-#define PAIRS_AS_WORDS 0
+#define LITTLE_ENDIAN_MACHINE 0
 #endif
 
 #define KERNEL(SUFFIX, T, ACC, WORD, TOTAL)                                                                 \
@@ -41,10 +42,11 @@
                 acc[x] = (ACC)(acc[x] + row[x]);                                                           \
     }                                                                                                      \
     /* acc[x] = row[2x] + row[2x + 1] (first row) or acc[x] plus that, for the window's x extent of 2 */   \
-    static void add_pairs_##SUFFIX(const T *restrict row, ACC *restrict acc, Py_ssize_t n, int first)       \
+    static void add_pairs_##SUFFIX(const T *restrict row, ACC *restrict acc, Py_ssize_t n, int first,       \
+                                   int as_words)                                                           \
     {                                                                                                      \
         const int bits = 8 * (int)sizeof(T);                                                               \
-        if (PAIRS_AS_WORDS) {                                                                              \
+        if (as_words) {                                                                                    \
             const WORD *restrict words = (const WORD *)row;                                                \
             if (first)                                                                                     \
                 for (Py_ssize_t x = 0; x < n; x++)                                                         \
@@ -84,6 +86,9 @@
     {                                                                                                      \
         const Py_ssize_t nx = oshape[2], width = nx * f[2];                                                \
         const int shift = (f[0] == 2) + (f[1] == 2) + (f[2] == 2);                                        \
+        const int as_words = LITTLE_ENDIAN_MACHINE && (uintptr_t)in % sizeof(WORD) == 0 &&                 \
+                             istride[0] % (Py_ssize_t)sizeof(WORD) == 0 &&                                 \
+                             istride[1] % (Py_ssize_t)sizeof(WORD) == 0;                                   \
         ACC *acc = scratch;                                                                                \
         TOTAL total = 0;                                                                                   \
         T lo = *(const T *)in, hi = lo;                                                                    \
@@ -95,7 +100,7 @@
                         const T *row = (const T *)(in + (oz * f[0] + dz) * istride[0] +                   \
                                                    (oy * f[1] + dy) * istride[1]);                        \
                         if (f[2] == 2)                                                                     \
-                            add_pairs_##SUFFIX(row, acc, nx, first);                                       \
+                            add_pairs_##SUFFIX(row, acc, nx, first, as_words);                             \
                         else                                                                               \
                             add_row_##SUFFIX(row, acc, nx, first);                                         \
                         extremes_##SUFFIX(row, width, &lo, &hi);                                           \

@@ -158,7 +158,8 @@ class WindowMean:
         pad = [(0, (-n) % f) for n, f in zip(block.shape, factors)]
         padded = any(p for _, p in pad)
         if (_windows is not None and not padded and block.size and block.dtype in _NATIVE_TYPES
-                and block.dtype.isnative and out.dtype == block.dtype):
+                and block.dtype.isnative and out.dtype == block.dtype
+                and block.strides[2] == block.itemsize and out.strides[2] == out.itemsize):
             return BlockSummary(*_windows.mean_into(block, out, factors))
         if padded:
             block = np.pad(block, pad, mode="edge")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -61,14 +62,17 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "catalog" / "metadata_catalog.parquet").exists()
 
 
-def test_the_code_location_is_built_again_only_when_its_inputs_change(workspace, monkeypatch):
+def test_the_code_location_is_built_again_only_when_its_inputs_change(tmp_path, monkeypatch):
     # Dagster loads the code location several times in one process; every load must see the selection file and
     # the environment as they are now, and the loads in between reuse one build.
     from em_ingest import definitions
 
-    ws = workspace("epfl")
-    for name, value in ws.cli_env().items():
-        monkeypatch.setenv(name, value)
+    selection = tmp_path / "datasets.yaml"
+    selection.write_text("epfl:\n  hippocampus-training: {file: training.tif}\n")
+    for name in [n for n in os.environ if n.startswith("EM_INGEST_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("EM_INGEST_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("EM_INGEST_DATASETS", str(selection))
     monkeypatch.setattr(definitions, "_built", None)
 
     def partitions(defs: dg.Definitions) -> list[str]:
@@ -78,11 +82,11 @@ def test_the_code_location_is_built_again_only_when_its_inputs_change(workspace,
 
     first = definitions.defs.load_fn()
     assert definitions.defs.load_fn() is first, "a second load with nothing changed builds nothing"
-    assert partitions(first) == sorted(ws.selection["epfl"])
+    assert partitions(first) == ["hippocampus-training"]
 
-    ws.write_selection({"epfl": {**ws.selection["epfl"], "added-later": {"file": "training.tif"}}})
+    selection.write_text(selection.read_text() + "  added-later: {file: training.tif}\n")
     changed = definitions.defs.load_fn()
-    assert changed is not first and "added-later" in partitions(changed)
+    assert changed is not first and partitions(changed) == ["added-later", "hippocampus-training"]
 
     monkeypatch.setenv("EM_INGEST_EXECUTOR", "multiprocess")
     rebuilt = definitions.defs.load_fn()

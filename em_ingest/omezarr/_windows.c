@@ -165,7 +165,8 @@ static PyObject *mean_into(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "mean_into: rows must be contiguous");
         goto done;
     }
-    void *rowsum = malloc((size_t)out.shape[2] * 4);
+    /* One output row of window sums, in the widest accumulator (uint32 / int32 for 16-bit voxels). */
+    void *rowsum = malloc((size_t)out.shape[2] * sizeof(uint32_t));
     if (rowsum == NULL) {
         PyErr_NoMemory();
         goto done;

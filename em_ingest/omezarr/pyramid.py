@@ -12,7 +12,7 @@ from em_ingest.formats.volume import triple
 
 try:  # the compiled kernel (setup.py); without it, numpy computes the same values
     from em_ingest.omezarr import _windows
-except ImportError:  # pragma: no cover - a build without a C compiler
+except ImportError:  # a build without a C compiler
     _windows = None  # type: ignore[assignment]
 
 Shape = tuple[int, int, int]
@@ -157,8 +157,9 @@ class WindowMean:
             return None
         pad = [(0, (-n) % f) for n, f in zip(block.shape, factors)]
         padded = any(p for _, p in pad)
+        # (_NATIVE_TYPES are native-order dtypes: a byte-swapped one compares unequal and goes to numpy.)
         if (_windows is not None and not padded and block.size and block.dtype in _NATIVE_TYPES
-                and block.dtype.isnative and out.dtype == block.dtype
+                and out.dtype == block.dtype
                 and block.strides[2] == block.itemsize and out.strides[2] == out.itemsize):
             return BlockSummary(*_windows.mean_into(block, out, factors))
         if padded:
